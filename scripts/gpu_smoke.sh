@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# GPU smoke test: the parity checks on CUDA with nccl, on every GPU of this machine.
+# Usage (from the repository root, on a machine with NVIDIA GPUs): bash scripts/gpu_smoke.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$gpus" -lt 1 ]; then
+    echo "gpu_smoke: no CUDA device visible; nothing to check" >&2
+    exit 2
+fi
+python3 -c "import torch, torch.distributed as d; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0), 'nccl', d.is_nccl_available())"
+MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 scripts/parity_report.py --max-processes "$gpus"

@@ -1,0 +1,92 @@
+"""Plan -> DeepSpeed config: the only place in meshplan that writes a DeepSpeed config.
+
+Lightning, Accelerate and the HF Trainer all call ``deepspeed_config``; each passes only the
+values that its own loop does not already own (Lightning fills batch size, accumulation,
+clipping and precision itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshplan.errors import PlanError
+from meshplan.plan import Plan
+
+# Plan option name -> key in DeepSpeed's zero_optimization section (they coincide today; the
+# table is the single place to change if they ever differ).
+_ZERO_KEYS = (
+    "overlap_comm",
+    "contiguous_gradients",
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+_PRECISION_SECTIONS = {
+    "32": None,
+    "32-true": None,
+    "bf16-mixed": "bf16",
+    "bf16-true": "bf16",
+    "16-mixed": "fp16",
+    "16-true": "fp16",
+}
+
+
+def deepspeed_config(
+    plan: Plan,
+    *,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    gradient_clipping: float | None = None,
+    precision: str | None = None,
+) -> dict[str, Any]:
+    """Renders a ZeRO ``plan`` as a DeepSpeed config dict.
+
+    Args:
+        plan: a Plan with ``strategy == "zero"``.
+        micro_batch_size: ``train_micro_batch_size_per_gpu``; left out when None.
+        gradient_accumulation_steps: left out when None.
+        gradient_clipping: the max gradient norm; left out when None.
+        precision: a Lightning-style precision ("32", "bf16-mixed", "16-mixed", ...); left out when None.
+    """
+    if plan.strategy != "zero":
+        raise PlanError(f"strategy={plan.strategy!r} has no DeepSpeed config; only ZeRO is run by DeepSpeed.")
+    config: dict[str, Any] = {
+        "zero_optimization": _zero_section(plan),
+        # DeepSpeed runs any torch optimizer; the user's choice in configure_optimizers stands.
+        "zero_allow_untested_optimizer": True,
+    }
+    if plan.offload_optimizer:
+        # Offloaded optimizer state is stepped on the CPU by whichever optimizer the user chose;
+        # DeepSpeedCPUAdam is only forced on when the user picks it.
+        config["zero_force_ds_cpu_optimizer"] = False
+    if micro_batch_size is not None:
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if gradient_accumulation_steps is not None:
+        config["gradient_accumulation_steps"] = gradient_accumulation_steps
+    if gradient_clipping is not None:
+        config["gradient_clipping"] = gradient_clipping
+    if precision is not None:
+        config.update(_precision_section(precision))
+    return config
+
+
+def _zero_section(plan: Plan) -> dict[str, Any]:
+    section: dict[str, Any] = {"stage": plan.zero_stage}
+    section.update({key: plan.option(key) for key in _ZERO_KEYS if plan.option(key) is not None})
+    pin_memory = plan.option("pin_memory", False)
+    if plan.offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    if plan.offload_parameters:
+        section["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    return section
+
+
+def _precision_section(precision: str) -> dict[str, Any]:
+    if precision not in _PRECISION_SECTIONS:
+        raise PlanError(f"precision={precision!r} is unknown; valid values are {', '.join(_PRECISION_SECTIONS)}.")
+    section = _PRECISION_SECTIONS[precision]
+    return {} if section is None else {section: {"enabled": True}}

@@ -1,0 +1,30 @@
+"""meshplan's Lightning strategies and the names they are registered under."""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from meshplan.lightning.ddp import DDP
+from meshplan.lightning.tensor_parallel import TensorParallel
+from meshplan.lightning.zero import ZeRO
+
+__all__ = ["DDP", "TensorParallel", "ZeRO", "REGISTERED_STRATEGIES", "register_strategies"]
+
+# name -> (strategy class, preset arguments, description). tp_size=None in meshplan_tp means
+# "every process of a node", the common layout of TP within a node.
+REGISTERED_STRATEGIES = {
+    "meshplan_ddp": (DDP, {}, "meshplan DDP: replicate the model, average gradients"),
+    "meshplan_zero1": (ZeRO, {"stage": 1}, "meshplan ZeRO-1: shard optimizer state (DeepSpeed)"),
+    "meshplan_zero2": (ZeRO, {"stage": 2}, "meshplan ZeRO-2: shard optimizer state and gradients (DeepSpeed)"),
+    "meshplan_zero3": (ZeRO, {"stage": 3}, "meshplan ZeRO-3: shard optimizer state, gradients and parameters (DeepSpeed)"),
+    "meshplan_zero3_offload": (
+        ZeRO,
+        {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+        "meshplan ZeRO-3 with optimizer state and parameters offloaded to CPU memory (DeepSpeed)",
+    ),
+    "meshplan_tp": (TensorParallel, {"tp_size": None}, "meshplan tensor parallel over the processes of each node (DTensor)"),
+}
+
+
+def register_strategies() -> None:
+    """Adds meshplan's names to Lightning's strategy registry (idempotent)."""
+    for name, (strategy, preset, description) in REGISTERED_STRATEGIES.items():
+        StrategyRegistry.register(name, strategy, description=description, override=True, **preset)

@@ -1,0 +1,83 @@
+"""meshplan.ZeRO: Lightning's DeepSpeed strategy, on CPU as well as on CUDA.
+
+Lightning's DeepSpeedStrategy refuses anything but CUDA; DeepSpeed itself trains on CPU (its
+CPU accelerator, with gloo when oneCCL is absent). This subclass lifts Lightning's CUDA-only
+checks and gives DeepSpeed the config rendered from the Plan; everything else is Lightning's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.strategies.deepspeed import _validate_device_index_selection
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from typing_extensions import override
+
+from meshplan.deepspeed_config import deepspeed_config
+from meshplan.lightning.base import PlanStrategyMixin
+from meshplan.plan import Plan
+
+
+class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
+    """DeepSpeed ZeRO data parallelism: optimizer state (stage 1), gradients (2) and parameters (3) sharded.
+
+    Args:
+        stage: 1, 2 or 3.
+        offload_optimizer: keep optimizer state on the CPU and step it there.
+        offload_parameters: keep parameters on the CPU between uses (stage 3 only).
+        **options: DeepSpeed ``zero_optimization`` settings (``overlap_comm``,
+            ``contiguous_gradients``, ``reduce_bucket_size``, ``allgather_bucket_size``,
+            ``stage3_*``), ``pin_memory`` for offloaded buffers and ``process_group_backend``.
+
+    The optimizer is the one ``configure_optimizers`` returns. Precision, gradient accumulation
+    and clipping come from the Trainer, as with Lightning's own DeepSpeedStrategy.
+
+    Example::
+
+        trainer = lightning.Trainer(accelerator="cpu", devices=2, strategy=meshplan.ZeRO(stage=3))
+    """
+
+    def __init__(self, stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
+                 **options: Any) -> None:
+        self.plan = Plan.build(
+            "zero", zero_stage=stage, offload_optimizer=offload_optimizer,
+            offload_parameters=offload_parameters, options=options,
+        )
+        super().__init__(config=deepspeed_config(self.plan), process_group_backend=self.plan.option("process_group_backend"))
+
+    @override
+    def setup_environment(self) -> None:
+        self._validate_layout()
+        _use_deepspeed_accelerator_for(self.root_device)
+        # DeepSpeedStrategy.setup_environment only adds a CUDA-only check; skip to its parent.
+        DDPStrategy.setup_environment(self)
+
+    @override
+    def setup_distributed(self) -> None:
+        # As DeepSpeedStrategy's, whose device-index check only makes sense for CUDA devices.
+        if self.root_device.type == "cuda":
+            _validate_device_index_selection(self.parallel_devices)
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        # deepspeed.initialize is given the device index as the process's device rank; a plain
+        # CPU device has none, so CPU processes get the local rank (tensors on "cpu:N" are on the CPU).
+        device = super().root_device
+        return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
+
+
+def _use_deepspeed_accelerator_for(device: torch.device) -> None:
+    """Points DeepSpeed at the CPU when the Trainer runs on CPU, even on a machine that has GPUs."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator.real_accelerator import set_accelerator
+
+    if device.type == "cpu" and get_accelerator().device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())

@@ -1,0 +1,191 @@
+"""The Plan: one framework-neutral, validated description of a parallel layout.
+
+Every front end (Lightning, Accelerate, the HF Trainer) renders the same Plan; nothing else
+describes a layout. A Plan is frozen and validated on construction, so an invalid layout never
+reaches a process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from meshplan.errors import PlanError
+from meshplan.tp.apply import STYLES as TP_STYLES
+
+STRATEGIES = ("ddp", "zero", "tp")
+ZERO_STAGES = (1, 2, 3)
+PROCESS_GROUP_BACKENDS = ("gloo", "nccl", "mpi", "ccl", "hccl")
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One engine option a strategy accepts beyond its named arguments."""
+
+    name: str
+    kind: type | tuple[type, ...]
+    strategies: tuple[str, ...]
+    doc: str
+    zero_stages: tuple[int, ...] = ZERO_STAGES
+    needs_offload: bool = False
+    positive: bool = False
+
+
+_OPTIONS = {
+    option.name: option
+    for option in (
+        _Option("process_group_backend", str, STRATEGIES, "torch.distributed backend; derived from the device when unset"),
+        # DDP: forwarded to torch.nn.parallel.DistributedDataParallel.
+        _Option("find_unused_parameters", bool, ("ddp",), "let DDP skip parameters that get no gradient"),
+        _Option("static_graph", bool, ("ddp",), "tell DDP the graph is the same every step"),
+        _Option("gradient_as_bucket_view", bool, ("ddp",), "let gradients alias DDP's buckets to save memory"),
+        _Option("bucket_cap_mb", (int, float), ("ddp",), "size of DDP's gradient buckets in MiB", positive=True),
+        # ZeRO: forwarded to DeepSpeed's zero_optimization section.
+        _Option("overlap_comm", bool, ("zero",), "overlap gradient reduction with the backward pass"),
+        _Option("contiguous_gradients", bool, ("zero",), "copy gradients into one buffer as they are made"),
+        _Option("reduce_bucket_size", int, ("zero",), "elements reduced at a time", positive=True),
+        _Option("allgather_bucket_size", int, ("zero",), "elements gathered at a time", zero_stages=(1, 2), positive=True),
+        _Option("stage3_prefetch_bucket_size", int, ("zero",), "elements prefetched ahead of use", zero_stages=(3,), positive=True),
+        _Option("stage3_param_persistence_threshold", int, ("zero",), "parameters smaller than this stay whole", zero_stages=(3,), positive=True),
+        _Option("stage3_max_live_parameters", int, ("zero",), "parameters kept gathered at once", zero_stages=(3,), positive=True),
+        _Option("stage3_max_reuse_distance", int, ("zero",), "reuse distance under which a parameter stays gathered", zero_stages=(3,), positive=True),
+        _Option("pin_memory", bool, ("zero",), "page-lock offloaded CPU buffers for faster copies", needs_offload=True),
+    )
+}
+
+
+def _freeze_mapping(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+    if mapping is None:
+        return None
+    return tuple(sorted(mapping.items()))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated parallel layout.
+
+    Attributes:
+        strategy: ``"ddp"``, ``"zero"`` (DeepSpeed ZeRO) or ``"tp"`` (tensor parallel via DTensor).
+        zero_stage: ZeRO stage 1, 2 or 3; 0 for the strategies that are not ZeRO.
+        offload_optimizer: keep ZeRO's optimizer state (and step) on the CPU.
+        offload_parameters: keep ZeRO-3's parameters on the CPU between uses.
+        tp_size: processes that share one tensor-parallel copy of the model; the rest of the
+            world is a data-parallel dimension. None means every process of one node.
+        tp_plan: ``(module pattern, style)`` pairs in the syntax of ``base_model_tp_plan``, or
+            None to use the model's own plan (or meshplan's inferred one).
+        options: ``(name, value)`` pairs of engine options, sorted by name.
+    """
+
+    strategy: str
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    tp_size: int | None = 1
+    tp_plan: tuple[tuple[str, str], ...] | None = None
+    options: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def build(cls, strategy: str, *, tp_plan: Mapping[str, str] | None = None,
+              options: Mapping[str, Any] | None = None, **fields: Any) -> "Plan":
+        """Builds a Plan from plain mappings (what the strategy constructors receive)."""
+        if tp_plan is not None and not isinstance(tp_plan, Mapping):
+            raise PlanError(
+                f"tp_plan={tp_plan!r} is not a mapping; pass a dict of module pattern -> style, "
+                f'e.g. tp_plan={{"layers.*.self_attn.q_proj": "colwise"}}.'
+            )
+        return cls(strategy, tp_plan=_freeze_mapping(tp_plan), options=_freeze_mapping(options or {}), **fields)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of engine option ``name``, or ``default`` when it was not set."""
+        return dict(self.options).get(name, default)
+
+    @property
+    def tp_plan_dict(self) -> dict[str, str] | None:
+        """The user's TP plan as a dict, or None."""
+        return None if self.tp_plan is None else dict(self.tp_plan)
+
+    def resolved_tp_size(self, processes_per_node: int) -> int:
+        """The tensor-parallel size; ``tp_size=None`` means every process of one node."""
+        return self.tp_size or processes_per_node
+
+    def check_world_size(self, world_size: int, processes_per_node: int) -> None:
+        """Raises a PlanError when ``world_size`` processes cannot hold this layout."""
+        tp_size = self.resolved_tp_size(processes_per_node)
+        if world_size % tp_size:
+            raise PlanError(
+                f"tp_size={tp_size} does not divide the world size {world_size}: the world is split "
+                f"into groups of tp_size processes. Use a tp_size that divides {world_size} "
+                f"({', '.join(str(d) for d in _divisors(world_size))}) or launch a multiple of {tp_size} processes."
+            )
+
+
+def _divisors(number: int) -> list[int]:
+    return [d for d in range(1, number + 1) if number % d == 0]
+
+
+def _validate(plan: Plan) -> None:
+    if plan.strategy not in STRATEGIES:
+        raise PlanError(f"strategy={plan.strategy!r} is unknown; valid strategies are {', '.join(STRATEGIES)}.")
+    _validate_zero(plan)
+    _validate_tp(plan)
+    for name, value in plan.options:
+        _validate_option(plan, name, value)
+
+
+def _validate_zero(plan: Plan) -> None:
+    if plan.strategy != "zero":
+        if plan.zero_stage or plan.offload_optimizer or plan.offload_parameters:
+            raise PlanError(f"zero_stage and offload apply only to the ZeRO strategy, not to strategy={plan.strategy!r}.")
+        return
+    if isinstance(plan.zero_stage, bool) or plan.zero_stage not in ZERO_STAGES:
+        raise PlanError(f"stage={plan.zero_stage!r} is not a ZeRO stage; valid stages are 1, 2 and 3.")
+    for name in ("offload_optimizer", "offload_parameters"):
+        if not isinstance(getattr(plan, name), bool):
+            raise PlanError(f"{name}={getattr(plan, name)!r} must be True or False.")
+    if plan.offload_parameters and plan.zero_stage != 3:
+        raise PlanError(
+            f"offload_parameters=True needs stage=3, but stage={plan.zero_stage}: only ZeRO-3 partitions the "
+            f"parameters, so only ZeRO-3 can offload them. Use ZeRO(stage=3, offload_parameters=True) or "
+            f"offload_optimizer=True alone."
+        )
+
+
+def _validate_tp(plan: Plan) -> None:
+    if plan.strategy == "tp" and plan.tp_size is None:
+        pass  # resolved to the processes of one node when the world is known
+    elif isinstance(plan.tp_size, bool) or not isinstance(plan.tp_size, int) or plan.tp_size < 1:
+        raise PlanError(f"tp_size={plan.tp_size!r} must be a positive integer (or None: every process of a node).")
+    if plan.strategy != "tp":
+        if plan.tp_size != 1 or plan.tp_plan is not None:
+            raise PlanError(f"tp_size and tp_plan apply only to TensorParallel, not to strategy={plan.strategy!r}.")
+        return
+    for pattern, style in plan.tp_plan or ():
+        if not isinstance(pattern, str) or not pattern:
+            raise PlanError(f"tp_plan key {pattern!r} must be a module pattern such as 'layers.*.self_attn.q_proj'.")
+        if style not in TP_STYLES:
+            raise PlanError(f"tp_plan[{pattern!r}]={style!r} is not a style meshplan applies; valid styles are {', '.join(TP_STYLES)}.")
+
+
+def _validate_option(plan: Plan, name: str, value: Any) -> None:
+    spec = _OPTIONS.get(name)
+    if spec is None or plan.strategy not in spec.strategies:
+        allowed = sorted(o.name for o in _OPTIONS.values() if plan.strategy in o.strategies)
+        raise PlanError(f"option {name}={value!r} is unknown for strategy={plan.strategy!r}; valid options are {', '.join(allowed)}.")
+    if isinstance(value, bool) and spec.kind is not bool or not isinstance(value, spec.kind):
+        kind = spec.kind.__name__ if isinstance(spec.kind, type) else " or ".join(k.__name__ for k in spec.kind)
+        raise PlanError(f"option {name}={value!r} must be of type {kind} ({spec.doc}).")
+    if spec.positive and value <= 0:
+        raise PlanError(f"option {name}={value!r} must be positive ({spec.doc}).")
+    if name == "process_group_backend" and value not in PROCESS_GROUP_BACKENDS:
+        raise PlanError(f"option process_group_backend={value!r} is unknown; valid backends are {', '.join(PROCESS_GROUP_BACKENDS)}.")
+    if plan.strategy == "zero" and plan.zero_stage not in spec.zero_stages:
+        stages = " or ".join(str(s) for s in spec.zero_stages)
+        raise PlanError(f"option {name}={value!r} contradicts stage={plan.zero_stage}: it applies only to ZeRO stage {stages}.")
+    if spec.needs_offload and not (plan.offload_optimizer or plan.offload_parameters):
+        raise PlanError(
+            f"option {name}={value!r} contradicts offload_optimizer=False and offload_parameters=False: "
+            f"it applies only to offloaded buffers; enable an offload or drop {name}."
+        )

@@ -1,0 +1,146 @@
+"""Run a function in N gloo-ready worker processes, with a hard timeout.
+
+Distributed code hangs when one rank fails and the others wait in a collective. ``spawn`` turns
+that hang into a prompt, readable test failure: the first rank that raises stops every worker
+and its traceback becomes the error, and a job that outlives its timeout is killed.
+
+Example::
+
+    def train(strategy_name):
+        trainer = lightning.Trainer(accelerator="cpu", devices=2, strategy=strategy_name)
+        ...
+        return trainer.callback_metrics["loss"].item()
+
+    losses = meshplan.testing.spawn(train, 2, "meshplan_zero2", timeout=300)
+
+``fn`` must be importable by name (a module-level function), since workers start fresh
+interpreters; each worker sees the environment of a torchrun worker (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...), so Lightning, Accelerate and DeepSpeed treat
+it as a process started by a launcher.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+__all__ = ["WorkerError", "WorkerTimeout", "free_port", "spawn"]
+
+
+class WorkerError(RuntimeError):
+    """A worker raised; the message carries its rank and traceback."""
+
+
+class WorkerTimeout(WorkerError):
+    """Workers were still running when the timeout expired, and were killed."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_environment(rank: int, world_size: int, port: int, *, nnodes: int = 1, threads: int = 1) -> dict[str, str]:
+    """The environment variables a torchrun worker of this rank would see."""
+    local_world_size = world_size // nnodes
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank % local_world_size),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "NODE_RANK": str(rank // local_world_size),
+        "GROUP_RANK": str(rank // local_world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        # Several workers share a few cores: one thread each avoids oversubscription.
+        "OMP_NUM_THREADS": str(threads),
+    }
+
+
+def _worker(fn: Callable[..., Any], args: tuple, env: dict[str, str], results: Any) -> None:
+    os.environ.update(env)
+    rank = int(env["RANK"])
+    try:
+        # The function's module was imported before the environment was set: torch, if it came
+        # along, has already read OMP_NUM_THREADS.
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
+        results.put((rank, True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300.0,
+          nnodes: int = 1, env: dict[str, str] | None = None) -> list[Any]:
+    """Runs ``fn(*args)`` in ``nprocs`` fresh worker processes and returns their results by rank.
+
+    Args:
+        fn: a module-level function; its return value must be picklable.
+        nprocs: the world size.
+        timeout: seconds after which every worker is killed and WorkerTimeout is raised.
+        nnodes: pretend the world spans this many nodes (ranks are split evenly).
+        env: extra environment variables for every worker.
+
+    Raises:
+        WorkerError: a worker raised; the others are killed at once.
+        WorkerTimeout: the workers did not all finish within ``timeout`` seconds.
+    """
+    if nprocs < 1 or nprocs % nnodes:
+        raise ValueError(f"nprocs={nprocs} must be a positive multiple of nnodes={nnodes}")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = []
+    for rank in range(nprocs):
+        worker_env = {**worker_environment(rank, nprocs, port, nnodes=nnodes), **(env or {})}
+        process = context.Process(target=_worker, args=(fn, args, worker_env, results), daemon=True)
+        process.start()
+        processes.append(process)
+    try:
+        return _collect(processes, results, timeout)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=10)
+
+
+def _collect(processes: list, results: Any, timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    outputs: dict[int, Any] = {}
+    while len(outputs) < len(processes):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(len(processes))) - set(outputs))
+            raise WorkerTimeout(f"ranks {missing} did not finish within {timeout:.0f} s and were killed")
+        try:
+            rank, ok, value = results.get(timeout=min(remaining, 1.0))
+        except queue.Empty:
+            _raise_if_died(processes, outputs, results)
+            continue
+        if not ok:
+            raise WorkerError(f"rank {rank} raised:\n{value}")
+        outputs[rank] = value
+    return [outputs[rank] for rank in range(len(processes))]
+
+
+def _raise_if_died(processes: list, outputs: dict[int, Any], results: Any) -> None:
+    dead = [rank for rank, process in enumerate(processes) if rank not in outputs and process.exitcode is not None]
+    if not dead:
+        return
+    # A worker flushes its result before it exits; give the queue a moment to deliver it.
+    try:
+        rank, ok, value = results.get(timeout=5.0)
+    except queue.Empty:
+        raise WorkerError(f"rank {dead[0]} exited with code {processes[dead[0]].exitcode} without a result") from None
+    if not ok:
+        raise WorkerError(f"rank {rank} raised:\n{value}")
+    outputs[rank] = value

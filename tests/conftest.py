@@ -1,0 +1,33 @@
+"""Shared fixtures: the single-process reference runs that every parity test compares with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import parity
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops() -> None:
+    """Builds DeepSpeed's CPU communication op once, before workers race to compile it (cached afterwards)."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load()
+
+
+@pytest.fixture(scope="session")
+def reference_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Reference runs saved as (losses, weights), keyed by parity.reference_key; computed once."""
+    folder = tmp_path_factory.mktemp("references")
+    paths = {}
+    for model, clip in parity.REFERENCE_RUNS:
+        key = parity.reference_key(model, clip)
+        paths[key] = str(folder / f"{key}.pt")
+        torch.save(parity.reference_run(model, clip), paths[key])
+    return paths
+
+
+def load_reference(paths: dict[str, str], key: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The (losses, weights) of one reference run."""
+    return torch.load(paths[key], weights_only=True)

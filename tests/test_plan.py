@@ -1,0 +1,144 @@
+"""Tier 1: layouts are validated on construction, and every error names the field at fault."""
+
+from __future__ import annotations
+
+import pytest
+from lightning.pytorch.strategies import StrategyRegistry
+
+import meshplan
+from meshplan import DDP, PlanError, TensorParallel, ZeRO
+from meshplan.deepspeed_config import deepspeed_config
+from meshplan.plan import Plan
+
+
+def test_plan_error_is_a_value_error() -> None:
+    assert issubclass(PlanError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: ZeRO(stage=4), "stage=4"),
+        (lambda: ZeRO(stage=0), "stage=0"),
+        (lambda: ZeRO(stage="3"), "stage='3'"),
+        (lambda: ZeRO(stage=2, offload_parameters=True), "offload_parameters=True"),
+        (lambda: ZeRO(stage=1, offload_parameters=True, offload_optimizer=True), "offload_parameters=True"),
+        (lambda: ZeRO(stage=3, offload_optimizer="yes"), "offload_optimizer='yes'"),
+        (lambda: TensorParallel(tp_size=0), "tp_size=0"),
+        (lambda: TensorParallel(tp_size=2.0), "tp_size=2.0"),
+        (lambda: TensorParallel(tp_size=2, tp_plan=["q_proj"]), "tp_plan=['q_proj']"),
+        (lambda: TensorParallel(tp_size=2, tp_plan={"layers.*.q_proj": "diagonal"}), "tp_plan['layers.*.q_proj']='diagonal'"),
+        (lambda: DDP(find_unused_parameter=True), "find_unused_parameter=True"),
+        (lambda: DDP(bucket_cap_mb=-1), "bucket_cap_mb=-1"),
+        (lambda: DDP(static_graph="yes"), "static_graph='yes'"),
+        (lambda: DDP(process_group_backend="tcp"), "process_group_backend='tcp'"),
+        (lambda: ZeRO(stage=2, overlap_comm=1), "overlap_comm=1"),
+        (lambda: ZeRO(stage=2, reduce_bucket_size=0), "reduce_bucket_size=0"),
+        (lambda: ZeRO(stage=2, find_unused_parameters=True), "find_unused_parameters=True"),
+        (lambda: TensorParallel(tp_size=2, overlap_comm=True), "overlap_comm=True"),
+    ],
+)
+def test_invalid_layouts_raise_plan_errors_naming_the_field(build, field: str) -> None:
+    with pytest.raises(PlanError) as error:
+        build()
+    assert field in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("build", "fields"),
+    [
+        # Options that only make sense for another stage, or without the offload they tune.
+        (lambda: ZeRO(stage=2, stage3_prefetch_bucket_size=10), ("stage3_prefetch_bucket_size=10", "stage=2")),
+        (lambda: ZeRO(stage=3, allgather_bucket_size=10), ("allgather_bucket_size=10", "stage=3")),
+        (lambda: ZeRO(stage=3, pin_memory=True), ("pin_memory=True", "offload_optimizer=False")),
+    ],
+)
+def test_contradictory_options_name_both_sides(build, fields: tuple[str, str]) -> None:
+    with pytest.raises(PlanError, match="contradicts") as error:
+        build()
+    for field in fields:
+        assert field in str(error.value)
+
+
+def test_unknown_option_lists_the_valid_ones() -> None:
+    with pytest.raises(PlanError) as error:
+        DDP(bucket_cap=25)
+    assert "bucket_cap_mb" in str(error.value) and "find_unused_parameters" in str(error.value)
+
+
+def test_world_size_not_divisible_by_tp_size() -> None:
+    plan = TensorParallel(tp_size=3).plan
+    with pytest.raises(PlanError, match=r"tp_size=3 does not divide the world size 4"):
+        plan.check_world_size(4, processes_per_node=4)
+    plan.check_world_size(6, processes_per_node=6)
+
+
+def test_tp_size_none_means_every_process_of_a_node() -> None:
+    plan = TensorParallel().plan
+    assert plan.tp_size is None
+    assert plan.resolved_tp_size(processes_per_node=4) == 4
+
+
+def test_strategies_compare_by_plan() -> None:
+    assert ZeRO(stage=3, offload_optimizer=True) == ZeRO(stage=3, offload_optimizer=True)
+    assert ZeRO(stage=3) != ZeRO(stage=2)
+    assert DDP(static_graph=True) != DDP()
+    assert TensorParallel(tp_size=2, tp_plan={"a": "colwise"}) == TensorParallel(tp_size=2, tp_plan={"a": "colwise"})
+    assert DDP() != ZeRO(stage=1)
+
+
+def test_options_reach_the_engines() -> None:
+    assert DDP(static_graph=True, bucket_cap_mb=50)._ddp_kwargs == {"bucket_cap_mb": 50, "static_graph": True}
+    assert DDP(process_group_backend="gloo").process_group_backend == "gloo"
+    zero = ZeRO(stage=3, offload_optimizer=True, pin_memory=True, stage3_max_live_parameters=1000)
+    assert zero.config["zero_optimization"] == {
+        "stage": 3,
+        "stage3_max_live_parameters": 1000,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+    }
+
+
+def test_registered_names_resolve_to_meshplan_strategies() -> None:
+    expected = {
+        "meshplan_ddp": DDP(),
+        "meshplan_zero1": ZeRO(stage=1),
+        "meshplan_zero2": ZeRO(stage=2),
+        "meshplan_zero3": ZeRO(stage=3),
+        "meshplan_zero3_offload": ZeRO(stage=3, offload_optimizer=True, offload_parameters=True),
+        "meshplan_tp": TensorParallel(tp_size=None),
+    }
+    for name, strategy in expected.items():
+        assert StrategyRegistry.get(name) == strategy, name
+
+
+def test_deepspeed_config_renders_one_plan_for_every_front_end() -> None:
+    plan = Plan.build("zero", zero_stage=2, options={"overlap_comm": False})
+    config = deepspeed_config(
+        plan, micro_batch_size=4, gradient_accumulation_steps=2, gradient_clipping=1.0, precision="bf16-mixed"
+    )
+    assert config == {
+        "zero_optimization": {"stage": 2, "overlap_comm": False},
+        "zero_allow_untested_optimizer": True,
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+    }
+
+
+def test_offload_keeps_the_users_optimizer() -> None:
+    config = deepspeed_config(ZeRO(stage=3, offload_optimizer=True, offload_parameters=True).plan)
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+
+
+def test_deepspeed_config_refuses_other_strategies_and_precisions() -> None:
+    with pytest.raises(PlanError, match="strategy='ddp'"):
+        deepspeed_config(DDP().plan)
+    with pytest.raises(PlanError, match="precision='fp8'"):
+        deepspeed_config(ZeRO(stage=1).plan, precision="fp8")
+
+
+def test_public_names() -> None:
+    for name in ("DDP", "ZeRO", "TensorParallel", "PlanError"):
+        assert hasattr(meshplan, name)

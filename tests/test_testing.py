@@ -1,0 +1,29 @@
+"""The spawn harness: results by rank, and failures and hangs that end in seconds."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from layouts import fail_on_rank_one, rank_and_world, sleep_forever
+from meshplan.testing import WorkerError, WorkerTimeout, spawn
+
+
+def test_results_come_back_in_rank_order() -> None:
+    assert spawn(rank_and_world, 3, timeout=120) == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_a_failing_rank_stops_every_worker_with_its_traceback() -> None:
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match="rank 1 raised") as error:
+        spawn(fail_on_rank_one, 2, timeout=120)
+    assert "rank one broke" in str(error.value)
+    assert time.monotonic() - started < 50  # rank 0 sleeps 60 s: it was killed, not waited for
+
+
+def test_a_hang_is_killed_at_the_timeout() -> None:
+    started = time.monotonic()
+    with pytest.raises(WorkerTimeout, match=r"ranks \[0, 1\] did not finish within 20 s"):
+        spawn(sleep_forever, 2, timeout=20)
+    assert time.monotonic() - started < 40
