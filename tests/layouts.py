@@ -56,6 +56,19 @@ def plan_errors(cases: list[tuple[Any, str, dict]]) -> list[str]:
     return messages
 
 
+def accelerator_plan_error(strategy: Any, config: dict) -> str:
+    """meshplan.accelerator(strategy).prepare(model) must raise a PlanError; returns its message."""
+    import meshplan
+
+    accelerator = meshplan.accelerator(strategy)
+    model = LlamaForCausalLM(tiny_llama_config(**config))
+    try:
+        accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    except PlanError as error:
+        return str(error)
+    raise AssertionError(f"{strategy} prepared a model with {config} instead of raising a PlanError")
+
+
 def rank_and_world() -> tuple[int, int]:
     """Harness check: the environment a worker sees."""
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

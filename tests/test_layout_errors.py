@@ -7,7 +7,8 @@ spawn of 2 workers checks every case, each in a Trainer, as a user would meet it
 from __future__ import annotations
 
 import meshplan
-from layouts import plan_errors
+from layouts import accelerator_plan_error, plan_errors
+from meshplan.recipes import CATALOGUE_DIR
 from meshplan.testing import spawn
 
 CASES = [
@@ -39,3 +40,9 @@ def test_bad_layouts_raise_plan_errors_on_every_rank_before_any_collective() -> 
         assert len(messages) == len(EXPECTED)
         for message, expected in zip(messages, EXPECTED):
             assert expected in message
+
+
+def test_accelerate_refuses_a_tp_size_the_model_cannot_take_before_sharding() -> None:
+    recipe_strategy = meshplan.from_recipe(CATALOGUE_DIR / "tp.yaml")
+    for message in spawn(accelerator_plan_error, 2, recipe_strategy, {"num_key_value_heads": 1}, timeout=180):
+        assert "tp_size=2 does not divide num_key_value_heads=1 of LlamaForCausalLM" in message

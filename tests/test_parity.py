@@ -12,6 +12,7 @@ import pytest
 import meshplan
 import parity
 from conftest import load_reference
+from meshplan.recipes import CATALOGUE_DIR
 from meshplan.testing import spawn
 from parity import CLIP, Case
 
@@ -35,12 +36,18 @@ TWO_PROCESS_CASES = [
     Case("llama", "ZeRO-2-clip", meshplan.ZeRO(stage=2), 4, clip=CLIP),
     Case("llama", "ZeRO-3-clip", meshplan.ZeRO(stage=3), 4, clip=CLIP),
     Case("llama", "TP-2-clip", meshplan.TensorParallel(tp_size=2), 8, clip=CLIP),
+    # The catalogue's recipes in the Lightning Trainer, through meshplan.from_recipe.
+    *(
+        Case("llama", f"recipe-{name}", meshplan.from_recipe(CATALOGUE_DIR / f"{name}.yaml"), 8 if name == "tp" else 4)
+        for name in ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp")
+    ),
 ]
 
 FOUR_PROCESS_CASES = [
     Case("llama", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
     Case("minilm", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
     Case("llama", "TP-2xDP-2-clip", meshplan.TensorParallel(tp_size=2), 4, clip=CLIP),
+    Case("llama", "recipe-tp-dp", meshplan.from_recipe(CATALOGUE_DIR / "tp-dp.yaml"), 4),
 ]
 
 

@@ -6,16 +6,27 @@ Public names::
     meshplan.ZeRO(stage=1|2|3, offload_optimizer=False, offload_parameters=False, **options)
     meshplan.TensorParallel(tp_size=N, tp_plan=None, **options)
     meshplan.PlanError
+    meshplan.from_recipe(path)                 # an Accelerate config file -> strategy
+    meshplan.accelerator(strategy_or_recipe)   # -> accelerate.Accelerator
+    strategy.to_recipe(path), strategy.training_arguments()
 
 Importing meshplan registers the strategies in Lightning's registry as meshplan_ddp,
 meshplan_zero1, meshplan_zero2, meshplan_zero3, meshplan_zero3_offload and meshplan_tp.
 """
 
+from meshplan.accelerate import accelerator
 from meshplan.errors import PlanError
-from meshplan.lightning import DDP, TensorParallel, ZeRO, register_strategies
+from meshplan.lightning import DDP, TensorParallel, ZeRO, from_plan, register_strategies
 from meshplan.plan import Plan
+from meshplan.recipes import read_recipe
 
-__all__ = ["DDP", "Plan", "PlanError", "TensorParallel", "ZeRO"]
+
+def from_recipe(path: str) -> DDP | ZeRO | TensorParallel:
+    """The strategy an Accelerate config file describes (meshplan's recipes and other valid configs)."""
+    return from_plan(read_recipe(path).plan)
+
+
+__all__ = ["DDP", "Plan", "PlanError", "TensorParallel", "ZeRO", "accelerator", "from_recipe"]
 __version__ = "0.1.0"
 
 register_strategies()

@@ -26,6 +26,9 @@ _ZERO_KEYS = (
 )
 
 _PRECISION_SECTIONS = {
+    "no": None,
+    "bf16": "bf16",
+    "fp16": "fp16",
     "32": None,
     "32-true": None,
     "bf16-mixed": "bf16",
@@ -38,19 +41,23 @@ _PRECISION_SECTIONS = {
 def deepspeed_config(
     plan: Plan,
     *,
-    micro_batch_size: int | None = None,
-    gradient_accumulation_steps: int | None = None,
-    gradient_clipping: float | None = None,
+    micro_batch_size: int | str | None = None,
+    gradient_accumulation_steps: int | str | None = None,
+    gradient_clipping: float | str | None = None,
     precision: str | None = None,
 ) -> dict[str, Any]:
     """Renders a ZeRO ``plan`` as a DeepSpeed config dict.
+
+    Each front end passes what its own loop does not set in DeepSpeed itself; a value of
+    ``"auto"`` leaves it to the HF Trainer or Accelerate to fill in from their own arguments.
 
     Args:
         plan: a Plan with ``strategy == "zero"``.
         micro_batch_size: ``train_micro_batch_size_per_gpu``; left out when None.
         gradient_accumulation_steps: left out when None.
         gradient_clipping: the max gradient norm; left out when None.
-        precision: a Lightning-style precision ("32", "bf16-mixed", "16-mixed", ...); left out when None.
+        precision: "no", "bf16", "fp16", a Lightning precision ("32-true", "bf16-mixed", ...) or
+            "auto"; left out when None.
     """
     if plan.strategy != "zero":
         raise PlanError(f"strategy={plan.strategy!r} has no DeepSpeed config; only ZeRO is run by DeepSpeed.")
@@ -86,6 +93,8 @@ def _zero_section(plan: Plan) -> dict[str, Any]:
 
 
 def _precision_section(precision: str) -> dict[str, Any]:
+    if precision == "auto":
+        return {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
     if precision not in _PRECISION_SECTIONS:
         raise PlanError(f"precision={precision!r} is unknown; valid values are {', '.join(_PRECISION_SECTIONS)}.")
     section = _PRECISION_SECTIONS[precision]

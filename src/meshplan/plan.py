@@ -16,6 +16,8 @@ from meshplan.tp.apply import STYLES as TP_STYLES
 STRATEGIES = ("ddp", "zero", "tp")
 ZERO_STAGES = (1, 2, 3)
 PROCESS_GROUP_BACKENDS = ("gloo", "nccl", "mpi", "ccl", "hccl")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TRAINING_OPTIONS = ("mixed_precision", "gradient_accumulation_steps", "gradient_clipping")
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,18 @@ class _Option:
     zero_stages: tuple[int, ...] = ZERO_STAGES
     needs_offload: bool = False
     positive: bool = False
+    choices: tuple[str, ...] | None = None
 
 
 _OPTIONS = {
     option.name: option
     for option in (
-        _Option("process_group_backend", str, STRATEGIES, "torch.distributed backend; derived from the device when unset"),
+        _Option("process_group_backend", str, STRATEGIES, "torch.distributed backend; derived from the device when unset",
+                choices=PROCESS_GROUP_BACKENDS),
+        # Training settings a recipe may fix; every front end honours them or refuses a conflict.
+        _Option("mixed_precision", str, STRATEGIES, "mixed precision of the training step", choices=MIXED_PRECISIONS),
+        _Option("gradient_accumulation_steps", int, STRATEGIES, "micro-batches per optimizer step", positive=True),
+        _Option("gradient_clipping", (int, float), STRATEGIES, "maximum gradient norm", positive=True),
         # DDP: forwarded to torch.nn.parallel.DistributedDataParallel.
         _Option("find_unused_parameters", bool, ("ddp",), "let DDP skip parameters that get no gradient"),
         _Option("static_graph", bool, ("ddp",), "tell DDP the graph is the same every step"),
@@ -99,8 +107,13 @@ class Plan:
         return cls(strategy, tp_plan=_freeze_mapping(tp_plan), options=_freeze_mapping(options or {}), **fields)
 
     def option(self, name: str, default: Any = None) -> Any:
-        """The value of engine option ``name``, or ``default`` when it was not set."""
+        """The value of option ``name``, or ``default`` when it was not set."""
         return dict(self.options).get(name, default)
+
+    @property
+    def engine_options(self) -> dict[str, Any]:
+        """The options forwarded to the engine (DDP or DeepSpeed), without the training settings."""
+        return {name: value for name, value in self.options if name not in TRAINING_OPTIONS and name != "process_group_backend"}
 
     @property
     def tp_plan_dict(self) -> dict[str, str] | None:
@@ -179,8 +192,8 @@ def _validate_option(plan: Plan, name: str, value: Any) -> None:
         raise PlanError(f"option {name}={value!r} must be of type {kind} ({spec.doc}).")
     if spec.positive and value <= 0:
         raise PlanError(f"option {name}={value!r} must be positive ({spec.doc}).")
-    if name == "process_group_backend" and value not in PROCESS_GROUP_BACKENDS:
-        raise PlanError(f"option process_group_backend={value!r} is unknown; valid backends are {', '.join(PROCESS_GROUP_BACKENDS)}.")
+    if spec.choices is not None and value not in spec.choices:
+        raise PlanError(f"option {name}={value!r} is unknown; valid values are {', '.join(spec.choices)}.")
     if plan.strategy == "zero" and plan.zero_stage not in spec.zero_stages:
         stages = " or ".join(str(s) for s in spec.zero_stages)
         raise PlanError(f"option {name}={value!r} contradicts stage={plan.zero_stage}: it applies only to ZeRO stage {stages}.")

@@ -5,8 +5,9 @@ from lightning.pytorch.strategies import StrategyRegistry
 from meshplan.lightning.ddp import DDP
 from meshplan.lightning.tensor_parallel import TensorParallel
 from meshplan.lightning.zero import ZeRO
+from meshplan.plan import Plan
 
-__all__ = ["DDP", "TensorParallel", "ZeRO", "REGISTERED_STRATEGIES", "register_strategies"]
+__all__ = ["DDP", "TensorParallel", "ZeRO", "REGISTERED_STRATEGIES", "from_plan", "register_strategies"]
 
 # name -> (strategy class, preset arguments, description). tp_size=None in meshplan_tp means
 # "every process of a node", the common layout of TP within a node.
@@ -22,6 +23,17 @@ REGISTERED_STRATEGIES = {
     ),
     "meshplan_tp": (TensorParallel, {"tp_size": None}, "meshplan tensor parallel over the processes of each node (DTensor)"),
 }
+
+
+def from_plan(plan: Plan) -> DDP | ZeRO | TensorParallel:
+    """The Lightning strategy that runs ``plan``."""
+    options = dict(plan.options)
+    if plan.strategy == "zero":
+        return ZeRO(stage=plan.zero_stage, offload_optimizer=plan.offload_optimizer,
+                    offload_parameters=plan.offload_parameters, **options)
+    if plan.strategy == "tp":
+        return TensorParallel(tp_size=plan.tp_size, tp_plan=plan.tp_plan_dict, **options)
+    return DDP(**options)
 
 
 def register_strategies() -> None:

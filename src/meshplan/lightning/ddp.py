@@ -26,8 +26,7 @@ class DDP(PlanStrategyMixin, DDPStrategy):
 
     def __init__(self, **options: Any) -> None:
         self.plan = Plan.build("ddp", options=options)
-        ddp_kwargs = {name: value for name, value in self.plan.options if name != "process_group_backend"}
-        super().__init__(process_group_backend=self.plan.option("process_group_backend"), **ddp_kwargs)
+        super().__init__(process_group_backend=self.plan.option("process_group_backend"), **self.plan.engine_options)
 
     @override
     def setup_environment(self) -> None:

@@ -1,0 +1,212 @@
+"""Plan -> accelerate.Accelerator, on CPU (gloo, every worker counted) and on GPUs.
+
+A script written for plain Accelerate (prepare, backward, step, reduce, save_state) needs no
+other change than ``accelerator = meshplan.accelerator()``. What meshplan adds to Accelerate:
+
+- CPU workers are counted: Accelerate only runs multi-process on CPU when asked for the CPU,
+  and DeepSpeed needs the gloo backend named, or it sees one process and refuses the batch size.
+- ZeRO's DeepSpeed config is rendered by meshplan.deepspeed_config, like every front end's.
+- Tensor parallelism applies meshplan's TP plan in ``prepare`` to models built or loaded the
+  ordinary way, shards the data over the data-parallel dimension only, and averages gradients
+  over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
+
+from meshplan.deepspeed_config import deepspeed_config
+from meshplan.errors import PlanError
+from meshplan.plan import Plan
+from meshplan.recipes import launched_recipe_extras, plan_from_environment, read_recipe
+from meshplan.tp.apply import apply_tp_plan, match_plan
+from meshplan.tp.plans import check_tp_size, find_pretrained_models, resolve_tp_plan
+from meshplan.tp.sync import average_gradients, broadcast_parameters
+
+# Accelerator arguments that a recipe's training settings fill in.
+_TRAINING_ARGUMENTS = {"mixed_precision": "mixed_precision", "gradient_accumulation_steps": "gradient_accumulation_steps"}
+
+
+def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Accelerator:
+    """An ``accelerate.Accelerator`` that runs the given layout.
+
+    Args:
+        strategy_or_recipe: a meshplan strategy, a Plan, or the path of a recipe (an Accelerate
+            config file). None realizes the recipe ``accelerate launch`` passed to this process
+            (plain data parallelism when the process was not started by a launcher).
+        **accelerator_kwargs: passed to ``Accelerator``; ``cpu`` defaults to True when no CUDA
+            device is available. A value that contradicts the recipe is a PlanError.
+    """
+    plan = resolve_plan(strategy_or_recipe)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plan.check_world_size(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    on_cpu = accelerator_kwargs.pop("cpu", not torch.cuda.is_available())
+    kwargs = _training_kwargs(plan, accelerator_kwargs)
+    if plan.strategy == "zero":
+        return _deepspeed_accelerator(plan, on_cpu, kwargs)
+    if plan.strategy == "tp":
+        with _environment_without("ACCELERATE_USE_PARALLELISM_CONFIG"):
+            return TensorParallelAccelerator(plan, cpu=on_cpu, **kwargs)
+    if plan.engine_options:
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), DistributedDataParallelKwargs(**plan.engine_options)]
+    return Accelerator(cpu=on_cpu, **kwargs)
+
+
+def resolve_plan(strategy_or_recipe: Any) -> Plan:
+    """The Plan of a strategy, a Plan, a recipe path, or (None) of the launching recipe."""
+    if strategy_or_recipe is None:
+        return plan_from_environment(extras=launched_recipe_extras()) or Plan("ddp")
+    if isinstance(strategy_or_recipe, Plan):
+        return strategy_or_recipe
+    if isinstance(strategy_or_recipe, (str, Path)):
+        return read_recipe(strategy_or_recipe).plan
+    plan = getattr(strategy_or_recipe, "plan", None)
+    if not isinstance(plan, Plan):
+        raise PlanError(f"strategy_or_recipe={strategy_or_recipe!r} is neither a meshplan strategy nor a recipe path.")
+    return plan
+
+
+def _training_kwargs(plan: Plan, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    for option, argument in _TRAINING_ARGUMENTS.items():
+        wanted = plan.option(option)
+        if wanted is None:
+            continue
+        if argument in kwargs and kwargs[argument] != wanted:
+            raise PlanError(f"option {option}={wanted!r} contradicts Accelerator({argument}={kwargs[argument]!r}).")
+        kwargs[argument] = wanted
+    return kwargs
+
+
+def _deepspeed_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> Accelerator:
+    config = deepspeed_config(
+        plan,
+        micro_batch_size="auto",
+        gradient_accumulation_steps=kwargs.get("gradient_accumulation_steps", 1),
+        gradient_clipping=plan.option("gradient_clipping"),
+        precision=kwargs.get("mixed_precision", "no"),
+    )
+    if on_cpu:
+        # Without a named backend Accelerate initializes DeepSpeed but counts one process.
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    # The launcher lists the recipe's deepspeed_config keys here; Accelerate would then refuse a
+    # plugin built from a dict. The config rendered from the Plan already holds them.
+    with _environment_without("ACCELERATE_CONFIG_DS_FIELDS"):
+        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **kwargs)
+
+
+@contextlib.contextmanager
+def _environment_without(*names: str) -> Iterator[None]:
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+class TensorParallelAccelerator(Accelerator):
+    """An Accelerator whose ``prepare`` shards Hugging Face models with meshplan's TP plan.
+
+    The processes form a (data parallel x tensor parallel) mesh; the data loader is sharded over
+    the data-parallel dimension only (every rank of a TP group sees the same batch), and
+    ``backward`` averages gradients over the data-parallel dimension when they are synchronized.
+    """
+
+    def __init__(self, plan: Plan, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plan = plan
+        self.tp_size = plan.resolved_tp_size(int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes)))
+        plan.check_world_size(self.num_processes, self.tp_size)
+        # Accelerate's data loaders read these dimension names to shard by data-parallel rank.
+        self.state.device_mesh = init_device_mesh(
+            self.device.type, (self.num_processes // self.tp_size, self.tp_size), mesh_dim_names=("dp_replicate", "tp")
+        )
+        self._tp_modules: list[nn.Module] = []
+
+    def prepare(self, *args: Any, device_placement: Any = None) -> Any:
+        """Shards the models among ``args`` (and re-points their optimizers), then Accelerate's prepare."""
+        for module in args:
+            if isinstance(module, nn.Module) and not _is_sharded(module):
+                self._shard(module, [arg for arg in args if isinstance(arg, torch.optim.Optimizer)])
+        prepared = super().prepare(*args, device_placement=device_placement)
+        for optimizer in self._optimizers:
+            _step_with_implicit_replication(optimizer)
+        return prepared
+
+    def _shard(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        models = find_pretrained_models(module)
+        if not models:
+            raise PlanError(f"TensorParallel found no transformers.PreTrainedModel inside {type(module).__name__}.")
+        plans = []
+        for _, model in models:  # every check before the first collective
+            check_tp_size(model, self.tp_size)
+            plans.append(match_plan(model, resolve_tp_plan(model, self.plan.tp_plan_dict)))
+        names_before = {id(parameter): name for name, parameter in module.named_parameters()}
+        module.to(self.device)
+        for (_, model), plan in zip(models, plans):
+            apply_tp_plan(model, plan, self.state.device_mesh["tp"])
+        broadcast_parameters(module, self.state.device_mesh["dp_replicate"])
+        _repoint_optimizers(optimizers, names_before, dict(module.named_parameters()))
+        self._tp_modules.append(module)
+
+    def prepare_model(self, model: nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False) -> nn.Module:
+        """A sharded model is kept as it is: no DDP wrapper, gradients are averaged in ``backward``."""
+        if not _is_sharded(model):
+            return super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+        if model not in self._models:
+            self._models.append(model)
+        return model
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Accelerate's backward, then the data-parallel average once gradients are to be synchronized."""
+        super().backward(loss, **kwargs)
+        if self.sync_gradients:
+            for module in self._tp_modules:
+                average_gradients(module, self.state.device_mesh["dp_replicate"])
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
+        """Clips over sharded and replicated parameters together."""
+        with implicit_replication():
+            norm = super().clip_grad_norm_(parameters, max_norm, norm_type)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
+
+
+def _repoint_optimizers(optimizers: list[torch.optim.Optimizer], names_before: dict[int, str],
+                        parameters_after: dict[str, nn.Parameter]) -> None:
+    """Sharding replaces parameters with DTensor ones; optimizers built before must follow them."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [
+                parameters_after[names_before[id(parameter)]] if id(parameter) in names_before else parameter
+                for parameter in group["params"]
+            ]
+
+
+def _step_with_implicit_replication(optimizer: Any) -> None:
+    # Foreach optimizers mix sharded (DTensor) and replicated (plain) parameters in one kernel
+    # call; implicit replication lets torch treat the plain ones as replicated DTensors.
+    if getattr(optimizer, "_meshplan_wrapped", False):
+        return
+    step = optimizer.step
+
+    def step_with_implicit_replication(*args: Any, **kwargs: Any) -> Any:
+        with implicit_replication():
+            return step(*args, **kwargs)
+
+    optimizer.step = step_with_implicit_replication
+    optimizer._meshplan_wrapped = True

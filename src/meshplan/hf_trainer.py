@@ -1,0 +1,83 @@
+"""Plan -> keyword arguments for ``transformers.TrainingArguments``.
+
+Each setting is written once: the DeepSpeed config says "auto" wherever TrainingArguments has
+the value (batch size, accumulation, clipping, precision), so the two cannot disagree. On a
+CPU-only machine ``use_cpu=True`` is what makes Accelerate (under the Trainer) count every
+worker and use gloo; with DeepSpeed it also gives the "auto" batch size the true world size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from meshplan.deepspeed_config import deepspeed_config
+from meshplan.errors import PlanError
+from meshplan.plan import Plan
+
+# Plan option -> TrainingArguments keyword, for the DDP options the Trainer exposes.
+_DDP_ARGUMENTS = {
+    "find_unused_parameters": "ddp_find_unused_parameters",
+    "static_graph": "ddp_static_graph",
+    "bucket_cap_mb": "ddp_bucket_cap_mb",
+}
+
+
+def training_arguments(plan: Plan) -> dict[str, Any]:
+    """Keyword arguments that make ``TrainingArguments`` and ``Trainer`` train with ``plan``.
+
+    Example::
+
+        args = TrainingArguments(output_dir="out", per_device_train_batch_size=4,
+                                 **meshplan.ZeRO(stage=2).training_arguments())
+
+    Raises:
+        PlanError: the Trainer cannot express the layout (tensor parallelism, or an option it lacks).
+    """
+    if plan.strategy == "tp":
+        raise PlanError(
+            "TensorParallel cannot be expressed through TrainingArguments: the HF Trainer only runs tensor "
+            "parallelism on models loaded with a transformers DistributedConfig, and not on CPU processes. Use "
+            "lightning.Trainer(strategy=meshplan.TensorParallel(...)) or meshplan.accelerator(...) instead."
+        )
+    on_cpu = not torch.cuda.is_available()
+    arguments: dict[str, Any] = {"use_cpu": True} if on_cpu else {}
+    arguments.update(_training_settings(plan))
+    if plan.strategy == "zero":
+        arguments["deepspeed"] = deepspeed_config(
+            plan, micro_batch_size="auto", gradient_accumulation_steps="auto", gradient_clipping="auto", precision="auto"
+        )
+    arguments["ddp_backend"] = plan.option("process_group_backend") or ("gloo" if on_cpu else "nccl")
+    if plan.strategy == "ddp":
+        arguments.update(_ddp_arguments(plan))
+    return arguments
+
+
+def _training_settings(plan: Plan) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    precision = plan.option("mixed_precision")
+    if precision in ("bf16", "fp16"):
+        arguments[precision] = True
+    elif precision == "no":
+        arguments.update(bf16=False, fp16=False)
+    if plan.option("gradient_accumulation_steps") is not None:
+        arguments["gradient_accumulation_steps"] = plan.option("gradient_accumulation_steps")
+    if plan.option("gradient_clipping") is not None:
+        arguments["max_grad_norm"] = plan.option("gradient_clipping")
+    return arguments
+
+
+def _ddp_arguments(plan: Plan) -> dict[str, Any]:
+    # Transformers models default to find_unused_parameters=True under the Trainer, which costs
+    # an extra graph traversal per step; DDP's own default (False) holds unless the plan says otherwise.
+    arguments: dict[str, Any] = {"ddp_find_unused_parameters": False}
+    for option, value in plan.options:
+        if option in _DDP_ARGUMENTS:
+            arguments[_DDP_ARGUMENTS[option]] = value
+        elif option == "gradient_as_bucket_view":
+            raise PlanError(
+                f"option gradient_as_bucket_view={value!r} cannot be expressed through TrainingArguments; "
+                f"drop it for the HF Trainer (Lightning and meshplan.accelerator() honour it)."
+            )
+    return arguments

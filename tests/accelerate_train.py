@@ -1,0 +1,51 @@
+"""A training script written for plain Accelerate; the only meshplan line is meshplan.accelerator().
+
+    accelerate launch --config_file recipes/zero2.yaml --num_processes 2 tests/accelerate_train.py OUT.json REFERENCE.pt [RECIPE]
+
+Trains the parity model for parity.STEPS steps on the global batch split over the data-parallel
+ranks, and writes the global loss per step and the worst weight error against the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import meshplan  # noqa: E402
+import parity  # noqa: E402
+
+
+def main(output: str, reference_path: str, strategy_or_recipe: object = None, model_name: str = "llama") -> None:
+    """Trains and writes the results; ``strategy_or_recipe`` goes to meshplan.accelerator()."""
+    accelerator = meshplan.accelerator(strategy_or_recipe)
+    data_parallel_size = accelerator.num_processes // getattr(accelerator, "tp_size", 1)
+    model = parity.build_model(model_name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE[model_name], eps=parity.ADAM_EPS)
+    loader = DataLoader(parity.TokenDataset(model_name), batch_size=parity.GLOBAL_BATCH // data_parallel_size)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    losses = []
+    for batch in loader:
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+    weights = parity.full_parameters(accelerator.unwrap_model(model))
+    _, reference = torch.load(reference_path, weights_only=True)
+    weight_error = max((weights[key].cpu() - reference[key]).abs().max().item() for key in reference)
+    if accelerator.is_main_process:
+        Path(output).write_text(json.dumps({
+            "losses": losses, "weight_error": weight_error, "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type), "data_parallel_size": data_parallel_size,
+        }))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
