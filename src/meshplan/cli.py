@@ -26,6 +26,46 @@ def _list_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from meshplan.errors import PlanError
+    from meshplan.finetune.errors import FinetuneError
+    from meshplan.finetune.job import DEFAULT_RECIPE, FinetuneJob, check_job, default_devices, default_model
+    from meshplan.launch import run_workers
+
+    import datasets
+
+    datasets.disable_progress_bars()  # the checks below load the data; errors must stay one paragraph
+    job = FinetuneJob(
+        model=args.model or default_model(), data=args.data or "reviews", recipe=str(args.recipe or DEFAULT_RECIPE),
+        framework=args.framework, devices=args.devices or default_devices(), max_steps=args.max_steps,
+        output=str(Path(args.output).resolve()),
+    )
+    try:
+        check_job(job)
+    except (PlanError, FinetuneError) as error:
+        print(f"meshplan finetune: {error}", file=sys.stderr)
+        return 2
+    Path(job.output).mkdir(parents=True, exist_ok=True)
+    job_path = Path(job.output) / "job.json"
+    job.to_json(job_path)
+    threads = max(1, (os.cpu_count() or 1) // job.devices)
+    print(f"meshplan finetune: {Path(job.model).name} on {job.data} with {Path(job.recipe).name}, "
+          f"{job.framework}, {job.devices} processes, {job.max_steps} steps", flush=True)
+    quiet = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    code = run_workers([sys.executable, "-m", "meshplan.finetune.worker", str(job_path)], job.devices, threads=threads, env=quiet)
+    if code != 0:
+        print(f"meshplan finetune: a worker failed (exit code {code}); see its output above.", file=sys.stderr)
+        return code
+    metrics = json.loads((Path(job.output) / "metrics.json").read_text())
+    print(f"held-out accuracy: before {metrics['eval_accuracy_before']:.3f}, after {metrics['eval_accuracy_after']:.3f}; "
+          f"{metrics['train_steps']} steps, {metrics['samples_per_second']:.1f} samples/s; model saved in {job.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``meshplan`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="meshplan", description="One parallel layout for Lightning, Accelerate and the HF Trainer.")
@@ -34,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     strategies.set_defaults(run=_list_strategies)
     recipes = commands.add_parser("recipes", help="list the recipes (Accelerate config files) meshplan ships")
     recipes.set_defaults(run=_list_recipes)
+    finetune = commands.add_parser("finetune", help="fine-tune a pretrained transformer under a recipe")
+    finetune.add_argument("--recipe", help="recipe (Accelerate config file); default recipes/zero2.yaml")
+    finetune.add_argument("--model", help="local Hugging Face model directory; default the packaged all-MiniLM-L6-v2")
+    finetune.add_argument("--data", help="CSV/JSON file, saved data set or data set name; default the packaged reviews")
+    finetune.add_argument("--framework", default="lightning", help="lightning, accelerate or trainer (default lightning)")
+    finetune.add_argument("--devices", type=int, help="worker processes; default every GPU, or 2 without one")
+    finetune.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
+    finetune.add_argument("--output", default="meshplan-output", help="output directory (default ./meshplan-output)")
+    finetune.set_defaults(run=_finetune)
     return parser
 
 

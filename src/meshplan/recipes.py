@@ -76,7 +76,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     try:
         config = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise PlanError(f"recipe {str(path)!r} is not valid YAML: {error}") from None
+        raise PlanError(f"recipe {str(path)!r} is not valid YAML: {_yaml_problem(error)}.") from None
     if not isinstance(config, dict):
         raise PlanError(f"recipe {str(path)!r} is not an Accelerate config (a YAML mapping of keys).")
     extras = _header_extras(text, path)
@@ -335,6 +335,12 @@ def _resolve(path: str, base_dir: Path | None) -> Path:
     if not candidate.is_absolute() and base_dir is not None and not candidate.exists():
         candidate = base_dir / candidate
     return candidate
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(error, "problem", None) or error).split())
 
 
 def _header_extras(text: str, path: Path) -> dict[str, Any]:

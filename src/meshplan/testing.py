@@ -24,11 +24,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import socket
 import sys
-import time
 import traceback
+import time
 from typing import Any, Callable
+
+from meshplan.launch import free_port, worker_environment
 
 __all__ = ["WorkerError", "WorkerTimeout", "free_port", "spawn"]
 
@@ -39,30 +40,6 @@ class WorkerError(RuntimeError):
 
 class WorkerTimeout(WorkerError):
     """Workers were still running when the timeout expired, and were killed."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def worker_environment(rank: int, world_size: int, port: int, *, nnodes: int = 1, threads: int = 1) -> dict[str, str]:
-    """The environment variables a torchrun worker of this rank would see."""
-    local_world_size = world_size // nnodes
-    return {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank % local_world_size),
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_WORLD_SIZE": str(local_world_size),
-        "NODE_RANK": str(rank // local_world_size),
-        "GROUP_RANK": str(rank // local_world_size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        # Several workers share a few cores: one thread each avoids oversubscription.
-        "OMP_NUM_THREADS": str(threads),
-    }
 
 
 def _worker(fn: Callable[..., Any], args: tuple, env: dict[str, str], results: Any) -> None:

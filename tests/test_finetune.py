@@ -1,0 +1,170 @@
+"""Tier 3: `meshplan finetune` as a user runs it, and its answers to bad input.
+
+Each run starts its own 2 workers, trains the packaged MiniLM on the packaged reviews for a
+few steps, and must leave metrics.json and a model directory that `from_pretrained` loads and
+that, evaluated on the same held-out split, reproduces the reported accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from meshplan.cli import main
+from meshplan.finetune.data import find_columns, load_splits
+from meshplan.finetune.evaluate import accuracy
+from meshplan.models import minilm_path
+from meshplan.recipes import CATALOGUE_DIR
+
+MESHPLAN = Path(sys.executable).with_name("meshplan")
+STEPS = 3
+
+# Every front end, and every one of the recipes ddp, zero2, zero3 and tp.
+RUNS = [
+    ("lightning", "zero2"),
+    ("lightning", "tp"),
+    ("accelerate", "zero3"),
+    ("accelerate", "ddp"),
+    ("trainer", "zero2"),
+    ("trainer", "ddp"),
+]
+
+
+def _finetune(*arguments: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    return subprocess.run([str(MESHPLAN), "finetune", *arguments], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(("framework", "recipe"), RUNS, ids=[f"{framework}-{recipe}" for framework, recipe in RUNS])
+def test_finetune_trains_and_saves_a_loadable_model(framework: str, recipe: str, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    run = _finetune("--framework", framework, "--recipe", str(CATALOGUE_DIR / f"{recipe}.yaml"),
+                    "--max-steps", str(STEPS), "--output", str(output))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train_steps"] == STEPS
+    assert metrics["samples_per_second"] > 0
+    assert metrics["recipe"].endswith(f"{recipe}.yaml") and metrics["framework"] == framework
+    assert "held-out accuracy: before" in run.stdout
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (output / name).is_file(), name
+    model = AutoModelForSequenceClassification.from_pretrained(output)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    test = _encoded_test_split(output)
+    reproduced = accuracy(model, test, dp_rank=0, dp_size=1, batch_size=32, device=torch.device("cpu"))
+    # TP sums partial results in another order: a borderline sample may flip.
+    assert abs(reproduced - metrics["eval_accuracy_after"]) <= 1 / len(test) + 1e-9
+
+
+def _encoded_test_split(model_dir: Path):
+    from meshplan.finetune.data import encode, label_names
+
+    splits = load_splits(None)
+    text, label = find_columns(splits["train"], "classification", None)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return encode(splits, tokenizer, text, label, label_names(splits, label, None), 48)["test"]
+
+
+def test_finetune_trains_a_causal_lm_on_a_text_file(tmp_path: Path) -> None:
+    model_dir = tmp_path / "tiny-llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=30522)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(model_dir)
+    data = tmp_path / "notes.json"
+    data.write_text("\n".join(json.dumps({"text": f"note number {i} says the build is green"}) for i in range(40)))
+    output = tmp_path / "out"
+    run = _finetune("--model", str(model_dir), "--data", str(data), "--recipe", str(CATALOGUE_DIR / "ddp.yaml"),
+                    "--max-steps", "2", "--output", str(output))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train_steps"] == 2 and 0.0 <= metrics["eval_accuracy_after"] <= 1.0
+    assert isinstance(LlamaForCausalLM.from_pretrained(output), LlamaForCausalLM)
+
+
+def test_ctrl_c_stops_every_worker(tmp_path: Path) -> None:
+    process = subprocess.Popen([str(MESHPLAN), "finetune", "--max-steps", "100000", "--output", str(tmp_path / "out")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pids = _worker_pids(process)
+    time.sleep(15)  # the workers are importing, loading or training by now
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("meshplan finetune did not stop within 30 s of Ctrl-C")
+    assert process.returncode == 130
+    for pid in pids:
+        assert not _alive(pid), f"worker {pid} outlived Ctrl-C"
+
+
+def _worker_pids(process: subprocess.Popen) -> list[int]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        match = re.search(r"started \d+ workers \(pids ([\d ]+)\)", line)
+        if match:
+            return [int(pid) for pid in match.group(1).split()]
+    process.kill()
+    pytest.fail("meshplan finetune never reported its workers")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent has not read its status yet.
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
+
+
+@pytest.fixture()
+def tiny_llama_dir(tmp_path: Path) -> Path:
+    """A model whose single key/value head cannot be split two ways."""
+    model_dir = tmp_path / "one-kv-head"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=1, vocab_size=64)).save_pretrained(model_dir)
+    return model_dir
+
+
+def _bad_input_cases(tmp_path: Path, tiny_llama_dir: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp_path / "broken.yaml").write_text("distributed_type: [unclosed\n")
+    (tmp_path / "no-label.csv").write_text("text,score\nfine,1\nbad,0\n")
+    return {
+        "missing recipe": (["--recipe", str(tmp_path / "nope.yaml")], "does not exist"),
+        "unparsable recipe": (["--recipe", str(tmp_path / "broken.yaml")], "is not valid YAML"),
+        "unknown model": (["--model", str(tmp_path / "no-such-model")], "is not a model directory"),
+        "data without labels": (["--data", str(tmp_path / "no-label.csv")], "has no label column"),
+        "tp size the model cannot take": (["--model", str(tiny_llama_dir), "--recipe", str(CATALOGUE_DIR / "tp.yaml"),
+                                           "--data", str(tmp_path / "no-label.csv")],
+                                          "tp_size=2 does not divide num_key_value_heads=1"),
+        "more devices than the machine has": (["--devices", "4096"], "--devices 4096 is more than this machine has"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing recipe", "unparsable recipe", "unknown model", "data without labels",
+                                  "tp size the model cannot take", "more devices than the machine has"])
+def test_bad_input_exits_2_with_one_paragraph(case: str, tmp_path: Path, tiny_llama_dir: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    arguments, expected = _bad_input_cases(tmp_path, tiny_llama_dir)[case]
+    assert main(["finetune", *arguments, "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert expected in error
+    assert "Traceback" not in error
+    assert error.count("\n") == 1  # one paragraph, one line
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_the_console_script_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    run = _finetune("--recipe", str(tmp_path / "nope.yaml"), "--output", str(tmp_path / "out"), timeout=120)
+    assert run.returncode == 2
+    assert "does not exist" in run.stderr and "Traceback" not in run.stderr
