@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke test: the parity checks on CUDA with nccl, on every GPU of this machine.
 # Usage (from the repository root, on a machine with NVIDIA GPUs): bash scripts/gpu_smoke.sh
+# nccl needs one GPU per process: on a single GPU only the one-process cases run, so the
+# 2- and 4-process layouts (DDP, ZeRO, TP, TP x DP) need a machine with 2 and 4 GPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)

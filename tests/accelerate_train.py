@@ -39,12 +39,25 @@ def main(output: str, reference_path: str, strategy_or_recipe: object = None, mo
     weights = parity.full_parameters(accelerator.unwrap_model(model))
     _, reference = torch.load(reference_path, weights_only=True)
     weight_error = max((weights[key].cpu() - reference[key]).abs().max().item() for key in reference)
+    restore_error = _save_step_and_restore(accelerator, model, optimizer, batch, weights, Path(output).parent / "state")
     if accelerator.is_main_process:
         Path(output).write_text(json.dumps({
             "losses": losses, "weight_error": weight_error, "num_processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type), "data_parallel_size": data_parallel_size,
+            "restore_error": restore_error,
         }))
     accelerator.end_training()
+
+
+def _save_step_and_restore(accelerator, model, optimizer, batch, weights, folder: Path) -> float:
+    """save_state, one more step (weights move), load_state: the saved weights must come back."""
+    accelerator.save_state(str(folder))
+    accelerator.backward(model(**batch).loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    accelerator.load_state(str(folder))
+    restored = parity.full_parameters(accelerator.unwrap_model(model))
+    return max((restored[key] - weights[key]).abs().max().item() for key in weights)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ def plan_errors(cases: list[tuple[Any, str, dict]]) -> list[str]:
             trainer.fit(TinyModule(kind, **config))
         except PlanError as error:
             messages.append(str(error))
+            # Raised before any process group existed, so no rank can be left waiting in a collective.
+            assert not torch.distributed.is_initialized()
         else:
             raise AssertionError(f"{strategy} on {kind} {config} trained instead of raising a PlanError")
     return messages

@@ -24,13 +24,13 @@ ACCELERATOR = os.environ.get("MESHPLAN_TEST_ACCELERATOR", "cpu")
 STEPS = 4
 GLOBAL_BATCH = 8
 SEQUENCE = 16
-LEARNING_RATE = {"llama": 1e-3, "minilm": 1e-4}
+LEARNING_RATE = {"llama": 1e-3, "llama-tied": 1e-3, "minilm": 1e-4}
 # BERT's own epsilon. With 1e-8, Adam turns the float32 rounding noise in gradients that are
 # exactly zero in theory (attention key biases) into updates of the order of lr, in any layout.
 ADAM_EPS = 1e-6
 LOSS_TOLERANCE = 1e-4
 CLIP = 0.5  # small enough that clipping is active in the first steps
-REFERENCE_RUNS = (("llama", None), ("minilm", None), ("llama", CLIP))
+REFERENCE_RUNS = (("llama", None), ("minilm", None), ("llama", CLIP), ("llama-tied", None))
 WEIGHT_TOLERANCE = 1e-5
 
 
@@ -47,6 +47,8 @@ def build_model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "llama":
         return LlamaForCausalLM(tiny_llama_config())
+    if name == "llama-tied":  # input and output embeddings share one weight
+        return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     if name == "minilm":
         return BertForSequenceClassification.from_pretrained(
             minilm_path(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
@@ -60,9 +62,10 @@ class TokenDataset(Dataset):
     def __init__(self, name: str) -> None:
         generator = torch.Generator().manual_seed(1)
         size = STEPS * GLOBAL_BATCH
-        vocab = 64 if name == "llama" else 30522
+        causal = name.startswith("llama")
+        vocab = 64 if causal else 30522
         self.input_ids = torch.randint(3, vocab, (size, SEQUENCE), generator=generator)
-        self.labels = self.input_ids if name == "llama" else torch.randint(0, 2, (size,), generator=generator)
+        self.labels = self.input_ids if causal else torch.randint(0, 2, (size,), generator=generator)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -54,6 +54,7 @@ def _assert_parity(output: Path, reference_paths: dict[str, str]) -> dict:
     assert len(result["losses"]) == parity.STEPS
     assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) < parity.LOSS_TOLERANCE
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE
+    assert result["restore_error"] == 0.0  # save_state, a step, load_state: the saved weights are back
     return result
 
 

@@ -148,11 +148,12 @@ def _bad_input_cases(tmp_path: Path, tiny_llama_dir: Path) -> dict[str, tuple[li
                                            "--data", str(tmp_path / "no-label.csv")],
                                           "tp_size=2 does not divide num_key_value_heads=1"),
         "more devices than the machine has": (["--devices", "4096"], "--devices 4096 is more than this machine has"),
+        "no devices": (["--devices", "0"], "--devices 0 must be at least 1"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing recipe", "unparsable recipe", "unknown model", "data without labels",
-                                  "tp size the model cannot take", "more devices than the machine has"])
+                                  "tp size the model cannot take", "more devices than the machine has", "no devices"])
 def test_bad_input_exits_2_with_one_paragraph(case: str, tmp_path: Path, tiny_llama_dir: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     arguments, expected = _bad_input_cases(tmp_path, tiny_llama_dir)[case]

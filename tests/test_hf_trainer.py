@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import meshplan
 import parity
 import trainer_train
 from meshplan import DDP, PlanError, TensorParallel, ZeRO

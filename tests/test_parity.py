@@ -36,6 +36,9 @@ TWO_PROCESS_CASES = [
     Case("llama", "ZeRO-2-clip", meshplan.ZeRO(stage=2), 4, clip=CLIP),
     Case("llama", "ZeRO-3-clip", meshplan.ZeRO(stage=3), 4, clip=CLIP),
     Case("llama", "TP-2-clip", meshplan.TensorParallel(tp_size=2), 8, clip=CLIP),
+    # Tied embeddings stay whole (and tied) under TP; ZeRO-3 partitions the shared weight once.
+    Case("llama-tied", "TP-2", meshplan.TensorParallel(tp_size=2), 8),
+    Case("llama-tied", "ZeRO-3", meshplan.ZeRO(stage=3), 4),
     # The catalogue's recipes in the Lightning Trainer, through meshplan.from_recipe.
     *(
         Case("llama", f"recipe-{name}", meshplan.from_recipe(CATALOGUE_DIR / f"{name}.yaml"), 8 if name == "tp" else 4)
@@ -48,6 +51,7 @@ FOUR_PROCESS_CASES = [
     Case("minilm", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
     Case("llama", "TP-2xDP-2-clip", meshplan.TensorParallel(tp_size=2), 4, clip=CLIP),
     Case("llama", "recipe-tp-dp", meshplan.from_recipe(CATALOGUE_DIR / "tp-dp.yaml"), 4),
+    Case("llama-tied", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
 ]
 
 

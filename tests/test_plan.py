@@ -140,5 +140,8 @@ def test_deepspeed_config_refuses_other_strategies_and_precisions() -> None:
 
 
 def test_public_names() -> None:
-    for name in ("DDP", "ZeRO", "TensorParallel", "PlanError"):
+    for name in ("DDP", "ZeRO", "TensorParallel", "PlanError", "from_recipe", "accelerator"):
         assert hasattr(meshplan, name)
+    assert callable(meshplan.testing.spawn)
+    for strategy in (DDP(), ZeRO(stage=1), TensorParallel(tp_size=2)):
+        assert callable(strategy.to_recipe) and callable(strategy.training_arguments)

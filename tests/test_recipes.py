@@ -11,7 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 import meshplan
 from meshplan import DDP, PlanError, TensorParallel, ZeRO
-from meshplan.recipes import CATALOGUE_DIR, catalogue, plan_from_environment, read_recipe
+from meshplan.recipes import CATALOGUE_DIR, catalogue, plan_from_environment
 
 ROUND_TRIP = [
     DDP(),
@@ -27,6 +27,7 @@ ROUND_TRIP = [
          stage3_param_persistence_threshold=20, stage3_max_live_parameters=30, stage3_max_reuse_distance=40,
          gradient_accumulation_steps=2, gradient_clipping=1.0, process_group_backend="gloo"),
     TensorParallel(tp_size=2),
+    TensorParallel(tp_size=1),
     TensorParallel(),
     TensorParallel(tp_size=4, tp_plan={"layers.*.self_attn.q_proj": "colwise", "lm_head": "colwise_rep"}),
 ]
@@ -46,7 +47,7 @@ EXPECTED_CATALOGUE = {
 
 @pytest.mark.parametrize("strategy", ROUND_TRIP, ids=repr)
 def test_round_trip_is_the_identity(strategy, tmp_path: Path) -> None:
-    path = strategy.to_recipe(tmp_path / "recipe.yaml")
+    path = strategy.to_recipe(tmp_path / "recipe.yaml", num_processes=4)
     assert meshplan.from_recipe(path) == strategy
     load_config_from_file(str(path))  # what `accelerate launch --config_file` does first
 
@@ -92,10 +93,24 @@ def test_reads_accelerate_configs_it_did_not_write(config: dict, strategy, tmp_p
 def test_reads_a_deepspeed_config_file(tmp_path: Path) -> None:
     (tmp_path / "ds.json").write_text(json.dumps({
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "bf16": {"enabled": True},
-        "zero_optimization": {"stage": 2, "overlap_comm": True, "offload_optimizer": {"device": "cpu", "pin_memory": False}},
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "reduce_bucket_size": "auto",
+                              "offload_optimizer": {"device": "cpu", "pin_memory": True}},
     }))
     path = _write(tmp_path, {"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": "ds.json"}})
-    assert meshplan.from_recipe(path) == ZeRO(stage=2, offload_optimizer=True, overlap_comm=True, mixed_precision="bf16")
+    assert meshplan.from_recipe(path) == ZeRO(stage=2, offload_optimizer=True, overlap_comm=True, pin_memory=True,
+                                              mixed_precision="bf16")
+
+
+def test_a_header_tp_plan_needs_a_tp_layout(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text('# meshplan: {"tp_plan": {"a": "colwise"}}\ndistributed_type: MULTI_GPU\n')
+    with pytest.raises(PlanError, match="tp_plan"):
+        meshplan.from_recipe(path)
+
+
+def test_to_recipe_refuses_a_process_count_the_layout_cannot_take(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="tp_size=4 does not divide the world size 2"):
+        TensorParallel(tp_size=4).to_recipe(tmp_path / "r.yaml", num_processes=2)
 
 
 @pytest.mark.parametrize(
@@ -110,6 +125,10 @@ def test_reads_a_deepspeed_config_file(tmp_path: Path) -> None:
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2, "moe_layers": 3}}, "deepspeed_config.moe_layers"),
         ({"distributed_type": "MULTI_GPU", "parallelism_config": {"parallelism_config_dp_shard_size": 2,
           "parallelism_config_tp_size": 2}}, "parallelism_config.parallelism_config_dp_shard_size=2"),
+        ({"distributed_type": "MULTI_GPU", "num_processes": "many"}, "num_processes='many'"),
+        ({"distributed_type": "MULTI_GPU", "parallelism_config": [2]}, "parallelism_config must be a mapping"),
+        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2.5}}, "deepspeed_config.zero_stage=2.5"),
+        ({"distributed_type": "MULTI_GPU", "dynamo_config": {"dynamo_backend": "INDUCTOR"}}, "dynamo_config.dynamo_backend"),
     ],
 )
 def test_what_meshplan_cannot_honour_is_a_plan_error_naming_the_key(config: dict, key: str, tmp_path: Path) -> None:
@@ -127,10 +146,14 @@ def test_what_meshplan_cannot_honour_is_a_plan_error_naming_the_key(config: dict
           "parallelism_config": {"parallelism_config_tp_size": 2}}, ("DEEPSPEED", "parallelism_config_tp_size")),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": "ds.json", "zero_stage": 3}},
          ("deepspeed_config.zero_stage", "deepspeed_config_file")),
+        ({"distributed_type": "MULTI_GPU", "deepspeed_config": {"zero_stage": 2}}, ("MULTI_GPU", "deepspeed_config")),
+        ({"distributed_type": "DEEPSPEED", "mixed_precision": "fp16", "deepspeed_config": {"deepspeed_config_file": "bf16.json"}},
+         ("mixed_precision='fp16'", "deepspeed_config_file")),
     ],
 )
 def test_contradictory_pairs_name_both_keys(config: dict, keys: tuple[str, str], tmp_path: Path) -> None:
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    (tmp_path / "bf16.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
     with pytest.raises(PlanError) as error:
         meshplan.from_recipe(_write(tmp_path, config))
     for key in keys:

@@ -21,6 +21,15 @@ def test_llama_uses_its_own_plan() -> None:
     assert plan["lm_head"] == "colwise_gather_output"
 
 
+def test_tied_embeddings_stay_whole() -> None:
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    plan = resolve_tp_plan(model)
+    assert "lm_head" not in plan and "model.embed_tokens" not in plan
+    assert plan["model.layers.*.self_attn.q_proj"] == "colwise"
+    with pytest.raises(PlanError, match=r"would shard model.embed_tokens and lm_head of LlamaForCausalLM"):
+        resolve_tp_plan(model, {"lm_head": "colwise_rep"})
+
+
 def test_pretrained_minilm_gets_an_inferred_bert_family_plan() -> None:
     model = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     assert model.config.base_model_tp_plan is None  # shipped without one

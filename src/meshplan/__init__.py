@@ -14,6 +14,7 @@ Importing meshplan registers the strategies in Lightning's registry as meshplan_
 meshplan_zero1, meshplan_zero2, meshplan_zero3, meshplan_zero3_offload and meshplan_tp.
 """
 
+from meshplan import testing
 from meshplan.accelerate import accelerator
 from meshplan.errors import PlanError
 from meshplan.lightning import DDP, TensorParallel, ZeRO, from_plan, register_strategies
@@ -26,7 +27,7 @@ def from_recipe(path: str) -> DDP | ZeRO | TensorParallel:
     return from_plan(read_recipe(path).plan)
 
 
-__all__ = ["DDP", "Plan", "PlanError", "TensorParallel", "ZeRO", "accelerator", "from_recipe"]
+__all__ = ["DDP", "Plan", "PlanError", "TensorParallel", "ZeRO", "accelerator", "from_recipe", "testing"]
 __version__ = "0.1.0"
 
 register_strategies()

@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
@@ -30,9 +38,8 @@ from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
 from meshplan.plan import Plan
 from meshplan.recipes import launched_recipe_extras, plan_from_environment, read_recipe
-from meshplan.tp.apply import apply_tp_plan, match_plan
-from meshplan.tp.plans import check_tp_size, find_pretrained_models, resolve_tp_plan
-from meshplan.tp.sync import average_gradients, broadcast_parameters
+from meshplan.tp.shard import plan_models, shard_models
+from meshplan.tp.sync import average_gradients
 
 # Accelerator arguments that a recipe's training settings fill in.
 _TRAINING_ARGUMENTS = {"mixed_precision": "mixed_precision", "gradient_accumulation_steps": "gradient_accumulation_steps"}
@@ -51,6 +58,12 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
     plan = resolve_plan(strategy_or_recipe)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plan.check_world_size(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if plan.strategy != "zero" and plan.option("gradient_clipping") is not None:
+        raise PlanError(
+            f"option gradient_clipping={plan.option('gradient_clipping')!r} is not applied by Accelerate for "
+            f"strategy={plan.strategy!r} (only DeepSpeed clips by itself): drop it from the recipe and call "
+            f"accelerator.clip_grad_norm_(model.parameters(), {plan.option('gradient_clipping')!r}) before optimizer.step()."
+        )
     on_cpu = accelerator_kwargs.pop("cpu", not torch.cuda.is_available())
     kwargs = _training_kwargs(plan, accelerator_kwargs)
     if plan.strategy == "zero":
@@ -133,32 +146,41 @@ class TensorParallelAccelerator(Accelerator):
             self.device.type, (self.num_processes // self.tp_size, self.tp_size), mesh_dim_names=("dp_replicate", "tp")
         )
         self._tp_modules: list[nn.Module] = []
+        self._replaced_parameters: dict[int, tuple[weakref.ref, str]] = {}  # parameters sharding replaced
 
     def prepare(self, *args: Any, device_placement: Any = None) -> Any:
         """Shards the models among ``args`` (and re-points their optimizers), then Accelerate's prepare."""
+        optimizers = [arg for arg in args if isinstance(arg, torch.optim.Optimizer)]
         for module in args:
             if isinstance(module, nn.Module) and not _is_sharded(module):
-                self._shard(module, [arg for arg in args if isinstance(arg, torch.optim.Optimizer)])
+                self._shard(module, optimizers)
+        for optimizer in optimizers:
+            self._refuse_stale(optimizer)
         prepared = super().prepare(*args, device_placement=device_placement)
         for optimizer in self._optimizers:
             _step_with_implicit_replication(optimizer)
         return prepared
 
     def _shard(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-        models = find_pretrained_models(module)
-        if not models:
-            raise PlanError(f"TensorParallel found no transformers.PreTrainedModel inside {type(module).__name__}.")
-        plans = []
-        for _, model in models:  # every check before the first collective
-            check_tp_size(model, self.tp_size)
-            plans.append(match_plan(model, resolve_tp_plan(model, self.plan.tp_plan_dict)))
-        names_before = {id(parameter): name for name, parameter in module.named_parameters()}
-        module.to(self.device)
-        for (_, model), plan in zip(models, plans):
-            apply_tp_plan(model, plan, self.state.device_mesh["tp"])
-        broadcast_parameters(module, self.state.device_mesh["dp_replicate"])
-        _repoint_optimizers(optimizers, names_before, dict(module.named_parameters()))
+        plans = plan_models(module, self.tp_size, self.plan.tp_plan_dict)  # every check before a collective
+        before = dict(module.named_parameters())
+        shard_models(module, plans, self.device, self.state.device_mesh["tp"], self.state.device_mesh["dp_replicate"])
+        after = dict(module.named_parameters())
+        replaced = {name: parameter for name, parameter in before.items() if after[name] is not parameter}
+        _repoint_optimizers(optimizers, {id(parameter): name for name, parameter in replaced.items()}, after)
+        # Weak references: the replaced parameters may be freed, and their ids reused.
+        self._replaced_parameters.update({id(parameter): (weakref.ref(parameter), name) for name, parameter in replaced.items()})
         self._tp_modules.append(module)
+
+    def _refuse_stale(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                reference, name = self._replaced_parameters.get(id(parameter), (None, ""))
+                if reference is not None and reference() is parameter:
+                    raise PlanError(
+                        f"the optimizer holds {name!r} as it was before tensor-parallel "
+                        f"sharding; pass the model and its optimizer to the same prepare() call."
+                    )
 
     def prepare_model(self, model: nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False) -> nn.Module:
         """A sharded model is kept as it is: no DDP wrapper, gradients are averaged in ``backward``."""
@@ -175,11 +197,60 @@ class TensorParallelAccelerator(Accelerator):
             for module in self._tp_modules:
                 average_gradients(module, self.state.device_mesh["dp_replicate"])
 
+    def save_state(self, output_dir: str | None = None, **kwargs: Any) -> str:
+        """Accelerate's save_state, with the models and optimizers saved sharded by torch.distributed.checkpoint.
+
+        Accelerate would write them from the main process with safetensors, which cannot hold the
+        other ranks' DTensor shards; everything else (RNG, schedulers, samplers) is Accelerate's.
+        """
+        with self._models_and_optimizers_hidden() as (models, optimizers):
+            location = super().save_state(output_dir, **kwargs)
+        dcp.save(_sharded_state(models, optimizers), checkpoint_id=os.path.join(location, _SHARDED_FOLDER))
+        return location
+
+    def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
+        """Accelerate's load_state, with the models and optimizers loaded by torch.distributed.checkpoint."""
+        with self._models_and_optimizers_hidden() as (models, optimizers):
+            super().load_state(input_dir, **kwargs)
+        location = input_dir or _latest_checkpoint(self.project_dir)
+        state = _sharded_state(models, optimizers)
+        dcp.load(state, checkpoint_id=os.path.join(location, _SHARDED_FOLDER))
+        for index, model in enumerate(models):
+            set_model_state_dict(model, state[f"model_{index}"])
+        for index, optimizer in enumerate(optimizers):
+            set_optimizer_state_dict(models[index], optimizer.optimizer, state[f"optimizer_{index}"])
+
+    @contextlib.contextmanager
+    def _models_and_optimizers_hidden(self) -> Iterator[tuple[list[nn.Module], list[Any]]]:
+        models, optimizers = self._models, self._optimizers
+        self._models, self._optimizers = [], []
+        try:
+            yield models, optimizers
+        finally:
+            self._models, self._optimizers = models, optimizers
+
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
         """Clips over sharded and replicated parameters together."""
         with implicit_replication():
             norm = super().clip_grad_norm_(parameters, max_norm, norm_type)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+_SHARDED_FOLDER = "meshplan_sharded"
+
+
+def _sharded_state(models: list[nn.Module], optimizers: list[Any]) -> dict[str, Any]:
+    """Model i and optimizer i (paired as Accelerate pairs them), as DTensor-aware state dicts."""
+    state: dict[str, Any] = {f"model_{index}": get_model_state_dict(model) for index, model in enumerate(models)}
+    for index, optimizer in enumerate(optimizers):
+        state[f"optimizer_{index}"] = get_optimizer_state_dict(models[index], optimizer.optimizer)
+    return state
+
+
+def _latest_checkpoint(project_dir: str) -> str:
+    """The folder Accelerate's load_state() picks with automatic checkpoint naming."""
+    folder = os.path.join(project_dir, "checkpoints")
+    return max((os.path.join(folder, name) for name in os.listdir(folder)), key=lambda path: int(path.rsplit("_", 1)[-1]))
 
 
 def _is_sharded(module: nn.Module) -> bool:

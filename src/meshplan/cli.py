@@ -39,24 +39,30 @@ def _finetune(args: argparse.Namespace) -> int:
     import datasets
 
     datasets.disable_progress_bars()  # the checks below load the data; errors must stay one paragraph
-    job = FinetuneJob(
-        model=args.model or default_model(), data=args.data or "reviews", recipe=str(args.recipe or DEFAULT_RECIPE),
-        framework=args.framework, devices=args.devices or default_devices(), max_steps=args.max_steps,
-        output=str(Path(args.output).resolve()),
-    )
     try:
+        job = FinetuneJob(
+            model=args.model or default_model(), data=args.data or "reviews", recipe=str(args.recipe or DEFAULT_RECIPE),
+            framework=args.framework, devices=args.devices if args.devices is not None else default_devices(),
+            max_steps=args.max_steps, output=str(Path(args.output).resolve()),
+        )
         check_job(job)
+        job_path = Path(job.output) / "job.json"
+        Path(job.output).mkdir(parents=True, exist_ok=True)
+        job.to_json(job_path)
     except (PlanError, FinetuneError) as error:
         print(f"meshplan finetune: {error}", file=sys.stderr)
         return 2
-    Path(job.output).mkdir(parents=True, exist_ok=True)
-    job_path = Path(job.output) / "job.json"
-    job.to_json(job_path)
+    except OSError as error:
+        print(f"meshplan finetune: --output {args.output!r} cannot be written: {error.strerror or error}.", file=sys.stderr)
+        return 2
     threads = max(1, (os.cpu_count() or 1) // job.devices)
     print(f"meshplan finetune: {Path(job.model).name} on {job.data} with {Path(job.recipe).name}, "
           f"{job.framework}, {job.devices} processes, {job.max_steps} steps", flush=True)
     quiet = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     code = run_workers([sys.executable, "-m", "meshplan.finetune.worker", str(job_path)], job.devices, threads=threads, env=quiet)
+    if code == 130:
+        print("meshplan finetune: interrupted; every worker was stopped.", file=sys.stderr)
+        return code
     if code != 0:
         print(f"meshplan finetune: a worker failed (exit code {code}); see its output above.", file=sys.stderr)
         return code

@@ -10,32 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from meshplan.errors import PlanError
-from meshplan.plan import Plan
+from meshplan.plan import ZERO_SECTION_OPTIONS, Plan, normalize_precision
 
-# Plan option name -> key in DeepSpeed's zero_optimization section (they coincide today; the
-# table is the single place to change if they ever differ).
-_ZERO_KEYS = (
-    "overlap_comm",
-    "contiguous_gradients",
-    "reduce_bucket_size",
-    "allgather_bucket_size",
-    "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold",
-    "stage3_max_live_parameters",
-    "stage3_max_reuse_distance",
-)
+# The ZeRO options that are keys of DeepSpeed's zero_optimization section under the same name.
+_ZERO_KEYS = ZERO_SECTION_OPTIONS
 
-_PRECISION_SECTIONS = {
-    "no": None,
-    "bf16": "bf16",
-    "fp16": "fp16",
-    "32": None,
-    "32-true": None,
-    "bf16-mixed": "bf16",
-    "bf16-true": "bf16",
-    "16-mixed": "fp16",
-    "16-true": "fp16",
-}
 
 
 def deepspeed_config(
@@ -95,7 +74,7 @@ def _zero_section(plan: Plan) -> dict[str, Any]:
 def _precision_section(precision: str) -> dict[str, Any]:
     if precision == "auto":
         return {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
-    if precision not in _PRECISION_SECTIONS:
-        raise PlanError(f"precision={precision!r} is unknown; valid values are {', '.join(_PRECISION_SECTIONS)}.")
-    section = _PRECISION_SECTIONS[precision]
-    return {} if section is None else {section: {"enabled": True}}
+    normalized = normalize_precision(precision)
+    if normalized is None:
+        raise PlanError(f"precision={precision!r} is unknown; valid values are no, bf16, fp16 or a Lightning precision.")
+    return {} if normalized == "no" else {normalized: {"enabled": True}}

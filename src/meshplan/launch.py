@@ -44,27 +44,43 @@ def worker_environment(rank: int, world_size: int, port: int, *, nnodes: int = 1
 def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: dict[str, str] | None = None) -> int:
     """Runs ``command`` in ``nprocs`` workers and returns the job's exit code.
 
-    The first worker to fail stops the others (its exit code is returned). Ctrl-C or SIGTERM
-    stops every worker this call started, and returns 130. Workers run in sessions of their
-    own, so a terminal's Ctrl-C reaches this process alone and the shutdown is orderly.
+    The first worker to fail stops the others (its exit code is returned; 128+N for a worker
+    killed by signal N). Ctrl-C, SIGTERM or SIGHUP stops every worker this call started, and
+    returns 130. Workers run in sessions of their own, so a terminal's Ctrl-C reaches this process
+    alone and the shutdown is orderly; on Linux they are also killed if this process dies.
     """
     port = free_port()
-    workers = [
-        subprocess.Popen(list(command), env={**os.environ, **(env or {}), **worker_environment(rank, nprocs, port, threads=threads)},
-                         start_new_session=True)
-        for rank in range(nprocs)
-    ]
-    print(f"meshplan: started {nprocs} workers (pids {' '.join(str(w.pid) for w in workers)})", file=sys.stderr, flush=True)
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    workers: list[subprocess.Popen] = []
+    handlers = {number: signal.signal(number, _raise_keyboard_interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return _wait(workers)
+        for rank in range(nprocs):
+            worker_env = {**os.environ, **(env or {}), **worker_environment(rank, nprocs, port, threads=threads)}
+            workers.append(subprocess.Popen(list(command), env=worker_env, start_new_session=True,
+                                            preexec_fn=_die_with_parent))
+        print(f"meshplan: started {nprocs} workers (pids {' '.join(str(w.pid) for w in workers)})", file=sys.stderr,
+              flush=True)
+        code = _wait(workers)
+        return 128 - code if code < 0 else code
     except KeyboardInterrupt:
         print("meshplan: interrupted, stopping every worker", file=sys.stderr, flush=True)
-        _stop(workers)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # A second Ctrl-C must not cut the shutdown short and leave workers behind.
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
         _stop(workers)
+        signal.signal(signal.SIGINT, interrupt)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: ask Linux for SIGKILL when the launcher dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: Ctrl-C and SIGTERM still stop the workers
 
 
 def _wait(workers: list[subprocess.Popen]) -> int:

@@ -62,10 +62,35 @@ _OPTIONS = {
 }
 
 
-def _freeze_mapping(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+# ZeRO options that DeepSpeed reads, under the same name, from its zero_optimization section.
+ZERO_SECTION_OPTIONS = tuple(
+    name for name, option in _OPTIONS.items() if option.strategies == ("zero",) and name != "pin_memory"
+)
+
+
+def _freeze_mapping(mapping: Mapping[str, Any] | None, field: str) -> tuple[tuple[str, Any], ...] | None:
     if mapping is None:
         return None
+    for key in mapping:
+        if not isinstance(key, str):
+            raise PlanError(f"{field} key {key!r} must be a string.")
     return tuple(sorted(mapping.items()))
+
+
+def normalize_precision(precision: str | None) -> str | None:
+    """"no", "bf16" or "fp16" for an Accelerate or Lightning precision; None for other values.
+
+    The one table between the two vocabularies: Lightning's "32-true", "bf16-mixed", ... and the
+    "no", "bf16", "fp16" of Accelerate, the HF Trainer and DeepSpeed.
+    """
+    return _PRECISIONS.get(str(precision)) if precision is not None else None
+
+
+_PRECISIONS = {
+    "no": "no", "32": "no", "32-true": "no",
+    "bf16": "bf16", "bf16-mixed": "bf16", "bf16-true": "bf16",
+    "fp16": "fp16", "16": "fp16", "16-mixed": "fp16", "16-true": "fp16",
+}
 
 
 @dataclass(frozen=True)
@@ -104,7 +129,8 @@ class Plan:
                 f"tp_plan={tp_plan!r} is not a mapping; pass a dict of module pattern -> style, "
                 f'e.g. tp_plan={{"layers.*.self_attn.q_proj": "colwise"}}.'
             )
-        return cls(strategy, tp_plan=_freeze_mapping(tp_plan), options=_freeze_mapping(options or {}), **fields)
+        return cls(strategy, tp_plan=_freeze_mapping(tp_plan, "tp_plan"), options=_freeze_mapping(options or {}, "option"),
+                   **fields)
 
     def option(self, name: str, default: Any = None) -> Any:
         """The value of option ``name``, or ``default`` when it was not set."""
@@ -153,7 +179,7 @@ def _validate_zero(plan: Plan) -> None:
         if plan.zero_stage or plan.offload_optimizer or plan.offload_parameters:
             raise PlanError(f"zero_stage and offload apply only to the ZeRO strategy, not to strategy={plan.strategy!r}.")
         return
-    if isinstance(plan.zero_stage, bool) or plan.zero_stage not in ZERO_STAGES:
+    if type(plan.zero_stage) is not int or plan.zero_stage not in ZERO_STAGES:
         raise PlanError(f"stage={plan.zero_stage!r} is not a ZeRO stage; valid stages are 1, 2 and 3.")
     for name in ("offload_optimizer", "offload_parameters"):
         if not isinstance(getattr(plan, name), bool):

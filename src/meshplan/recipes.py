@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from meshplan.errors import PlanError
-from meshplan.plan import TRAINING_OPTIONS, Plan
+from meshplan.plan import Plan
 
 HEADER = "# meshplan: "
 # The catalogue ships inside the package; the repository's recipes/ points here.
@@ -49,6 +49,9 @@ class Recipe:
 def write_recipe(plan: Plan, path: str | os.PathLike, *, num_processes: int = 2, num_machines: int = 1,
                  description: str = "") -> Path:
     """Writes ``plan`` as an Accelerate config file at ``path`` and returns the path."""
+    if num_processes < 1 or num_machines < 1 or num_processes % num_machines:
+        raise PlanError(f"num_processes={num_processes} must be a positive multiple of num_machines={num_machines}.")
+    plan.check_world_size(num_processes, num_processes // num_machines)
     config = _accelerate_config(plan, num_processes, num_machines)
     extras = {name: value for name, value in plan.options if not _has_accelerate_key(plan, name)}
     if plan.tp_plan is not None:
@@ -81,8 +84,9 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
         raise PlanError(f"recipe {str(path)!r} is not an Accelerate config (a YAML mapping of keys).")
     extras = _header_extras(text, path)
     plan = plan_from_accelerate_config(config, extras, base_dir=path.parent)
-    return Recipe(plan, int(config.get("num_processes", 1) or 1), int(config.get("num_machines", 1) or 1),
-                  _description(text))
+    num_processes = _integer(config.get("num_processes", 1), "num_processes")
+    num_machines = _integer(config.get("num_machines", 1), "num_machines")
+    return Recipe(plan, num_processes if num_processes > 0 else 1, max(num_machines, 1), _description(text))
 
 
 def plan_from_accelerate_config(config: Mapping[str, Any], extras: Mapping[str, Any] | None = None,
@@ -90,7 +94,13 @@ def plan_from_accelerate_config(config: Mapping[str, Any], extras: Mapping[str, 
     """The Plan an Accelerate config describes; ``extras`` are meshplan's header options."""
     extras = dict(extras or {})
     distributed_type = str(config.get("distributed_type", "NO"))
-    tp_size = _tp_size(config.get("parallelism_config") or {})
+    parallelism = _mapping(config, "parallelism_config")
+    deepspeed = _mapping(config, "deepspeed_config")
+    if _mapping(config, "dynamo_config").get("dynamo_backend", "NO") not in ("NO", "no"):
+        raise PlanError("recipe key dynamo_config.dynamo_backend is not honoured: meshplan does not compile models.")
+    tp_size = _tp_size(parallelism)
+    # A TP size, even 1, asks for the TP layout (Accelerate exports it whenever parallelism is on).
+    tensor_parallel = any(key in parallelism for key in ("parallelism_config_tp_size", "tp_size")) or "tp_size" in extras
     _refuse_unsupported_sections(config)
     for key in config:
         if key not in _LAUNCH_KEYS and key not in ("distributed_type", "mixed_precision", "deepspeed_config",
@@ -107,13 +117,19 @@ def plan_from_accelerate_config(config: Mapping[str, Any], extras: Mapping[str, 
             f"recipe key distributed_type={distributed_type!r} is not a layout meshplan runs; valid values are "
             f"{', '.join(_LAYOUT_TYPES)} (with parallelism_config for tensor parallelism)."
         )
-    if tp_size > 1 or "tp_size" in extras:
+    if deepspeed and distributed_type != "DEEPSPEED":
+        raise PlanError(f"recipe keys distributed_type={distributed_type!r} and deepspeed_config contradict: "
+                        f"deepspeed_config only applies with distributed_type 'DEEPSPEED'.")
+    if "tp_plan" in extras and not tensor_parallel:
+        raise PlanError("recipe header option tp_plan contradicts the recipe's layout: it has no parallelism_config "
+                        "tp size.")
+    if tensor_parallel:
         if distributed_type == "DEEPSPEED":
             raise PlanError("recipe keys distributed_type='DEEPSPEED' and parallelism_config_tp_size contradict: "
                             "meshplan runs tensor parallelism with DTensor, not under DeepSpeed.")
         return Plan.build("tp", tp_size=extras.get("tp_size", tp_size), tp_plan=extras.get("tp_plan"), options=options)
     if distributed_type == "DEEPSPEED":
-        return _zero_plan(config.get("deepspeed_config") or {}, options, base_dir)
+        return _zero_plan(deepspeed, options, base_dir)
     return Plan.build("ddp", options=options)
 
 
@@ -235,12 +251,16 @@ def _zero_plan(section: Mapping[str, Any], options: dict[str, Any], base_dir: Pa
         if leftover:
             raise PlanError(f"recipe keys deepspeed_config.{leftover[0]} and deepspeed_config_file contradict: "
                             f"with a DeepSpeed config file, set {leftover[0]} in that file.")
+        file_options = dict(file_plan.options)
+        for name in set(file_options) & set(options):
+            if file_options[name] != options[name]:
+                raise PlanError(f"recipe key {name}={options[name]!r} contradicts {file_options[name]!r} in "
+                                f"deepspeed_config_file; set it in one place.")
         return Plan.build("zero", zero_stage=file_plan.zero_stage, offload_optimizer=file_plan.offload_optimizer,
-                          offload_parameters=file_plan.offload_parameters,
-                          options={**dict(file_plan.options), **options})
+                          offload_parameters=file_plan.offload_parameters, options={**file_options, **options})
     for key in section:
-        if key not in ("zero_stage", "offload_optimizer_device", "offload_param_device", *TRAINING_OPTIONS,
-                       *_DEEPSPEED_LAUNCH_KEYS):
+        if key not in ("zero_stage", "offload_optimizer_device", "offload_param_device", "gradient_accumulation_steps",
+                       "gradient_clipping", *_DEEPSPEED_LAUNCH_KEYS):
             raise PlanError(f"recipe key deepspeed_config.{key} is not one meshplan honours.")
     for name in ("gradient_accumulation_steps", "gradient_clipping"):
         if name in section and section[name] not in (None, "none", "auto"):
@@ -261,7 +281,10 @@ def plan_from_deepspeed_json(path: Path) -> Plan:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise PlanError(f"DeepSpeed config {str(path)!r} is not valid JSON: {error}") from None
-    zero = dict(config.pop("zero_optimization", {}))
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
+        raise PlanError(f"DeepSpeed config {str(path)!r} must be a JSON object with a zero_optimization object.")
+    # "auto" (the HF templates' placeholder) means: not set here.
+    zero = {key: value for key, value in config.pop("zero_optimization", {}).items() if value != "auto"}
     options: dict[str, Any] = {}
     for key in ("optimizer", "scheduler"):
         if key in config:
@@ -276,9 +299,10 @@ def plan_from_deepspeed_json(path: Path) -> Plan:
                          "gradient_clipping", "bf16", "fp16", "zero_allow_untested_optimizer",
                          "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown"):
             raise PlanError(f"DeepSpeed config key {key!r} in {str(path)!r} is not one meshplan honours.")
-    offload_optimizer = _offload((zero.pop("offload_optimizer", None) or {}).get("device"), "offload_optimizer.device")
+    offload_optimizer_section = zero.pop("offload_optimizer", None) or {}
     offload_param_section = zero.pop("offload_param", None) or {}
-    pin_memory = offload_param_section.get("pin_memory")
+    offload_optimizer = _offload(offload_optimizer_section.get("device"), "offload_optimizer.device")
+    pin_memory = offload_optimizer_section.get("pin_memory") or offload_param_section.get("pin_memory")
     stage = zero.pop("stage", 0)
     for key, value in zero.items():
         options[key] = value
@@ -291,7 +315,7 @@ def plan_from_deepspeed_json(path: Path) -> Plan:
 
 def _refuse_unsupported_sections(config: Mapping[str, Any]) -> None:
     for key in ("fsdp_config", "megatron_lm_config", "fp8_config"):
-        if config.get(key):
+        if _mapping(config, key):
             raise PlanError(f"recipe key {key!r} asks for a layout meshplan does not run; use DDP, ZeRO or TP.")
 
 
@@ -316,10 +340,19 @@ def _offload(device: Any, key: str) -> bool:
 
 
 def _integer(value: Any, key: str) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise PlanError(f"recipe key {key}={value!r} must be an integer.")
     try:
         return int(value)
     except (TypeError, ValueError):
         raise PlanError(f"recipe key {key}={value!r} must be an integer.") from None
+
+
+def _mapping(config: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise PlanError(f"recipe key {key} must be a mapping of keys, not {type(value).__name__}.")
+    return dict(value)
 
 
 def _number(value: Any, key: str) -> int | float:

@@ -78,7 +78,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300.
     processes = []
     for rank in range(nprocs):
         worker_env = {**worker_environment(rank, nprocs, port, nnodes=nnodes), **(env or {})}
-        process = context.Process(target=_worker, args=(fn, args, worker_env, results), daemon=True)
+        # Not daemonic: a worker may start processes of its own (DataLoader workers); the
+        # finally clause below kills every worker that outlives the call.
+        process = context.Process(target=_worker, args=(fn, args, worker_env, results))
         process.start()
         processes.append(process)
     try:

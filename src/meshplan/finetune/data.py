@@ -26,11 +26,17 @@ def load_splits(data: str | None) -> DatasetDict:
         splits = DatasetDict({"train": splits})
     if "train" not in splits:
         raise FinetuneError(f"data set {data!r} has no 'train' split (it has {', '.join(splits)}).")
-    held_out = next((name for name in ("test", "validation") if name in splits), None)
+    # GLUE-style test splits hide their labels (-1): such a split cannot measure accuracy.
+    held_out = next((name for name in ("test", "validation") if name in splits and not _labels_hidden(splits[name])), None)
     if held_out is None:
         split = splits["train"].train_test_split(test_size=0.2, seed=0)
         return DatasetDict({"train": split["train"], "test": split["test"]})
     return DatasetDict({"train": splits["train"], "test": splits[held_out]})
+
+
+def _labels_hidden(split: Dataset) -> bool:
+    label = next((name for name in LABEL_COLUMNS if name in split.column_names), None)
+    return label is not None and len(split) > 0 and all(value == -1 for value in split[label][:100])
 
 
 def _load(data: str) -> Dataset | DatasetDict:

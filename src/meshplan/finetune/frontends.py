@@ -154,7 +154,9 @@ def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     evaluate: Callable[[Any], float] = lambda model: accuracy(  # noqa: E731
         model, prepared.data["test"], dp_rank=rank, dp_size=world_size, batch_size=EVAL_BATCH, device=arguments.device)
-    before = evaluate(prepared.model)
+    # Under DeepSpeed the Trainer leaves the model where it is until training starts; the
+    # evaluation (and its all-reduce, on nccl for GPUs) runs on the training device.
+    before = evaluate(prepared.model.to(arguments.device))
     trainer.train()
     seconds = time.monotonic() - started["time"]
     after = evaluate(trainer.model)

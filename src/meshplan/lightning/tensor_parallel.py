@@ -18,12 +18,10 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from meshplan.errors import PlanError
 from meshplan.lightning.base import PlanStrategyMixin
 from meshplan.plan import Plan
-from meshplan.tp.plans import check_tp_size, find_pretrained_models, resolve_tp_plan
-from meshplan.tp.apply import apply_tp_plan, match_plan
-from meshplan.tp.sync import average_gradients, broadcast_parameters
+from meshplan.tp.shard import plan_models, shard_models
+from meshplan.tp.sync import average_gradients
 
 
 class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
@@ -57,34 +55,17 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
         # Everything that can be wrong with the layout is checked before the process group exists.
         world_size = self.num_nodes * self.num_processes
         self._validate_layout()
-        self._tp_plans = self._plan_models()
+        self._tp_plans = plan_models(self.lightning_module, self.tp_size, self.plan.tp_plan_dict)
         self._tensor_parallel_size = self.tp_size
         self._data_parallel_size = world_size // self.tp_size
         super().setup_environment()
-
-    def _plan_models(self) -> dict[str, dict[str, str]]:
-        models = find_pretrained_models(self.lightning_module)
-        if not models:
-            raise PlanError(
-                f"TensorParallel found no transformers.PreTrainedModel inside {type(self.lightning_module).__name__}; "
-                f"it shards Hugging Face models. Keep the model as an attribute of the LightningModule."
-            )
-        plans = {}
-        for name, model in models:
-            check_tp_size(model, self.tp_size)
-            plans[name] = match_plan(model, resolve_tp_plan(model, self.plan.tp_plan_dict))
-        return plans
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        tp_mesh = self.device_mesh["tensor_parallel"]
-        modules = dict(self.lightning_module.named_modules())
-        for name, plan in self._tp_plans.items():
-            apply_tp_plan(modules[name], plan, tp_mesh)
-        # Every data-parallel replica starts from the same weights, whatever each process built.
-        broadcast_parameters(self.lightning_module, self.device_mesh["data_parallel"])
+        shard_models(self.lightning_module, self._tp_plans, self.root_device, self.device_mesh["tensor_parallel"],
+                     self.device_mesh["data_parallel"])
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()

@@ -52,10 +52,11 @@ def resolve_tp_plan(model: PreTrainedModel, user_plan: dict[str, str] | None = N
         PlanError: the model has no plan and none can be inferred.
     """
     if user_plan is not None:
-        return {_relative_to_model(model, pattern): style for pattern, style in user_plan.items()}
+        plan = {_relative_to_model(model, pattern): style for pattern, style in user_plan.items()}
+        return _keep_tied_embeddings_whole(model, plan, refuse=True)
     own_plan = dict(getattr(model, "_tp_plan", None) or {})
     if own_plan:
-        return own_plan
+        return _keep_tied_embeddings_whole(model, own_plan, refuse=False)
     inferred = infer_tp_plan(model)
     if inferred is not None:
         return inferred
@@ -64,6 +65,29 @@ def resolve_tp_plan(model: PreTrainedModel, user_plan: dict[str, str] | None = N
         f"cannot infer one from its structure. Pass one, in the syntax of base_model_tp_plan, with patterns relative "
         f"to the base model: TensorParallel(tp_size=2, tp_plan={_EXAMPLE_PLAN}). Styles: colwise, rowwise."
     )
+
+
+def _keep_tied_embeddings_whole(model: PreTrainedModel, plan: dict[str, str], *, refuse: bool) -> dict[str, str]:
+    """Drops (or, for a user's plan, refuses) entries that would shard one of two tied embeddings.
+
+    Sharding gives each module a DTensor of its own, so the tie would silently break: the two
+    copies would train apart, and the output one be discarded when the model is loaded again.
+    """
+    tied = _tied_embedding_names(model)
+    hits = [pattern for pattern in plan if any(pattern_to_regex(pattern).match(name) for name in tied)]
+    if hits and refuse:
+        raise PlanError(
+            f"tp_plan entries {hits} would shard {' and '.join(tied)} of {type(model).__name__}, which share one "
+            f"weight (tie_word_embeddings=True); sharding breaks the tie. Leave both out of tp_plan."
+        )
+    return {pattern: style for pattern, style in plan.items() if pattern not in hits}
+
+
+def _tied_embedding_names(model: PreTrainedModel) -> list[str]:
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or getattr(outputs, "weight", None) is not getattr(inputs, "weight", None):
+        return []
+    return [name for name, module in model.named_modules() if module is inputs or module is outputs]
 
 
 def infer_tp_plan(model: PreTrainedModel) -> dict[str, str] | None:
