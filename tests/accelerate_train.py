@@ -21,8 +21,10 @@ import meshplan  # noqa: E402
 import parity  # noqa: E402
 
 
-def main(output: str, reference_path: str, strategy_or_recipe: object = None, model_name: str = "llama") -> None:
-    """Trains and writes the results; ``strategy_or_recipe`` goes to meshplan.accelerator()."""
+def main(output: str, reference_path: str, strategy_or_recipe: object = None, clip: float | None = None,
+         model_name: str = "llama") -> None:
+    """Trains and writes the results; ``strategy_or_recipe`` goes to meshplan.accelerator(), and
+    with ``clip`` the loop clips gradients with accelerator.clip_grad_norm_."""
     accelerator = meshplan.accelerator(strategy_or_recipe)
     data_parallel_size = accelerator.num_processes // getattr(accelerator, "tp_size", 1)
     model = parity.build_model(model_name)
@@ -33,6 +35,8 @@ def main(output: str, reference_path: str, strategy_or_recipe: object = None, mo
     for batch in loader:
         loss = model(**batch).loss
         accelerator.backward(loss)
+        if clip is not None:
+            accelerator.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(accelerator.reduce(loss.detach(), "mean").item())

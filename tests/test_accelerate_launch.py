@@ -48,9 +48,9 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
     return output
 
 
-def _assert_parity(output: Path, reference_paths: dict[str, str]) -> dict:
+def _assert_parity(output: Path, reference_paths: dict[str, str], reference: str = "llama") -> dict:
     result = json.loads(output.read_text())
-    reference_losses, _ = load_reference(reference_paths, "llama")
+    reference_losses, _ = load_reference(reference_paths, reference)
     assert len(result["losses"]) == parity.STEPS
     assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) < parity.LOSS_TOLERANCE
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE
@@ -86,19 +86,22 @@ def test_two_node_recipe_as_two_launches_matches_one_process(recipe: str, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "strategy_or_recipe",
+    ("strategy_or_recipe", "clip"),
     [
-        str(CATALOGUE_DIR / "zero3-offload.yaml"),
+        (str(CATALOGUE_DIR / "zero3-offload.yaml"), None),
         # A user plan, in base_model_tp_plan syntax, that leaves the MLP whole.
-        meshplan.TensorParallel(tp_size=2, tp_plan={f"layers.*.self_attn.{name}": style for name, style in (
-            ("q_proj", "colwise"), ("k_proj", "colwise"), ("v_proj", "colwise"), ("o_proj", "rowwise"))}),
+        (meshplan.TensorParallel(tp_size=2, tp_plan={f"layers.*.self_attn.{name}": style for name, style in (
+            ("q_proj", "colwise"), ("k_proj", "colwise"), ("v_proj", "colwise"), ("o_proj", "rowwise"))}), None),
+        # accelerator.clip_grad_norm_ over sharded and replicated parameters together.
+        (meshplan.TensorParallel(tp_size=2), parity.CLIP),
     ],
-    ids=["recipe-path", "strategy-with-user-tp-plan"],
+    ids=["recipe-path", "strategy-with-user-tp-plan", "tp-with-clipping"],
 )
-def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, tmp_path: Path,
+def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, clip, tmp_path: Path,
                                                         reference_paths: dict[str, str], deepspeed_ops: None) -> None:
     # Workers started by another launcher (meshplan.testing, like torchrun) rather than accelerate launch.
     output = tmp_path / "result.json"
-    spawn(accelerate_train.main, 2, str(output), reference_paths["llama"], strategy_or_recipe, timeout=300)
-    result = _assert_parity(output, reference_paths)
+    reference = parity.reference_key("llama", clip)
+    spawn(accelerate_train.main, 2, str(output), reference_paths[reference], strategy_or_recipe, clip, timeout=300)
+    result = _assert_parity(output, reference_paths, reference)
     assert result["num_processes"] == 2
