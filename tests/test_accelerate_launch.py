@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
 import accelerate_train
 import meshplan
@@ -54,7 +56,10 @@ def _assert_parity(output: Path, reference_paths: dict[str, str], reference: str
     assert len(result["losses"]) == parity.STEPS
     assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) < parity.LOSS_TOLERANCE
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE
-    assert result["restore_error"] == 0.0  # save_state, a step, load_state: the saved weights are back
+    # save_state after step 2, load_state at the end: steps 3 and 4 again, exactly as the first time.
+    resumed = accelerate_train.RESUME_AFTER
+    assert result["resumed_losses"] == result["losses"][resumed:]
+    assert result["resume_weight_error"] == 0.0
     return result
 
 
@@ -105,3 +110,24 @@ def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, clip,
     spawn(accelerate_train.main, 2, str(output), reference_paths[reference], strategy_or_recipe, clip, timeout=300)
     result = _assert_parity(output, reference_paths, reference)
     assert result["num_processes"] == 2
+
+
+def test_saved_state_resumes_under_another_layout_and_exports(tmp_path: Path, reference_paths: dict[str, str],
+                                                              deepspeed_ops: None) -> None:
+    # ZeRO-3 writes the state; fresh TP processes load_state it after step 2 and go on with the
+    # reference. The final ZeRO-3 state exports to the model those processes trained.
+    zero3, tp = tmp_path / "zero3", tmp_path / "tp"
+    zero3.mkdir()
+    tp.mkdir()
+    spawn(accelerate_train.main, 2, str(zero3 / "result.json"), reference_paths["llama"],
+          str(CATALOGUE_DIR / "zero3.yaml"), timeout=300)
+    spawn(accelerate_train.main, 2, str(tp / "result.json"), reference_paths["llama"], meshplan.TensorParallel(tp_size=2),
+          None, "llama", str(zero3 / "state-step2"), timeout=300)
+    resumed = json.loads((tp / "result.json").read_text())
+    reference_losses, _ = load_reference(reference_paths, "llama")
+    assert len(resumed["losses"]) == parity.STEPS - accelerate_train.RESUME_AFTER
+    assert max(abs(a - b) for a, b in zip(resumed["losses"], reference_losses[accelerate_train.RESUME_AFTER:])) < parity.LOSS_TOLERANCE
+    assert resumed["weight_error"] < parity.WEIGHT_TOLERANCE
+    exported = LlamaForCausalLM.from_pretrained(meshplan.export(zero3 / "state-final", tmp_path / "model"))
+    trained = torch.load(zero3 / "weights.pt", weights_only=True)  # after the in-run resume: the same steps again
+    assert all(torch.equal(parameter.detach(), trained[name]) for name, parameter in exported.named_parameters())

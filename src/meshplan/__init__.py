@@ -8,6 +8,9 @@ Public names::
     meshplan.PlanError
     meshplan.from_recipe(path)                 # an Accelerate config file -> strategy
     meshplan.accelerator(strategy_or_recipe)   # -> accelerate.Accelerator
+    meshplan.export(checkpoint, out_dir)       # any meshplan checkpoint -> a Hugging Face model directory
+    meshplan.latest_checkpoint(folder)         # the newest complete checkpoint, to resume after a crash
+    meshplan.CheckpointError
     strategy.to_recipe(path), strategy.training_arguments()
 
 Importing meshplan registers the strategies in Lightning's registry as meshplan_ddp,
@@ -16,6 +19,7 @@ meshplan_zero1, meshplan_zero2, meshplan_zero3, meshplan_zero3_offload and meshp
 
 from meshplan import testing
 from meshplan.accelerate import accelerator
+from meshplan.checkpoint import CheckpointError, export, latest_checkpoint
 from meshplan.errors import PlanError
 from meshplan.lightning import DDP, TensorParallel, ZeRO, from_plan, register_strategies
 from meshplan.plan import Plan
@@ -27,7 +31,10 @@ def from_recipe(path: str) -> DDP | ZeRO | TensorParallel:
     return from_plan(read_recipe(path).plan)
 
 
-__all__ = ["DDP", "Plan", "PlanError", "TensorParallel", "ZeRO", "accelerator", "from_recipe", "testing"]
+__all__ = [
+    "DDP", "CheckpointError", "Plan", "PlanError", "TensorParallel", "ZeRO", "accelerator", "export", "from_recipe",
+    "latest_checkpoint", "testing",
+]
 __version__ = "0.1.0"
 
 register_strategies()

@@ -20,20 +20,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
+from meshplan.checkpoint.accelerate_state import CheckpointingAccelerator
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
 from meshplan.plan import Plan
@@ -73,7 +67,7 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
             return TensorParallelAccelerator(plan, cpu=on_cpu, **kwargs)
     if plan.engine_options:
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), DistributedDataParallelKwargs(**plan.engine_options)]
-    return Accelerator(cpu=on_cpu, **kwargs)
+    return CheckpointingAccelerator(plan, cpu=on_cpu, **kwargs)
 
 
 def resolve_plan(strategy_or_recipe: Any) -> Plan:
@@ -116,7 +110,7 @@ def _deepspeed_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> 
     # The launcher lists the recipe's deepspeed_config keys here; Accelerate would then refuse a
     # plugin built from a dict. The config rendered from the Plan already holds them.
     with _environment_without("ACCELERATE_CONFIG_DS_FIELDS"):
-        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **kwargs)
+        return CheckpointingAccelerator(plan, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **kwargs)
 
 
 @contextlib.contextmanager
@@ -128,7 +122,7 @@ def _environment_without(*names: str) -> Iterator[None]:
         os.environ.update(saved)
 
 
-class TensorParallelAccelerator(Accelerator):
+class TensorParallelAccelerator(CheckpointingAccelerator):
     """An Accelerator whose ``prepare`` shards Hugging Face models with meshplan's TP plan.
 
     The processes form a (data parallel x tensor parallel) mesh; the data loader is sharded over
@@ -137,8 +131,7 @@ class TensorParallelAccelerator(Accelerator):
     """
 
     def __init__(self, plan: Plan, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.plan = plan
+        super().__init__(plan, **kwargs)
         self.tp_size = plan.resolved_tp_size(int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes)))
         plan.check_world_size(self.num_processes, self.tp_size)
         # Accelerate's data loaders read these dimension names to shard by data-parallel rank.
@@ -197,60 +190,11 @@ class TensorParallelAccelerator(Accelerator):
             for module in self._tp_modules:
                 average_gradients(module, self.state.device_mesh["dp_replicate"])
 
-    def save_state(self, output_dir: str | None = None, **kwargs: Any) -> str:
-        """Accelerate's save_state, with the models and optimizers saved sharded by torch.distributed.checkpoint.
-
-        Accelerate would write them from the main process with safetensors, which cannot hold the
-        other ranks' DTensor shards; everything else (RNG, schedulers, samplers) is Accelerate's.
-        """
-        with self._models_and_optimizers_hidden() as (models, optimizers):
-            location = super().save_state(output_dir, **kwargs)
-        dcp.save(_sharded_state(models, optimizers), checkpoint_id=os.path.join(location, _SHARDED_FOLDER))
-        return location
-
-    def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
-        """Accelerate's load_state, with the models and optimizers loaded by torch.distributed.checkpoint."""
-        with self._models_and_optimizers_hidden() as (models, optimizers):
-            super().load_state(input_dir, **kwargs)
-        location = input_dir or _latest_checkpoint(self.project_dir)
-        state = _sharded_state(models, optimizers)
-        dcp.load(state, checkpoint_id=os.path.join(location, _SHARDED_FOLDER))
-        for index, model in enumerate(models):
-            set_model_state_dict(model, state[f"model_{index}"])
-        for index, optimizer in enumerate(optimizers):
-            set_optimizer_state_dict(models[index], optimizer.optimizer, state[f"optimizer_{index}"])
-
-    @contextlib.contextmanager
-    def _models_and_optimizers_hidden(self) -> Iterator[tuple[list[nn.Module], list[Any]]]:
-        models, optimizers = self._models, self._optimizers
-        self._models, self._optimizers = [], []
-        try:
-            yield models, optimizers
-        finally:
-            self._models, self._optimizers = models, optimizers
-
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
         """Clips over sharded and replicated parameters together."""
         with implicit_replication():
             norm = super().clip_grad_norm_(parameters, max_norm, norm_type)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-
-_SHARDED_FOLDER = "meshplan_sharded"
-
-
-def _sharded_state(models: list[nn.Module], optimizers: list[Any]) -> dict[str, Any]:
-    """Model i and optimizer i (paired as Accelerate pairs them), as DTensor-aware state dicts."""
-    state: dict[str, Any] = {f"model_{index}": get_model_state_dict(model) for index, model in enumerate(models)}
-    for index, optimizer in enumerate(optimizers):
-        state[f"optimizer_{index}"] = get_optimizer_state_dict(models[index], optimizer.optimizer)
-    return state
-
-
-def _latest_checkpoint(project_dir: str) -> str:
-    """The folder Accelerate's load_state() picks with automatic checkpoint naming."""
-    folder = os.path.join(project_dir, "checkpoints")
-    return max((os.path.join(folder, name) for name in os.listdir(folder)), key=lambda path: int(path.rsplit("_", 1)[-1]))
 
 
 def _is_sharded(module: nn.Module) -> bool:

@@ -72,6 +72,18 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from meshplan.checkpoint import CheckpointError, export
+
+    try:
+        out = export(args.checkpoint, args.out_dir, model=args.model, max_shard_size=args.max_shard_size)
+    except CheckpointError as error:
+        print(f"meshplan export: {error}", file=sys.stderr)
+        return 2
+    print(f"meshplan export: wrote {out} (load it with from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``meshplan`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="meshplan", description="One parallel layout for Lightning, Accelerate and the HF Trainer.")
@@ -89,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
     finetune.add_argument("--output", default="meshplan-output", help="output directory (default ./meshplan-output)")
     finetune.set_defaults(run=_finetune)
+    export = commands.add_parser("export", help="turn a meshplan checkpoint into a Hugging Face model directory")
+    export.add_argument("checkpoint", help="a checkpoint directory written by any meshplan strategy (Lightning or Accelerate)")
+    export.add_argument("out_dir", help="the model directory to create (must not exist, or be empty)")
+    export.add_argument("--model", help="the model's prefix, when the checkpoint holds several Hugging Face models")
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB (default 5GB)")
+    export.set_defaults(run=_export)
     return parser
 
 

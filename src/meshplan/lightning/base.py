@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,82 @@ class PlanStrategyMixin:
 
         return training_arguments(self.plan)
 
+    # Checkpoints: one directory of whole tensors that every meshplan layout can resume from
+    # (meshplan.checkpoint.lightning_state). Lightning's own dump of the weights and optimizer
+    # states is skipped: the tensors are gathered one at a time while saving instead.
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Checkpoints load into the set-up (sharded) model and optimizers."""
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        """The optimizers are restored with the weights, in ``load_checkpoint``."""
+        return False
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Empty: ``save_checkpoint`` gathers the weights itself, one tensor at a time."""
+        return {}
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Empty: ``save_checkpoint`` gathers the optimizer state itself, one tensor at a time."""
+        return {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Writes a layout-independent checkpoint directory at ``filepath``, published once complete. Collective."""
+        from meshplan.checkpoint.lightning_state import save_lightning_checkpoint
+
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
+        save_lightning_checkpoint(self, checkpoint, filepath)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads a meshplan checkpoint written under any layout into this one; returns Lightning's state."""
+        from meshplan.checkpoint.lightning_state import load_lightning_checkpoint
+
+        return load_lightning_checkpoint(self, checkpoint_path)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Nothing to do: ``load_checkpoint`` has loaded the weights."""
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        """Nothing to do: ``load_checkpoint`` has loaded the optimizer state."""
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Deletes a checkpoint directory (rank 0), as ModelCheckpoint asks for old ones."""
+        import shutil
+
+        if self.is_global_zero:
+            path = Path(filepath)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
     def _validate_layout(self) -> None:
         """Checks the layout against the world size and the Trainer before any process group exists."""
         self.plan.check_world_size(self.num_nodes * self.num_processes, self.num_processes)
+        warn_if_restarts_share_the_rendezvous_store()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None:
             _check_training_settings(self.plan, trainer)
+
+
+def warn_if_restarts_share_the_rendezvous_store() -> None:
+    """Warns when torchrun will restart workers that share its rendezvous store (pytorch/pytorch#135712).
+
+    Restarted workers can then read the dead attempt's addresses from the store and hang while
+    creating the process group; torchrun needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
+        warnings.warn(
+            f"torchrun --max-restarts {restarts} shares its rendezvous store with the workers: a restarted job can "
+            f"read the failed attempt's addresses and hang while it starts (pytorch/pytorch#135712). Launch torchrun "
+            f"with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.",
+            stacklevel=2,
+        )
 
 
 # The Lightning Trainer argument that holds each training setting a recipe may fix.

@@ -1,0 +1,131 @@
+"""Accelerate's ``save_state``/``load_state`` in meshplan's layout-independent format.
+
+``meshplan.accelerator()`` returns a CheckpointingAccelerator (or its tensor-parallel subclass):
+``save_state`` writes models and optimizers as whole tensors, schedulers, registered objects and
+the step counter as plain data, and each process's random number generator states; any layout
+can ``load_state`` it. Automatic checkpoint naming (``ProjectConfiguration``) works as in
+Accelerate: ``checkpoints/checkpoint_<i>`` in the project directory, ``total_limit`` honoured,
+``load_state()`` with no folder takes the latest complete one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy
+import torch
+from accelerate import Accelerator
+
+from meshplan.checkpoint.engines import deepspeed_counters, restore_deepspeed_counters
+from meshplan.checkpoint.sharded import load_training_state, save_training_state
+from meshplan.checkpoint.store import CheckpointError, is_complete, latest_checkpoint, plain_data
+from meshplan.plan import Plan
+
+
+class CheckpointingAccelerator(Accelerator):
+    """An Accelerator for a meshplan Plan whose checkpoints any other layout can resume from."""
+
+    def __init__(self, plan: Plan, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plan = plan
+
+    def save_state(self, output_dir: str | None = None, safe_serialization: bool = True, **kwargs: Any) -> str:
+        """Saves models, optimizers, schedulers, registered objects and RNG states to ``output_dir``
+        (or the next automatically named folder); it appears there only once complete. Collective."""
+        location = self._save_location(output_dir)
+        engine = self._deepspeed_engine()
+        state = {
+            "step": self.step,
+            "schedulers": [scheduler.state_dict() for scheduler in self._schedulers],
+            "custom_objects": [obj.state_dict() for obj in self._custom_objects],
+            "deepspeed_counters": deepspeed_counters(engine) if engine is not None else None,
+        }
+        save_training_state(location, self._named_models(), self._named_optimizers(), plain_data(state),
+                            rank_state=_random_states(),
+                            manifest={"front_end": "accelerate", "layout": repr(self.plan), "step": self.step})
+        if self.project_configuration.automatic_checkpoint_naming:
+            self.project_configuration.iteration += 1
+        return str(location)
+
+    def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
+        """Loads a checkpoint saved under any meshplan layout (the latest one when automatically named). Collective."""
+        location = input_dir or self._latest_saved()
+        reader = load_training_state(location, self._named_models(), self._named_optimizers())
+        state = reader.state()
+        if len(state["schedulers"]) != len(self._schedulers) or len(state["custom_objects"]) != len(self._custom_objects):
+            raise CheckpointError(
+                f"checkpoint {location} holds {len(state['schedulers'])} schedulers and {len(state['custom_objects'])} "
+                f"registered objects; this script prepared {len(self._schedulers)} and registered {len(self._custom_objects)}."
+            )
+        for scheduler, saved in zip(self._schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        for obj, saved in zip(self._custom_objects, state["custom_objects"]):
+            obj.load_state_dict(saved)
+        self.step = state["step"]
+        engine = self._deepspeed_engine()
+        if engine is not None:
+            restore_deepspeed_counters(engine, state["deepspeed_counters"], self.step)
+        random_states = reader.rank_state(self.process_index)
+        if random_states is not None:  # a checkpoint from fewer processes has none for this one
+            _set_random_states(random_states)
+
+    def _named_models(self) -> dict[str, Any]:
+        return {f"model_{index}": self.unwrap_model(model) for index, model in enumerate(self._models)}
+
+    def _named_optimizers(self) -> dict[str, Any]:
+        return {f"optimizer_{index}": optimizer for index, optimizer in enumerate(self._optimizers)}
+
+    def _deepspeed_engine(self) -> Any:
+        wrapped = getattr(self, "deepspeed_engine_wrapped", None)
+        return wrapped.engine if wrapped is not None else None
+
+    def _save_location(self, output_dir: str | None) -> Path:
+        if not self.project_configuration.automatic_checkpoint_naming:
+            if output_dir is None:
+                raise CheckpointError("save_state() needs an output_dir unless ProjectConfiguration(automatic_checkpoint_naming=True).")
+            return Path(output_dir)
+        folder = Path(self.project_dir) / "checkpoints"
+        limit = self.project_configuration.total_limit
+        if self.is_main_process and limit is not None:
+            saved = sorted((path for path in folder.glob("checkpoint_*") if is_complete(path)), key=_iteration)
+            for old in saved[: max(0, len(saved) + 1 - limit)]:
+                shutil.rmtree(old)
+        return folder / f"checkpoint_{self.save_iteration}"
+
+    def _latest_saved(self) -> str:
+        if not self.project_configuration.automatic_checkpoint_naming:
+            raise CheckpointError("load_state() needs an input_dir unless ProjectConfiguration(automatic_checkpoint_naming=True).")
+        latest = latest_checkpoint(Path(self.project_dir) / "checkpoints")
+        if latest is None:
+            raise CheckpointError(f"no complete checkpoint in {Path(self.project_dir) / 'checkpoints'}.")
+        return latest
+
+
+def _iteration(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[-1])
+
+
+def _random_states() -> dict[str, Any]:
+    """This process's random number generators, as plain data and tensors."""
+    kind, keys, position, has_gauss, gauss = numpy.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_random_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    numpy.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

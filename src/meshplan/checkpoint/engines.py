@@ -1,0 +1,279 @@
+"""Whole tensors out of, and back into, every engine's layout: plain (DDP), ZeRO 1/2/3, DTensor (TP).
+
+Saving gathers one whole tensor at a time (a collective for ZeRO and DTensor: every rank takes
+part, in the same order). Loading takes from each whole tensor only the part this rank keeps,
+with no collective at all: DTensor shards are read as slices, ZeRO partitions are cut out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+
+@dataclass
+class Entry:
+    """One tensor of a checkpoint: its name, its whole shape and dtype, and how to gather it."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+    collective: bool  # every rank must call ``read``, in the same order
+
+
+# ---------------------------------------------------------------- engines' own objects
+
+
+def is_zero3(tensor: torch.Tensor) -> bool:
+    """A parameter partitioned by ZeRO stage 3."""
+    return hasattr(tensor, "ds_id")
+
+
+def is_zero12(tensor: torch.Tensor) -> bool:
+    """A parameter whose fp32 master copy ZeRO stage 1 or 2 partitions."""
+    return hasattr(tensor, "_hp_mapping")
+
+
+def zero_optimizer_classes() -> tuple[type, ...]:
+    """DeepSpeed's ZeRO optimizers (stage 1/2 and stage 3), or () without DeepSpeed."""
+    try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:
+        return ()
+    return (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)
+
+
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The optimizer that holds the state, through Lightning's, Accelerate's and DeepSpeed's wrappers.
+
+    A ZeRO optimizer is where this stops: the torch optimizer inside it only sees flat partitions.
+    """
+    while not is_zero_optimizer(optimizer):
+        inner = getattr(optimizer, "_optimizer", None)  # LightningOptimizer
+        if inner is None and type(optimizer).__module__.startswith(("accelerate.", "deepspeed.")):
+            inner = getattr(optimizer, "optimizer", None)  # AcceleratedOptimizer, DeepSpeedOptimizerWrapper
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def is_zero_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is one of DeepSpeed's ZeRO optimizers."""
+    zero = zero_optimizer_classes()
+    return bool(zero) and isinstance(optimizer, zero)
+
+
+# ---------------------------------------------------------------- model tensors
+
+
+def model_entries(prefix: str, module: nn.Module) -> tuple[list[Entry], dict[str, str], dict[int, str]]:
+    """The entries of ``module``'s state dict under ``prefix``, the aliases of tied tensors
+    (alias key -> stored key), and the stored key of each tensor by ``id``."""
+    entries: list[Entry] = []
+    aliases: dict[str, str] = {}
+    keys: dict[int, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        key = f"{prefix}/{name}"
+        if id(tensor) in keys:
+            aliases[key] = keys[id(tensor)]
+            continue
+        keys[id(tensor)] = key
+        entries.append(_model_entry(key, tensor))
+    return entries, aliases, keys
+
+
+def _model_entry(key: str, tensor: torch.Tensor) -> Entry:
+    from_zero_master = tensor.requires_grad and (is_zero12(tensor) or (is_zero3(tensor) and hasattr(tensor, "_z3_optimizer")))
+    if from_zero_master:  # the fp32 master copy: what training continues from
+        import deepspeed
+
+        shape = tuple(tensor.ds_shape) if is_zero3(tensor) else tuple(tensor.shape)
+        return Entry(key, shape, torch.float32, lambda: deepspeed.utils.safe_get_full_fp32_param(tensor), True)
+    if is_zero3(tensor):
+        return Entry(key, tuple(tensor.ds_shape), tensor.dtype, lambda: _gathered(tensor), True)
+    if isinstance(tensor, DTensor):
+        return Entry(key, tuple(tensor.shape), tensor.dtype, lambda: tensor.full_tensor(), True)
+    return Entry(key, tuple(tensor.shape), tensor.dtype, lambda: tensor.detach(), False)
+
+
+def _gathered(parameter: torch.Tensor) -> torch.Tensor:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([parameter]):
+        return parameter.data.detach().cpu().clone()
+
+
+def load_model_tensor(tensor: torch.Tensor, reader: Any, key: str) -> None:
+    """Puts the stored tensor ``key`` into ``tensor``, keeping only this rank's part of it."""
+    with torch.no_grad():
+        if isinstance(tensor, DTensor):
+            tensor.to_local().copy_(local_slice(reader, key, tensor))
+            return
+        full = reader.tensor(key)
+        if is_zero3(tensor):
+            _copy_zero3_partition(tensor, full)
+        else:
+            tensor.data.copy_(full.to(tensor.dtype))
+        if tensor.requires_grad and (is_zero12(tensor) or hasattr(tensor, "_z3_optimizer")):
+            import deepspeed
+
+            deepspeed.utils.safe_set_full_fp32_param(tensor, full.float().to(_master_device(tensor)))
+
+
+def _master_device(tensor: torch.Tensor) -> torch.device:
+    return tensor.ds_tensor.device if is_zero3(tensor) else tensor.device
+
+
+def _copy_zero3_partition(parameter: torch.Tensor, full: torch.Tensor) -> None:
+    """This rank's partition of a ZeRO-3 parameter, as DeepSpeed cuts it (the last one zero-padded)."""
+    import torch.distributed as dist
+
+    partition = parameter.ds_tensor
+    size = partition.ds_numel
+    start = dist.get_rank(group=parameter.ds_process_group) * size
+    flat = full.reshape(-1).to(partition.dtype)
+    count = max(0, min(size, flat.numel() - start))
+    local = partition.data.view(-1)
+    local.zero_()
+    local[:count].copy_(flat[start:start + count])
+
+
+def local_slice(reader: Any, key: str, tensor: DTensor) -> torch.Tensor:
+    """The part of stored tensor ``key`` that this rank holds of ``tensor``'s layout."""
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return reader.slice(key, tuple(slice(start, start + size) for start, size in zip(offset, shape)))
+
+
+# ---------------------------------------------------------------- optimizer state
+
+
+def optimizer_entries(prefix: str, optimizer: Any, keys: dict[int, str]) -> list[Entry]:
+    """Entries ``{prefix}/{parameter key}/{state name}`` for every parameter's optimizer state."""
+    if is_zero_optimizer(optimizer):
+        return _zero_optimizer_entries(prefix, optimizer, keys)
+    entries = []
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for name, value in sorted(optimizer.state.get(parameter, {}).items()):
+                value = value if torch.is_tensor(value) else torch.tensor(value)
+                key = f"{prefix}/{keys[id(parameter)]}/{name}"
+                if isinstance(value, DTensor):
+                    entries.append(Entry(key, tuple(value.shape), value.dtype, value.full_tensor, True))
+                else:
+                    entries.append(Entry(key, tuple(value.shape), value.dtype, value.detach, False))
+    return entries
+
+
+def zero_lp_groups(optimizer: Any) -> list[list[nn.Parameter]]:
+    """The model parameters of each ZeRO parameter group."""
+    return optimizer.fp16_groups if hasattr(optimizer, "fp16_partitioned_groups_flat") else optimizer.bit16_groups
+
+
+def zero_flat_partitions(optimizer: Any) -> list[torch.Tensor]:
+    """The flat fp32 partitions the wrapped torch optimizer steps (and keys its state by), per group."""
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return optimizer.fp32_partitioned_groups_flat
+    return optimizer.single_partition_of_fp32_groups
+
+
+def _zero_optimizer_entries(prefix: str, optimizer: Any, keys: dict[int, str]) -> list[Entry]:
+    import deepspeed
+
+    entries = []
+    for parameters, flat in zip(zero_lp_groups(optimizer), zero_flat_partitions(optimizer)):
+        state = optimizer.optimizer.state.get(flat, {})
+        for parameter in parameters:
+            shape = tuple(parameter.ds_shape) if is_zero3(parameter) else tuple(parameter.shape)
+            for name, value in sorted(state.items()):
+                key = f"{prefix}/{keys[id(parameter)]}/{name}"
+                if torch.is_tensor(value) and value.dim() > 0:  # partitioned like the parameter
+                    read = (lambda parameter=parameter, name=name: deepspeed.utils.safe_get_full_optimizer_state(parameter, name))
+                    entries.append(Entry(key, shape, value.dtype, read, True))
+                else:  # a per-group scalar such as Adam's step
+                    scalar = value.detach() if torch.is_tensor(value) else torch.tensor(value)
+                    entries.append(Entry(key, tuple(scalar.shape), scalar.dtype, lambda scalar=scalar: scalar, False))
+    return entries
+
+
+def load_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str, reader: Any) -> None:
+    """Sets every parameter's optimizer state from the stored tensors ``{prefix}/{key}/{name}``."""
+    if is_zero_optimizer(optimizer):
+        _load_zero_optimizer_state(optimizer, keys, prefix, reader)
+        return
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            stored = reader.names_under(f"{prefix}/{keys[id(parameter)]}/")
+            if not stored:
+                continue
+            state = {}
+            for name, key in stored.items():
+                state[name] = _state_like(parameter, reader, key)
+            optimizer.state[parameter] = state
+
+
+def _state_like(parameter: torch.Tensor, reader: Any, key: str) -> torch.Tensor:
+    """A stored state tensor laid out like ``parameter`` when it has its shape, else whole."""
+    if reader.shape(key) == tuple(parameter.shape) and len(parameter.shape) > 0:
+        if isinstance(parameter, DTensor):
+            local = local_slice(reader, key, parameter).to(parameter.to_local().device)
+            return DTensor.from_local(local, parameter.device_mesh, parameter.placements, run_check=False,
+                                      shape=parameter.shape, stride=parameter.stride())
+        return reader.tensor(key).to(parameter.device)
+    return reader.tensor(key)  # scalars (Adam's step) stay where torch keeps them: on the CPU
+
+
+def _load_zero_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str, reader: Any) -> None:
+    import deepspeed
+
+    base = optimizer.optimizer
+    created = False
+    for parameters, flat in zip(zero_lp_groups(optimizer), zero_flat_partitions(optimizer)):
+        stored = {parameter: reader.names_under(f"{prefix}/{keys[id(parameter)]}/") for parameter in parameters}
+        names = next((names for names in stored.values() if names), None)
+        if names is None:
+            continue
+        state = base.state.setdefault(flat, {})
+        for name, key in names.items():
+            if len(reader.shape(key)) > 0:
+                if name not in state:
+                    state[name] = torch.zeros_like(flat)
+                    created = True
+            else:
+                state[name] = reader.tensor(key)
+    if created and hasattr(optimizer, "_hp_optimizer_states_linked"):
+        # ZeRO 1/2 points each parameter at its fragment of the flat state after the first step;
+        # the state made here must be linked the same way.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    for parameters in zero_lp_groups(optimizer):
+        for parameter in parameters:
+            for name, key in reader.names_under(f"{prefix}/{keys[id(parameter)]}/").items():
+                if len(reader.shape(key)) > 0:
+                    full = reader.tensor(key).float().to(_master_device(parameter))
+                    deepspeed.utils.safe_set_full_optimizer_state(parameter, full, name)
+
+
+# ---------------------------------------------------------------- DeepSpeed's own counters
+
+_DEEPSPEED_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def deepspeed_counters(engine: Any) -> dict[str, int]:
+    """The step counters of a DeepSpeed engine, saved with the checkpoint."""
+    return {name: int(getattr(engine, name)) for name in _DEEPSPEED_COUNTERS}
+
+
+def restore_deepspeed_counters(engine: Any, saved: dict[str, int] | None, steps: int) -> None:
+    """Sets the engine's counters: the saved ones, or (a checkpoint of another layout) those of ``steps`` steps."""
+    counters = saved or {"global_steps": steps, "global_samples": steps * engine.train_batch_size(),
+                         "micro_steps": steps * engine.gradient_accumulation_steps(), "skipped_steps": 0}
+    for name, value in counters.items():
+        setattr(engine, name, value)

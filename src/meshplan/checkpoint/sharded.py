@@ -1,0 +1,292 @@
+"""Saving and loading a training state (models, optimizers, the front end's own state) in any layout.
+
+``save_training_state`` and ``load_training_state`` are collective: every rank calls them. They
+are what the Lightning strategies and ``meshplan.accelerator()`` call; the format is in store.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import nn
+
+from meshplan.checkpoint.engines import (
+    Entry,
+    innermost_optimizer,
+    load_model_tensor,
+    load_optimizer_state,
+    model_entries,
+    optimizer_entries,
+)
+from meshplan.checkpoint.store import (
+    CheckpointError,
+    TensorFileWriter,
+    load_safe_object,
+    prepare_partial,
+    publish,
+    read_manifest,
+    save_safe_object,
+    tensor_bytes,
+)
+
+STATE_FILE = "state.pt"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_training_state(path: str | os.PathLike, models: dict[str, nn.Module], optimizers: dict[str, Any],
+                        state: dict[str, Any], rank_state: dict[str, Any] | None = None,
+                        manifest: dict[str, Any] | None = None) -> Path:
+    """Writes a checkpoint at ``path`` (a directory) and publishes it once complete. Collective.
+
+    Args:
+        models: the models by name (unwrapped: no DDP or DeepSpeed engine around them).
+        optimizers: the optimizers by name; their parameters must belong to ``models``.
+        state: the front end's own state, as plain data (written by rank 0).
+        rank_state: this process's own state (random number generators), if any.
+        manifest: extra manifest fields (front end, layout, step).
+    """
+    final = Path(path).absolute()
+    rank, world = _rank_and_world()
+    if rank == 0:
+        prepare_partial(final)
+    _barrier()
+    partial = final.parent / f".{final.name}.partial"
+    entries, aliases, keys = _all_model_entries(models)
+    for name, optimizer in optimizers.items():
+        entries += optimizer_entries(name, innermost_optimizer(optimizer), keys)
+    owners = _balanced_owners(entries, world)
+    tensor_file = f"tensors-{rank:05d}-of-{world:05d}.safetensors"
+    writer = TensorFileWriter(partial / tensor_file, [(e.key, e.shape, e.dtype) for e, o in zip(entries, owners) if o == rank])
+    for entry, owner in zip(entries, owners):
+        if entry.collective or owner == rank:
+            value = entry.read()  # every rank takes part in a gather, in the same order
+            if owner == rank:
+                writer.write(entry.key, value.to(entry.dtype))
+    writer.close()
+    if rank_state is not None:
+        save_safe_object(rank_state, partial / f"rank-{rank:05d}.pt", "the per-process state")
+    if rank == 0:
+        save_safe_object(state, partial / STATE_FILE, "the training state")
+    _barrier()
+    if rank == 0:
+        owner_files = [f"tensors-{owner:05d}-of-{world:05d}.safetensors" for owner in owners]
+        publish(partial, final, {
+            **(manifest or {}),
+            "world_size": world,
+            "tensors": {entry.key: file for entry, file in zip(entries, owner_files)},
+            "aliases": aliases,
+            "models": {name: _pretrained_models(module) for name, module in models.items()},
+            "optimizers": {name: _param_groups(innermost_optimizer(optimizer), keys) for name, optimizer in optimizers.items()},
+        })
+    _barrier()
+    return final
+
+
+def _all_model_entries(models: dict[str, nn.Module]) -> tuple[list[Entry], dict[str, str], dict[int, str]]:
+    entries: list[Entry] = []
+    aliases: dict[str, str] = {}
+    keys: dict[int, str] = {}
+    for name, module in models.items():
+        more, more_aliases, more_keys = model_entries(name, module)
+        entries += more
+        aliases.update(more_aliases)
+        keys.update({identity: key for identity, key in more_keys.items() if identity not in keys})
+    return entries, aliases, keys
+
+
+def _balanced_owners(entries: list[Entry], world: int) -> list[int]:
+    """Which rank writes each tensor: the one with the fewest bytes so far (the same answer on every rank)."""
+    written = [0] * world
+    owners = []
+    for entry in entries:
+        owner = min(range(world), key=lambda rank: (written[rank], rank))
+        written[owner] += tensor_bytes(entry.shape, entry.dtype) + 64
+        owners.append(owner)
+    return owners
+
+
+def _pretrained_models(module: nn.Module) -> list[dict[str, Any]]:
+    """The Hugging Face models inside ``module``: where they sit and their configs, for export."""
+    from meshplan.tp.plans import find_pretrained_models
+
+    return [
+        {"prefix": f"{name}." if name else "", "class": type(model).__name__, "config": model.config.to_dict()}
+        for name, model in find_pretrained_models(module)
+    ]
+
+
+def _param_groups(optimizer: Any, keys: dict[int, str]) -> list[dict[str, Any]]:
+    """Each parameter group's hyperparameters and the keys of its parameters."""
+    from meshplan.checkpoint.engines import is_zero_optimizer, zero_lp_groups
+
+    groups = []
+    members = zero_lp_groups(optimizer) if is_zero_optimizer(optimizer) else [g["params"] for g in optimizer.param_groups]
+    for group, parameters in zip(optimizer.param_groups, members):
+        hyperparameters = {name: _plain(value) for name, value in group.items() if name != "params"}
+        groups.append({"hyperparameters": hyperparameters, "params": [keys[id(p)] for p in parameters]})
+    return groups
+
+
+def _plain(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _open_tensors(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}.") from None
+
+
+class CheckpointReader:
+    """Reads the tensors of a complete checkpoint by name, whole or a slice at a time."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self._files: dict[str, Any] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        for key, file in self.manifest["tensors"].items():
+            if file not in self._files:
+                self._files[file] = _open_tensors(self.path / file)
+            view = self._files[file].get_slice(key)
+            self._shapes[key] = tuple(view.get_shape())
+            self._dtypes[key] = _TORCH_DTYPES[view.get_dtype()]
+
+    def keys(self) -> list[str]:
+        """Every stored tensor's key, in the order they were saved."""
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The whole shape of a stored tensor."""
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype of a stored tensor."""
+        return self._dtypes[key]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A stored tensor, whole, on the CPU."""
+        return self._files[self.manifest["tensors"][key]].get_tensor(key)
+
+    def slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """Part of a stored tensor, read without reading the rest."""
+        if not index:
+            return self.tensor(key)
+        return self._files[self.manifest["tensors"][key]].get_slice(key)[index]
+
+    def names_under(self, prefix: str) -> dict[str, str]:
+        """``{name: key}`` for the stored keys ``prefix + name`` (one optimizer state per parameter)."""
+        return {key[len(prefix):]: key for key in self._shapes if key.startswith(prefix)}
+
+    def state(self) -> dict[str, Any]:
+        """The front end's own state, read without unpickling code."""
+        return load_safe_object(self.path / STATE_FILE)
+
+    def rank_state(self, rank: int) -> dict[str, Any] | None:
+        """The per-process state saved by ``rank``, or None when that rank did not exist then."""
+        path = self.path / f"rank-{rank:05d}.pt"
+        return load_safe_object(path) if path.is_file() else None
+
+
+def load_training_state(path: str | os.PathLike, models: dict[str, nn.Module], optimizers: dict[str, Any]) -> CheckpointReader:
+    """Loads models and optimizers from a checkpoint written in any layout into this one.
+
+    Every name is checked before anything is changed: a model tensor missing from the checkpoint
+    (or present with another shape) is a CheckpointError naming it. Returns the reader, for the
+    front end's own state.
+    """
+    reader = CheckpointReader(path)
+    aliases = reader.manifest.get("aliases", {})
+    targets = []
+    keys: dict[int, str] = {}
+    for name, module in models.items():
+        for tensor_name, tensor in module.state_dict(keep_vars=True).items():
+            if id(tensor) in keys:
+                continue
+            key = f"{name}/{tensor_name}"
+            stored = aliases.get(key, key)
+            keys[id(tensor)] = stored
+            targets.append((stored, tensor))
+    _check_targets(reader, targets)
+    for stored, tensor in targets:
+        load_model_tensor(tensor, reader, stored)
+    for name, optimizer in optimizers.items():
+        inner = innermost_optimizer(optimizer)
+        _check_optimizer(reader, name, inner, keys)
+        load_optimizer_state(inner, keys, name, reader)
+        _set_hyperparameters(inner, reader.manifest["optimizers"][name])
+    _barrier()
+    return reader
+
+
+def _global_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.ds_shape) if hasattr(tensor, "ds_id") else tuple(tensor.shape)
+
+
+def _check_targets(reader: CheckpointReader, targets: list[tuple[str, torch.Tensor]]) -> None:
+    missing = [key for key, _ in targets if key not in reader.manifest["tensors"]]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {reader.path} has no tensor for {len(missing)} of the model's tensors: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}."
+        )
+    wrong = [f"{key} {reader.shape(key)} (the model has {_global_shape(t)})" for key, t in targets
+             if reader.shape(key) != _global_shape(t)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {reader.path} holds tensors of other shapes: {'; '.join(wrong[:5])}.")
+
+
+def _check_optimizer(reader: CheckpointReader, name: str, optimizer: Any, keys: dict[int, str]) -> None:
+    saved = reader.manifest["optimizers"].get(name)
+    if saved is None:
+        raise CheckpointError(
+            f"checkpoint {reader.path} holds no state for optimizer {name!r} (it holds "
+            f"{sorted(reader.manifest['optimizers']) or 'the model weights only'})."
+        )
+    current = {key for group in _param_groups(optimizer, keys) for key in group["params"]}
+    stored = {key for group in saved for key in group["params"]}
+    if current != stored:
+        differing = sorted(current ^ stored)
+        raise CheckpointError(
+            f"optimizer {name!r} holds other parameters than the checkpoint's ({', '.join(differing[:5])}); "
+            f"build the optimizer as it was when the checkpoint was saved."
+        )
+
+
+def _set_hyperparameters(optimizer: Any, saved: list[dict[str, Any]]) -> None:
+    for group, stored in zip(optimizer.param_groups, saved):
+        for name, value in stored["hyperparameters"].items():
+            current = group.get(name)
+            if isinstance(current, tuple) and isinstance(value, list):
+                value = tuple(value)
+            if torch.is_tensor(current):
+                current.fill_(value)
+            else:
+                group[name] = value

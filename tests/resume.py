@@ -1,0 +1,108 @@
+"""Resume harness: train with checkpoints, resume from one under any layout, compare with the reference.
+
+One optimizer step per epoch: epoch e trains on global batch e of the reference run. Lightning
+restarts a plain data loader from the start of its epoch when it resumes, so with one step per
+epoch every checkpoint written at an epoch's end is a step boundary to resume from exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Sampler
+
+import parity
+from meshplan.lightning import from_plan
+from meshplan.plan import Plan
+
+
+class StepPerEpochSampler(Sampler[int]):
+    """Epoch e is global batch e; rank r of the data-parallel group takes the r-th share of it, in order."""
+
+    def __init__(self, rank: int, replicas: int) -> None:
+        self.rank, self.per_rank, self.epoch = rank, parity.GLOBAL_BATCH // replicas, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at the start of every epoch (also after resuming)."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        start = self.epoch * parity.GLOBAL_BATCH + self.rank * self.per_rank
+        return iter(range(start, start + self.per_rank))
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class StepPerEpochModule(parity.ParityModule):
+    """The parity module, one optimizer step per epoch."""
+
+    def train_dataloader(self) -> DataLoader:
+        share = self.trainer.strategy.distributed_sampler_kwargs or {"rank": 0, "num_replicas": 1}
+        sampler = StepPerEpochSampler(share["rank"], share["num_replicas"])
+        return DataLoader(parity.TokenDataset(self.name), batch_size=sampler.per_rank, sampler=sampler)
+
+
+def world() -> tuple[int, int]:
+    """(nodes, devices per node) of this worker's spawn; read before Lightning's teardown removes them."""
+    devices = int(os.environ["LOCAL_WORLD_SIZE"])
+    return int(os.environ["WORLD_SIZE"]) // devices, devices
+
+
+def fit(plan: Plan, model: str, nodes_and_devices: tuple[int, int], checkpoints: str | None = None,
+        resume: str | None = None, steps: int = parity.STEPS) -> tuple[list[float], dict[str, torch.Tensor], pl.Trainer]:
+    """Trains ``model`` up to ``steps`` under ``plan``, checkpointing every step into ``checkpoints``
+    and resuming from ``resume``. Returns the global loss of each step run here and the final weights."""
+    module = StepPerEpochModule(model, parity.GLOBAL_BATCH)
+    num_nodes, devices = nodes_and_devices
+    callbacks = [ModelCheckpoint(dirpath=checkpoints, filename="{step}", save_top_k=-1)] if checkpoints else []
+    trainer = pl.Trainer(
+        accelerator=parity.ACCELERATOR, devices=devices, num_nodes=num_nodes, strategy=from_plan(plan), max_epochs=steps,
+        callbacks=callbacks, enable_checkpointing=bool(checkpoints), use_distributed_sampler=False, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, ckpt_path=resume)
+    losses = torch.tensor(module.losses, dtype=torch.float64)
+    dist.all_reduce(losses)
+    losses /= dist.get_world_size()
+    return losses.tolist(), {k: v.cpu() for k, v in parity.full_parameters(module.model).items()}, trainer
+
+
+def weight_error(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """The largest elementwise difference over all parameters."""
+    return max((weights[key] - reference[key]).abs().max().item() for key in reference)
+
+
+def train_and_resume(runs: list[dict[str, Any]], reference_paths: dict[str, str], folder: str) -> dict[str, Any]:
+    """Worker entry. Each run: ``label``, ``model``, ``plan``; optional ``resume`` (a checkpoint to
+    continue from, otherwise train from scratch with a checkpoint every step into ``folder/label``)
+    and ``expect_error`` (resuming must fail: the error is reported instead).
+
+    Returns per label: the global losses of the steps run, the final weight error against the
+    reference, and (rank 0) the final weights saved as ``folder/label.weights.pt``.
+    """
+    results = {}
+    nodes_and_devices = world()
+    for run in runs:
+        if run.get("expect_error"):  # a checkpoint that must be refused: report how
+            try:
+                fit(run["plan"], run["model"], nodes_and_devices, resume=run["resume"])
+            except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
+                results[run["label"]] = {"error": f"{type(error).__name__}: {error}"}
+                continue
+            results[run["label"]] = {"error": "none"}
+            continue
+        checkpoints = None if run.get("resume") else str(Path(folder) / run["label"])
+        losses, weights, trainer = fit(run["plan"], run["model"], nodes_and_devices, checkpoints, run.get("resume"))
+        _, reference = torch.load(reference_paths[run["model"]], weights_only=True)
+        results[run["label"]] = {"losses": losses, "weight_error": weight_error(weights, reference),
+                                 "global_step": trainer.global_step}
+        if dist.get_rank() == 0:
+            torch.save(weights, Path(folder) / f"{run['label']}.weights.pt")
+    return results

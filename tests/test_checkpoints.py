@@ -1,0 +1,256 @@
+"""Checkpoints that outlive their layout (Lightning): exact resume, resume under another layout, export.
+
+Three spawns carry every run. Four workers train TP 2 x DP 2 for the 4 -> 2 case. Two workers
+then train the tiny Llama under every strategy with a checkpoint after every step, resume each
+from its step-2 checkpoint, and resume across layouts (ZeRO-3 -> TP, TP -> ZeRO-2, the 4-process
+checkpoint -> ZeRO-2). One worker resumes the ZeRO-3 checkpoint alone and tries unsafe ones.
+Every resumed run must continue the single-process reference: steps 3 and 4, and the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import meshplan
+import parity
+import resume
+from conftest import load_reference
+from meshplan.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint
+from meshplan.cli import main
+from meshplan.plan import Plan
+from meshplan.testing import free_port, spawn
+
+LAYOUTS = {
+    "DDP": Plan.build("ddp"),
+    "ZeRO-1": Plan.build("zero", zero_stage=1),
+    "ZeRO-2": Plan.build("zero", zero_stage=2),
+    "ZeRO-3": Plan.build("zero", zero_stage=3),
+    "ZeRO-3-offload": Plan.build("zero", zero_stage=3, offload_optimizer=True, offload_parameters=True),
+    "TP-2": Plan.build("tp", tp_size=2),
+}
+RESUMED_AFTER = 2
+# (label, checkpoint written by, layout resumed under)
+CROSS_LAYOUT = [("ZeRO-3->TP-2", "ZeRO-3", "TP-2"), ("TP-2->ZeRO-2", "TP-2", "ZeRO-2"),
+                ("4-processes->ZeRO-2", "TP-2xDP-2", "ZeRO-2")]
+
+
+def _step(label: str, step: int) -> str:
+    return f"{label}/step={step}.ckpt"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def four_process_results(folder: Path, reference_paths: dict[str, str]) -> dict:
+    runs = [{"label": "TP-2xDP-2", "model": "llama", "plan": Plan.build("tp", tp_size=2)}]
+    return spawn(resume.train_and_resume, 4, runs, reference_paths, str(folder), timeout=300)[0]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(folder: Path, reference_paths: dict[str, str], four_process_results: dict,
+                        deepspeed_ops: None) -> dict:
+    runs = [{"label": label, "model": "llama", "plan": plan} for label, plan in LAYOUTS.items()]
+    runs += [{"label": f"{label}-resumed", "model": "llama", "plan": plan, "resume": str(folder / _step(label, RESUMED_AFTER))}
+             for label, plan in LAYOUTS.items()]
+    runs += [{"label": label, "model": "llama", "plan": LAYOUTS[target], "resume": str(folder / _step(source, RESUMED_AFTER))}
+             for label, source, target in CROSS_LAYOUT]
+    return spawn(resume.train_and_resume, 2, runs, reference_paths, str(folder), timeout=900)[0]
+
+
+@pytest.fixture(scope="module")
+def one_process_results(folder: Path, reference_paths: dict[str, str], two_process_results: dict) -> dict:
+    unsafe = _plant_unsafe_checkpoints(folder)
+    runs = [{"label": "ZeRO-3->one-process", "model": "llama", "plan": Plan.build("ddp"),
+             "resume": str(folder / _step("ZeRO-3", RESUMED_AFTER))}]
+    runs += [{"label": name, "model": "llama", "plan": Plan.build("ddp"), "resume": str(path), "expect_error": True}
+             for name, path in unsafe.items()]
+    return spawn(resume.train_and_resume, 1, runs, reference_paths, str(folder), timeout=300)[0]
+
+
+def _assert_continues_reference(result: dict, reference_paths: dict[str, str], first_step: int) -> None:
+    reference_losses, _ = load_reference(reference_paths, "llama")
+    assert result["global_step"] == parity.STEPS
+    expected = reference_losses[first_step:]
+    assert len(result["losses"]) == len(expected)
+    assert max(abs(a - b) for a, b in zip(result["losses"], expected)) < parity.LOSS_TOLERANCE
+    assert result["weight_error"] < parity.WEIGHT_TOLERANCE
+
+
+@pytest.mark.parametrize("label", LAYOUTS)
+def test_uninterrupted_run_with_checkpoints_matches_reference(label: str, two_process_results: dict,
+                                                              reference_paths: dict[str, str]) -> None:
+    _assert_continues_reference(two_process_results[label], reference_paths, first_step=0)
+
+
+@pytest.mark.parametrize("label", LAYOUTS)
+def test_resume_after_step_2_reproduces_the_uninterrupted_run(label: str, two_process_results: dict,
+                                                              reference_paths: dict[str, str]) -> None:
+    resumed, uninterrupted = two_process_results[f"{label}-resumed"], two_process_results[label]
+    _assert_continues_reference(resumed, reference_paths, first_step=RESUMED_AFTER)
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"][RESUMED_AFTER:], abs=1e-6)
+
+
+@pytest.mark.parametrize("label", [label for label, _, _ in CROSS_LAYOUT])
+def test_resume_under_another_layout_continues_the_reference(label: str, two_process_results: dict,
+                                                             reference_paths: dict[str, str]) -> None:
+    _assert_continues_reference(two_process_results[label], reference_paths, first_step=RESUMED_AFTER)
+
+
+def test_zero3_checkpoint_resumes_in_one_process(one_process_results: dict, reference_paths: dict[str, str]) -> None:
+    _assert_continues_reference(one_process_results["ZeRO-3->one-process"], reference_paths, first_step=RESUMED_AFTER)
+
+
+def test_four_process_checkpoint_was_written_by_four_ranks(four_process_results: dict, folder: Path) -> None:
+    manifest = json.loads((folder / _step("TP-2xDP-2", RESUMED_AFTER) / "meshplan-checkpoint.json").read_text())
+    assert manifest["world_size"] == 4
+    assert sorted(set(manifest["tensors"].values())) == [f"tensors-0000{rank}-of-00004.safetensors" for rank in range(4)]
+
+
+@pytest.mark.parametrize("label", [*LAYOUTS, "TP-2xDP-2"])
+def test_export_gives_the_trained_model(label: str, two_process_results: dict, folder: Path, tmp_path: Path) -> None:
+    out = meshplan.export(folder / _step(label, parity.STEPS), tmp_path / "model")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    exported = LlamaForCausalLM.from_pretrained(out)
+    trained = torch.load(folder / f"{label}.weights.pt", weights_only=True)
+    for name, parameter in exported.named_parameters():
+        assert torch.equal(parameter.detach(), trained[name]), name
+
+
+def test_large_export_is_sharded_with_an_index(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
+    out = meshplan.export(folder / _step("ZeRO-3", parity.STEPS), tmp_path / "model", max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {shard.name for shard in shards}
+    assert all(shard.stat().st_size < 40_000 + 20_000 for shard in shards)  # one tensor may overflow a shard
+    exported = LlamaForCausalLM.from_pretrained(out)
+    trained = torch.load(folder / "ZeRO-3.weights.pt", weights_only=True)
+    assert all(torch.equal(p.detach(), trained[name]) for name, p in exported.named_parameters())
+
+
+# ---------------------------------------------------------------- unsafe and torn checkpoints
+
+MARKER = "unpickled-code-ran"
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that creates a marker file if anything ever unpickles it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _plant_unsafe_checkpoints(folder: Path) -> dict[str, Path]:
+    """A checkpoint whose state.pt is a malicious pickle (manifest updated to match), and a
+    Lightning-style pickled .ckpt file with the same payload."""
+    planted = folder / "planted"
+    shutil.copytree(folder / _step("ZeRO-3", RESUMED_AFTER), planted)
+    payload = pickle.dumps({"global_step": _RunsCodeWhenUnpickled(folder / MARKER)})
+    (planted / "state.pt").write_bytes(payload)
+    manifest = json.loads((planted / "meshplan-checkpoint.json").read_text())
+    manifest["files"]["state.pt"] = len(payload)
+    (planted / "meshplan-checkpoint.json").write_text(json.dumps(manifest))
+    pickled_file = folder / "pickled.ckpt"
+    pickled_file.write_bytes(payload)
+    return {"planted-pickle": planted, "pickled-file": pickled_file}
+
+
+@pytest.mark.parametrize("name", ["planted-pickle", "pickled-file"])
+def test_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(name: str, one_process_results: dict,
+                                                                          folder: Path) -> None:
+    error = one_process_results[name]["error"]
+    assert error.startswith("CheckpointError") and ("unpickle" in error or "pickled" in error), error
+    assert not (folder / MARKER).exists()
+
+
+def test_torn_checkpoint_is_refused_naming_what_is_missing(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
+    torn = tmp_path / "torn"
+    shutil.copytree(folder / _step("DDP", parity.STEPS), torn)
+    (torn / "tensors-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="torn: tensors-00001-of-00002.safetensors is missing"):
+        CheckpointReader(torn)
+    with pytest.raises(CheckpointError, match="is missing"):
+        meshplan.export(torn, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_file_and_missing_manifest_are_refused(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated"
+    shutil.copytree(folder / _step("TP-2", parity.STEPS), truncated)
+    shard = truncated / "tensors-00000-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"tensors-00000-of-00002.safetensors has \d+ bytes, the manifest says \d+"):
+        CheckpointReader(truncated)
+    (truncated / "meshplan-checkpoint.json").unlink()
+    with pytest.raises(CheckpointError, match="meshplan-checkpoint.json is missing"):
+        CheckpointReader(truncated)
+
+
+def test_latest_checkpoint_skips_partial_and_torn_saves(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        shutil.copytree(folder / _step("DDP", step), tmp_path / f"step={step}.ckpt")
+    (tmp_path / "step=3.ckpt" / "state.pt").unlink()  # torn
+    shutil.copytree(folder / _step("DDP", 4), tmp_path / ".step=4.ckpt.partial")  # an unpublished save
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "step=2.ckpt")
+
+
+# ---------------------------------------------------------------- crashes under torchrun
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+FAULT_SCRIPT = Path(__file__).with_name("fault_train.py")
+
+
+def _torchrun(folder: Path, *arguments: str) -> str:
+    folder.mkdir(parents=True)
+    command = [str(TORCHRUN), "--nproc-per-node", "2", "--max-restarts", "2", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(FAULT_SCRIPT), str(folder), *arguments]
+    # torchrun's c10d rendezvous shares its store with the workers by default, and restarted
+    # workers can then read the dead attempt's addresses and hang (pytorch/pytorch#135712).
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    process = subprocess.run(command, capture_output=True, text=True, timeout=400, env=environment)
+    assert process.returncode == 0, (process.stdout + process.stderr)[-4000:]
+    return process.stdout + process.stderr
+
+
+def test_killed_ranks_restart_and_resume_to_the_uninterrupted_weights(tmp_path: Path, deepspeed_ops: None) -> None:
+    _torchrun(tmp_path / "uninterrupted", "zero2")
+    _torchrun(tmp_path / "killed", "zero2", "--kill")
+    attempts = [json.loads(line) for line in (tmp_path / "killed" / "attempts.jsonl").read_text().splitlines()]
+    # Killed mid-training at step 3, then mid-save of the step-3 checkpoint: both times the job
+    # went on from the step-2 checkpoint, the last one complete.
+    assert attempts == [{"attempt": 0, "resumed_from": None}, {"attempt": 1, "resumed_from": "step=2.ckpt"},
+                        {"attempt": 2, "resumed_from": "step=2.ckpt"}]
+    uninterrupted = torch.load(tmp_path / "uninterrupted" / "weights.pt", weights_only=True)
+    killed = torch.load(tmp_path / "killed" / "weights.pt", weights_only=True)
+    assert max((killed[key] - uninterrupted[key]).abs().max().item() for key in uninterrupted) < 1e-6
+    assert latest_checkpoint(tmp_path / "killed" / "checkpoints").endswith(f"step={parity.STEPS}.ckpt")
+
+
+# ---------------------------------------------------------------- the export command
+
+
+def test_export_command_writes_a_model_and_refuses_bad_input(two_process_results: dict, folder: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(folder / _step("TP-2", parity.STEPS)), str(tmp_path / "model")]) == 0
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "model") is not None
+    capsys.readouterr()  # from_pretrained's progress bar
+    assert main(["export", str(folder / "no-such-checkpoint"), str(tmp_path / "other")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("meshplan export: no checkpoint at") and len(error.splitlines()) == 1
+    assert main(["export", str(folder / _step("TP-2", parity.STEPS)), str(tmp_path / "model")]) == 2  # not empty
+    assert "already exists" in capsys.readouterr().err
