@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from meshplan.checkpoint import latest_checkpoint
 from meshplan.cli import main
 from meshplan.finetune.data import find_columns, load_splits
 from meshplan.finetune.evaluate import accuracy
@@ -149,11 +150,18 @@ def _bad_input_cases(tmp_path: Path, tiny_llama_dir: Path) -> dict[str, tuple[li
                                           "tp_size=2 does not divide num_key_value_heads=1"),
         "more devices than the machine has": (["--devices", "4096"], "--devices 4096 is more than this machine has"),
         "no devices": (["--devices", "0"], "--devices 0 must be at least 1"),
+        "restarts under the HF Trainer": (["--framework", "trainer", "--max-restarts", "1"],
+                                          "need --framework lightning or accelerate"),
+        "restarts without checkpoints": (["--max-restarts", "2", "--checkpoint-every", "0"],
+                                         "--max-restarts 2 needs checkpoints to resume from"),
+        "negative checkpoint interval": (["--checkpoint-every", "-1"], "cannot be negative"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing recipe", "unparsable recipe", "unknown model", "data without labels",
-                                  "tp size the model cannot take", "more devices than the machine has", "no devices"])
+                                  "tp size the model cannot take", "more devices than the machine has", "no devices",
+                                  "restarts under the HF Trainer", "restarts without checkpoints",
+                                  "negative checkpoint interval"])
 def test_bad_input_exits_2_with_one_paragraph(case: str, tmp_path: Path, tiny_llama_dir: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     arguments, expected = _bad_input_cases(tmp_path, tiny_llama_dir)[case]
@@ -169,3 +177,43 @@ def test_the_console_script_exits_2_without_a_traceback(tmp_path: Path) -> None:
     run = _finetune("--recipe", str(tmp_path / "nope.yaml"), "--output", str(tmp_path / "out"), timeout=120)
     assert run.returncode == 2
     assert "does not exist" in run.stderr and "Traceback" not in run.stderr
+
+
+def _weights(output: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(output / "model.safetensors")
+
+
+def _run_and_kill_a_worker_after_a_checkpoint(arguments: list[str], output: Path, timeout: float = 420) -> str:
+    """Starts `meshplan finetune`, SIGKILLs its second worker once a checkpoint exists, returns stderr."""
+    log = output.with_suffix(".log")
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([str(MESHPLAN), "finetune", *arguments, "--output", str(output)],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while latest_checkpoint(output / "checkpoints") is None:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            pids = re.search(r"started 2 workers \(pids (\d+) (\d+)\)", log.read_text())
+            os.kill(int(pids.group(2)), signal.SIGKILL)
+            assert process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, log.read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+    return log.read_text()
+
+
+def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path: Path) -> None:
+    arguments = ["--max-steps", "12", "--checkpoint-every", "2"]
+    uninterrupted = _finetune(*arguments, "--output", str(tmp_path / "uninterrupted"))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    log = _run_and_kill_a_worker_after_a_checkpoint([*arguments, "--max-restarts", "1"], tmp_path / "killed")
+    assert "restarting every worker (1 of 1 restarts)" in log
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert metrics["train_steps"] == 12 and metrics["resumed_at_step"] > 0
+    expected, actual = _weights(tmp_path / "uninterrupted"), _weights(tmp_path / "killed")
+    assert max((actual[name] - expected[name]).abs().max().item() for name in expected) < 1e-6
+    before = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["eval_accuracy_before"]
+    assert metrics["eval_accuracy_before"] == before  # measured once, before the first step, and checkpointed

@@ -44,6 +44,7 @@ def _finetune(args: argparse.Namespace) -> int:
             model=args.model or default_model(), data=args.data or "reviews", recipe=str(args.recipe or DEFAULT_RECIPE),
             framework=args.framework, devices=args.devices if args.devices is not None else default_devices(),
             max_steps=args.max_steps, output=str(Path(args.output).resolve()),
+            checkpoint_every=_checkpoint_every(args), max_restarts=args.max_restarts,
         )
         check_job(job)
         job_path = Path(job.output) / "job.json"
@@ -59,7 +60,8 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"meshplan finetune: {Path(job.model).name} on {job.data} with {Path(job.recipe).name}, "
           f"{job.framework}, {job.devices} processes, {job.max_steps} steps", flush=True)
     quiet = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-    code = run_workers([sys.executable, "-m", "meshplan.finetune.worker", str(job_path)], job.devices, threads=threads, env=quiet)
+    code = run_workers([sys.executable, "-m", "meshplan.finetune.worker", str(job_path)], job.devices, threads=threads,
+                       env=quiet, max_restarts=job.max_restarts)
     if code == 130:
         print("meshplan finetune: interrupted; every worker was stopped.", file=sys.stderr)
         return code
@@ -84,6 +86,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_every(args: argparse.Namespace) -> int:
+    """--checkpoint-every as given; with --max-restarts and no --checkpoint-every, every 10 steps."""
+    if args.checkpoint_every is not None:
+        return args.checkpoint_every
+    return DEFAULT_CHECKPOINT_EVERY if args.max_restarts else 0
+
+
+DEFAULT_CHECKPOINT_EVERY = 10
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``meshplan`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="meshplan", description="One parallel layout for Lightning, Accelerate and the HF Trainer.")
@@ -100,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--devices", type=int, help="worker processes; default every GPU, or 2 without one")
     finetune.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
     finetune.add_argument("--output", default="meshplan-output", help="output directory (default ./meshplan-output)")
+    finetune.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps in OUTPUT/checkpoints "
+                          f"and resume from the latest one found there (default: never; {DEFAULT_CHECKPOINT_EVERY} with --max-restarts)")
+    finetune.add_argument("--max-restarts", type=int, default=0, help="like torchrun's: when a worker dies, restart "
+                          "every worker up to N times, resuming from the latest checkpoint (default 0)")
     finetune.set_defaults(run=_finetune)
     export = commands.add_parser("export", help="turn a meshplan checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint", help="a checkpoint directory written by any meshplan strategy (Lightning or Accelerate)")

@@ -41,20 +41,33 @@ def worker_environment(rank: int, world_size: int, port: int, *, nnodes: int = 1
     }
 
 
-def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: dict[str, str] | None = None) -> int:
+def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: dict[str, str] | None = None,
+                max_restarts: int = 0) -> int:
     """Runs ``command`` in ``nprocs`` workers and returns the job's exit code.
 
     The first worker to fail stops the others (its exit code is returned; 128+N for a worker
-    killed by signal N). Ctrl-C, SIGTERM or SIGHUP stops every worker this call started, and
-    returns 130. Workers run in sessions of their own, so a terminal's Ctrl-C reaches this process
-    alone and the shutdown is orderly; on Linux they are also killed if this process dies.
+    killed by signal N). With ``max_restarts``, as with torchrun's, every worker is then started
+    again, up to that many times; each attempt sees its number in MESHPLAN_RESTART_COUNT and a
+    fresh port. Ctrl-C, SIGTERM or SIGHUP stops every worker this call started, and returns 130.
+    Workers run in sessions of their own, so a terminal's Ctrl-C reaches this process alone and
+    the shutdown is orderly; on Linux they are also killed if this process dies.
     """
+    for attempt in range(max_restarts + 1):
+        code = _run_attempt(command, nprocs, threads, {**(env or {}), "MESHPLAN_RESTART_COUNT": str(attempt)})
+        if code in (0, 130) or attempt == max_restarts:
+            return code
+        print(f"meshplan: a worker failed (exit code {code}); restarting every worker "
+              f"({attempt + 1} of {max_restarts} restarts)", file=sys.stderr, flush=True)
+    return code
+
+
+def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[str, str]) -> int:
     port = free_port()
     workers: list[subprocess.Popen] = []
     handlers = {number: signal.signal(number, _raise_keyboard_interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for rank in range(nprocs):
-            worker_env = {**os.environ, **(env or {}), **worker_environment(rank, nprocs, port, threads=threads)}
+            worker_env = {**os.environ, **env, **worker_environment(rank, nprocs, port, threads=threads)}
             workers.append(subprocess.Popen(list(command), env=worker_env, start_new_session=True,
                                             preexec_fn=_die_with_parent))
         print(f"meshplan: started {nprocs} workers (pids {' '.join(str(w.pid) for w in workers)})", file=sys.stderr,

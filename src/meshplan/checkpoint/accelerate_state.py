@@ -10,16 +10,14 @@ Accelerate: ``checkpoints/checkpoint_<i>`` in the project directory, ``total_lim
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy
-import torch
 from accelerate import Accelerator
 
 from meshplan.checkpoint.engines import deepspeed_counters, restore_deepspeed_counters
+from meshplan.checkpoint.random_state import random_states, set_random_states
 from meshplan.checkpoint.sharded import load_training_state, save_training_state
 from meshplan.checkpoint.store import CheckpointError, is_complete, latest_checkpoint, plain_data
 from meshplan.plan import Plan
@@ -44,7 +42,7 @@ class CheckpointingAccelerator(Accelerator):
             "deepspeed_counters": deepspeed_counters(engine) if engine is not None else None,
         }
         save_training_state(location, self._named_models(), self._named_optimizers(), plain_data(state),
-                            rank_state=_random_states(),
+                            rank_state=random_states(),
                             manifest={"front_end": "accelerate", "layout": repr(self.plan), "step": self.step})
         if self.project_configuration.automatic_checkpoint_naming:
             self.project_configuration.iteration += 1
@@ -70,7 +68,7 @@ class CheckpointingAccelerator(Accelerator):
             restore_deepspeed_counters(engine, state["deepspeed_counters"], self.step)
         random_states = reader.rank_state(self.process_index)
         if random_states is not None:  # a checkpoint from fewer processes has none for this one
-            _set_random_states(random_states)
+            set_random_states(random_states)
 
     def _named_models(self) -> dict[str, Any]:
         return {f"model_{index}": self.unwrap_model(model) for index, model in enumerate(self._models)}
@@ -106,26 +104,3 @@ class CheckpointingAccelerator(Accelerator):
 
 def _iteration(path: Path) -> int:
     return int(path.name.rsplit("_", 1)[-1])
-
-
-def _random_states() -> dict[str, Any]:
-    """This process's random number generators, as plain data and tensors."""
-    kind, keys, position, has_gauss, gauss = numpy.random.get_state()
-    states = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_random_states(states: dict[str, Any]) -> None:
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    numpy.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
 
 from meshplan.finetune.errors import FinetuneError
@@ -109,3 +110,38 @@ def encode(splits: DatasetDict, tokenizer: Any, text: str, label: str | None, na
     columns = splits["train"].column_names
     encoded = splits.map(_encode, batched=True, remove_columns=columns)
     return encoded.with_format("torch", columns=["input_ids", "attention_mask", "labels"])
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """The training examples of one data-parallel rank, step by step, for the whole run.
+
+    The run is one long sequence of global batches: passes over the data set, each in its own
+    seeded order. Rank r of a data-parallel group of size n takes the r-th n-th of every global
+    batch. Starting at ``start_step`` skips the batches already trained on, so a run resumed
+    from a checkpoint sees exactly the data the uninterrupted run would have seen.
+
+    Like a stateful data loader restored mid-epoch, its length stays the whole run's: Lightning
+    counts the batches of the epoch trained before the checkpoint among those of the loader.
+    """
+
+    def __init__(self, size: int, global_batch: int, dp_rank: int, dp_size: int, steps: int, seed: int,
+                 start_step: int = 0) -> None:
+        self.size, self.global_batch, self.per_rank = size, global_batch, global_batch // dp_size
+        self.dp_rank, self.steps, self.seed, self.start_step = dp_rank, steps, seed, start_step
+
+    def _order(self, index: int) -> torch.Tensor:
+        """Pass ``index`` over the data set: a permutation seeded by the run's seed and the pass."""
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + index))
+
+    def __iter__(self):
+        passes: dict[int, torch.Tensor] = {}
+        for step in range(self.start_step, self.steps):
+            first = step * self.global_batch + self.dp_rank * self.per_rank
+            for position in range(first, first + self.per_rank):
+                index = position // self.size
+                if index not in passes:
+                    passes = {index: self._order(index)}  # one pass in memory at a time
+                yield int(passes[index][position % self.size])
+
+    def __len__(self) -> int:
+        return self.steps * self.per_rank

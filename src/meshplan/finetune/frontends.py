@@ -12,20 +12,24 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from meshplan.checkpoint import save_pretrained
+from meshplan.checkpoint import latest_checkpoint, save_pretrained
+from meshplan.finetune.data import StepSampler
 from meshplan.finetune.evaluate import accuracy
 from meshplan.finetune.job import FinetuneJob, Prepared
 
 EVAL_BATCH = 32
 
 
-def _metrics(job: FinetuneJob, before: float, after: float, steps: int, seconds: float) -> dict[str, Any]:
+def _metrics(job: FinetuneJob, before: float, after: float, steps: int, seconds: float, steps_run: int | None = None) -> dict[str, Any]:
+    """The job's metrics; ``steps_run`` (default ``steps``) were trained in ``seconds``, after any resume."""
+    steps_run = steps if steps_run is None else steps_run
     return {
         "eval_accuracy_before": before,
         "eval_accuracy_after": after,
         "train_steps": steps,
+        "resumed_at_step": steps - steps_run,
         "train_seconds": round(seconds, 2),
-        "samples_per_second": round(steps * job.batch_size / seconds, 2) if seconds > 0 else 0.0,
+        "samples_per_second": round(steps_run * job.batch_size / seconds, 2) if seconds > 0 else 0.0,
         "recipe": job.recipe,
         "framework": job.framework,
         "devices": job.devices,
@@ -34,9 +38,23 @@ def _metrics(job: FinetuneJob, before: float, after: float, steps: int, seconds:
     }
 
 
+def _train_loader(job: FinetuneJob, prepared: Prepared, dp_rank: int, dp_size: int, start_step: int) -> DataLoader:
+    """This data-parallel rank's batches from ``start_step`` on, the same in a resumed run as in an uninterrupted one."""
+    sampler = StepSampler(len(prepared.data["train"]), job.batch_size, dp_rank, dp_size, job.max_steps, job.seed, start_step)
+    # A generator of its own: creating the loader's iterator must not draw from the global one,
+    # which dropout uses and which a checkpoint restores.
+    return DataLoader(prepared.data["train"], batch_size=sampler.per_rank, sampler=sampler, generator=torch.Generator())
+
+
+def _latest(job: FinetuneJob) -> str | None:
+    """The checkpoint to resume from: the latest complete one of an earlier attempt, if checkpointing."""
+    return latest_checkpoint(job.checkpoints) if job.checkpoint_every else None
+
+
 def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
-    """Lightning's Trainer with the recipe as its strategy."""
+    """Lightning's Trainer with the recipe as its strategy; checkpoints through ModelCheckpoint."""
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     import meshplan
 
@@ -50,14 +68,17 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
             loss = self.model(**batch).loss
             elapsed = time.monotonic() - self.results["start"]
             self.log("loss", loss, prog_bar=True)
-            self.log("samples_per_s", (self.trainer.global_step + 1) * job.batch_size / max(elapsed, 1e-6), prog_bar=True)
+            steps_run = self.trainer.global_step + 1 - self.results["first_step"]
+            self.log("samples_per_s", steps_run * job.batch_size / max(elapsed, 1e-6), prog_bar=True)
             return loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters(), lr=job.learning_rate)
 
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(prepared.data["train"], batch_size=job.batch_size // _dp_size(self.trainer.strategy), shuffle=True)
+            # Built after a checkpoint is restored: global_step is where the run goes on from.
+            share = self.trainer.strategy.distributed_sampler_kwargs or {"rank": 0, "num_replicas": 1}
+            return _train_loader(job, prepared, share["rank"], share["num_replicas"], self.trainer.global_step)
 
         def _accuracy(self) -> float:
             share = self.trainer.strategy.distributed_sampler_kwargs or {"rank": 0, "num_replicas": 1}
@@ -65,30 +86,56 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
                             batch_size=EVAL_BATCH, device=self.device)
 
         def on_train_start(self) -> None:
-            self.results["before"] = self._accuracy()
+            if "before" not in self.results:  # a resumed run measured it before its first step
+                self.results["before"] = self._accuracy()
             self.results["start"] = time.monotonic()
+            self.results["first_step"] = self.trainer.global_step
 
         def on_train_end(self) -> None:
             self.results["seconds"] = time.monotonic() - self.results["start"]
             self.results["after"] = self._accuracy()
 
+        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            checkpoint["meshplan_finetune"] = {"eval_accuracy_before": self.results["before"]}
+
+        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            self.results["before"] = checkpoint["meshplan_finetune"]["eval_accuracy_before"]
+
     module = FinetuneModule()
+    callbacks = [ModelCheckpoint(dirpath=job.checkpoints, filename="{step}", every_n_train_steps=job.checkpoint_every,
+                                 save_top_k=1)] if job.checkpoint_every else []
     trainer = pl.Trainer(
         accelerator=job.accelerator, devices=job.devices, strategy=meshplan.from_recipe(job.recipe), max_steps=job.max_steps,
-        max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        max_epochs=-1, logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks, enable_model_summary=False,
+        use_distributed_sampler=False,
     )
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=_latest(job))
     save_pretrained(prepared.model, prepared.tokenizer, job.output)
     results = module.results
-    return _metrics(job, results["before"], results["after"], trainer.global_step, results["seconds"])
+    return _metrics(job, results["before"], results["after"], trainer.global_step, results["seconds"],
+                    trainer.global_step - results["first_step"])
 
 
 def _dp_size(strategy: Any) -> int:
     return (strategy.distributed_sampler_kwargs or {}).get("num_replicas", 1)
 
 
+class _Progress:
+    """What an Accelerate run checkpoints besides models and optimizers (registered for checkpointing)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.accuracy_before: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "accuracy_before": self.accuracy_before}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.accuracy_before = state["step"], state["accuracy_before"]
+
+
 def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
-    """A plain Accelerate loop; meshplan.accelerator() realizes the recipe."""
+    """A plain Accelerate loop; meshplan.accelerator() realizes the recipe; save_state/load_state checkpoint it."""
     from tqdm.auto import tqdm
 
     import meshplan
@@ -96,35 +143,51 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     accelerator = meshplan.accelerator(job.recipe)
     tp_size = getattr(accelerator, "tp_size", 1)
     dp_size, dp_rank = accelerator.num_processes // tp_size, accelerator.process_index // tp_size
-    loader = DataLoader(prepared.data["train"], batch_size=job.batch_size // dp_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(job.seed))
     optimizer = torch.optim.AdamW(prepared.model.parameters(), lr=job.learning_rate)
-    model, optimizer, loader = accelerator.prepare(prepared.model, optimizer, loader)
+    model, optimizer = accelerator.prepare(prepared.model, optimizer)
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+    latest = _latest(job)
+    if latest is not None:
+        accelerator.load_state(latest)
 
     def evaluate() -> float:
         return accuracy(accelerator.unwrap_model(model), prepared.data["test"], dp_rank=dp_rank, dp_size=dp_size,
                         batch_size=EVAL_BATCH, device=accelerator.device)
 
-    before = evaluate()
-    progress = tqdm(total=job.max_steps, disable=not accelerator.is_main_process, desc="fine-tuning")
-    start, step = time.monotonic(), 0
-    while step < job.max_steps:
-        for batch in loader:
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-            global_loss = accelerator.reduce(loss.detach(), "mean").item()
-            progress.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{step * job.batch_size / (time.monotonic() - start):.1f}")
-            progress.update()
-            if step == job.max_steps:
-                break
+    if progress.accuracy_before is None:
+        progress.accuracy_before = evaluate()
+    first_step = progress.step
+    bar = tqdm(total=job.max_steps, initial=first_step, disable=not accelerator.is_main_process, desc="fine-tuning")
+    start = time.monotonic()
+    for batch in _train_loader(job, prepared, dp_rank, dp_size, first_step):
+        loss = model(**{key: value.to(accelerator.device) for key, value in batch.items()}).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        progress.step += 1
+        global_loss = accelerator.reduce(loss.detach(), "mean").item()
+        samples_per_s = (progress.step - first_step) * job.batch_size / (time.monotonic() - start)
+        bar.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{samples_per_s:.1f}")
+        bar.update()
+        if job.checkpoint_every and progress.step % job.checkpoint_every == 0:
+            _save_only_latest(accelerator, job, progress.step)
     seconds = time.monotonic() - start
-    progress.close()
+    bar.close()
     after = evaluate()
     save_pretrained(accelerator.unwrap_model(model), prepared.tokenizer, job.output)
-    return _metrics(job, before, after, step, seconds)
+    return _metrics(job, progress.accuracy_before, after, progress.step, seconds, progress.step - first_step)
+
+
+def _save_only_latest(accelerator: Any, job: FinetuneJob, step: int) -> None:
+    """save_state to ``checkpoints/step=N``, then (rank 0) delete the checkpoints before it."""
+    import shutil
+
+    latest = Path(accelerator.save_state(str(job.checkpoints / f"step={step}")))
+    if accelerator.is_main_process:
+        for older in job.checkpoints.glob("step=*"):
+            if older != latest:
+                shutil.rmtree(older)
 
 
 def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:

@@ -35,6 +35,9 @@ class FinetuneJob:
         devices: worker processes on this machine.
         max_steps: optimizer steps.
         output: directory for metrics.json and the consolidated model.
+        checkpoint_every: save a checkpoint (in ``output/checkpoints``) every this many steps; 0 never.
+        max_restarts: restart every worker this many times at most when one fails; each restart
+            resumes from the latest complete checkpoint.
         batch_size: the global batch (split over the data-parallel ranks).
         learning_rate, max_length, seed: training settings.
     """
@@ -46,6 +49,8 @@ class FinetuneJob:
     devices: int
     max_steps: int
     output: str
+    checkpoint_every: int = 0
+    max_restarts: int = 0
     batch_size: int = 16
     learning_rate: float = 1e-4
     max_length: int = 48
@@ -64,6 +69,11 @@ class FinetuneJob:
     def plan(self) -> Plan:
         """The layout of the recipe."""
         return read_recipe(self.recipe).plan
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where the job's checkpoints go."""
+        return Path(self.output) / "checkpoints"
 
     @property
     def accelerator(self) -> str:
@@ -95,6 +105,13 @@ def check_job(job: FinetuneJob) -> None:
         raise FinetuneError(f"--devices {job.devices} is more than this machine has ({where}); use at most {available_devices()}.")
     if job.max_steps < 1:
         raise FinetuneError(f"--max-steps {job.max_steps} must be at least 1.")
+    if job.checkpoint_every < 0 or job.max_restarts < 0:
+        raise FinetuneError(f"--checkpoint-every {job.checkpoint_every} and --max-restarts {job.max_restarts} cannot be negative.")
+    if job.max_restarts and not job.checkpoint_every:
+        raise FinetuneError(f"--max-restarts {job.max_restarts} needs checkpoints to resume from: set --checkpoint-every N.")
+    if job.checkpoint_every and job.framework == "trainer":
+        raise FinetuneError("--checkpoint-every and --max-restarts need --framework lightning or accelerate: the HF "
+                            "Trainer writes DeepSpeed's own checkpoints, which resume only in the layout that wrote them.")
     plan = job.plan
     plan.check_world_size(job.devices, job.devices)
     config = load_config(job.model)
