@@ -254,3 +254,37 @@ def test_export_command_writes_a_model_and_refuses_bad_input(two_process_results
     assert error.startswith("meshplan export: no checkpoint at") and len(error.splitlines()) == 1
     assert main(["export", str(folder / _step("TP-2", parity.STEPS)), str(tmp_path / "model")]) == 2  # not empty
     assert "already exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Accelerate's automatic checkpoint naming
+
+
+def test_accelerate_automatic_naming_keeps_total_limit_and_loads_the_latest(tmp_path: Path) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2)
+    accelerator = meshplan.accelerator(meshplan.DDP(), project_config=project)  # one process, no launcher
+    try:
+        model = parity.build_model("llama")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE["llama"], eps=parity.ADAM_EPS)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        batch = parity.TokenDataset("llama")[0]
+        batch = {key: value.unsqueeze(0) for key, value in batch.items()}
+        saved = []
+        for _ in range(3):
+            accelerator.backward(model(**batch).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            saved.append(accelerator.save_state())
+            weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+        assert [Path(path).name for path in saved] == ["checkpoint_0", "checkpoint_1", "checkpoint_2"]
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()
+        accelerator.load_state()  # the latest: checkpoint_2
+        assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+        assert all(torch.equal(optimizer.state[p]["step"], torch.tensor(3.0)) for p in model.parameters())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

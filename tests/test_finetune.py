@@ -217,3 +217,16 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_pat
     assert max((actual[name] - expected[name]).abs().max().item() for name in expected) < 1e-6
     before = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["eval_accuracy_before"]
     assert metrics["eval_accuracy_before"] == before  # measured once, before the first step, and checkpointed
+
+
+def test_accelerate_front_end_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:
+    common = ["--framework", "accelerate", "--recipe", str(CATALOGUE_DIR / "tp.yaml"), "--checkpoint-every", "2",
+              "--output", str(tmp_path / "out")]
+    first = _finetune(*common, "--max-steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((tmp_path / "out" / "metrics.json").read_text())["eval_accuracy_before"]
+    second = _finetune(*common, "--max-steps", "3")  # the same output: goes on from step=2
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["train_steps"], metrics["resumed_at_step"]) == (3, 2)
+    assert metrics["eval_accuracy_before"] == before  # restored from the checkpoint, not measured again

@@ -144,6 +144,10 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     tp_size = getattr(accelerator, "tp_size", 1)
     dp_size, dp_rank = accelerator.num_processes // tp_size, accelerator.process_index // tp_size
     optimizer = torch.optim.AdamW(prepared.model.parameters(), lr=job.learning_rate)
+    if accelerator.state.deepspeed_plugin is not None:
+        # The loader is this loop's own (resumable, sharded by data-parallel rank), not prepared:
+        # DeepSpeed learns the micro batch from its config instead.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = job.batch_size // dp_size
     model, optimizer = accelerator.prepare(prepared.model, optimizer)
     progress = _Progress()
     accelerator.register_for_checkpointing(progress)
