@@ -25,6 +25,7 @@ from meshplan.checkpoint.engines import (
 )
 from meshplan.checkpoint.store import (
     CheckpointError,
+    TensorFileReader,
     TensorFileWriter,
     load_safe_object,
     prepare_partial,
@@ -150,12 +151,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
 def _open_tensors(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt")
@@ -169,15 +164,14 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self._files: dict[str, Any] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
-        for key, file in self.manifest["tensors"].items():
-            if file not in self._files:
-                self._files[file] = _open_tensors(self.path / file)
-            view = self._files[file].get_slice(key)
-            self._shapes[key] = tuple(view.get_shape())
-            self._dtypes[key] = _TORCH_DTYPES[view.get_dtype()]
+        self._files: dict[str, TensorFileReader] = {}
+        self._mapped: dict[str, Any] = {}  # safetensors' own reader, for slices
+        for file in sorted(set(self.manifest["tensors"].values())):
+            self._files[file] = TensorFileReader(self.path / file)
+        missing = [key for key, file in self.manifest["tensors"].items() if key not in self._files[file].names()]
+        if missing:
+            raise CheckpointError(f"checkpoint {self.path} is torn: its files lack {', '.join(missing[:5])}.")
+        self._shapes = {key: self._files[file].shape(key) for key, file in self.manifest["tensors"].items()}
 
     def keys(self) -> list[str]:
         """Every stored tensor's key, in the order they were saved."""
@@ -189,17 +183,20 @@ class CheckpointReader:
 
     def dtype(self, key: str) -> torch.dtype:
         """The dtype of a stored tensor."""
-        return self._dtypes[key]
+        return self._files[self.manifest["tensors"][key]].dtype(key)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """A stored tensor, whole, on the CPU."""
-        return self._files[self.manifest["tensors"][key]].get_tensor(key)
+        """A stored tensor, whole, on the CPU (read, not memory-mapped: it alone is resident)."""
+        return self._files[self.manifest["tensors"][key]].tensor(key)
 
     def slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """Part of a stored tensor, read without reading the rest."""
         if not index:
             return self.tensor(key)
-        return self._files[self.manifest["tensors"][key]].get_slice(key)[index]
+        file = self.manifest["tensors"][key]
+        if file not in self._mapped:
+            self._mapped[file] = _open_tensors(self.path / file)
+        return self._mapped[file].get_slice(key)[index]
 
     def names_under(self, prefix: str) -> dict[str, str]:
         """``{name: key}`` for the stored keys ``prefix + name`` (one optimizer state per parameter)."""

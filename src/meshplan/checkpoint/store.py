@@ -84,6 +84,58 @@ class TensorFileWriter:
         self._file.close()
 
 
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+
+
+class TensorFileReader:
+    """Reads whole tensors from a safetensors file with plain reads, one at a time.
+
+    Unlike a memory map, a read leaves nothing of the file resident in the process: reading a
+    tensor costs the tensor's size, whatever was read before.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as file:
+                (length,) = struct.unpack("<Q", file.read(8))
+                if length > size - 8:
+                    raise ValueError(f"a header of {length} bytes in a file of {size}")
+                header = json.loads(file.read(length))
+            header.pop("__metadata__", None)
+            self._entries = {name: (tuple(entry["shape"]), _TORCH_DTYPES[entry["dtype"]], *entry["data_offsets"])
+                             for name, entry in header.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, struct.error) as error:
+            raise CheckpointError(f"{self.path} is not a safetensors file: {error!r}.") from None
+        self._data_start = 8 + length
+        if any(self._data_start + end > size for _, _, _, end in self._entries.values()):
+            raise CheckpointError(f"{self.path} is shorter than its header says.")
+
+    def names(self) -> list[str]:
+        """The names of the tensors in the file."""
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape."""
+        return self._entries[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype."""
+        return self._entries[name][1]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A whole tensor, read into memory of its own."""
+        shape, dtype, start, end = self._entries[name]
+        buffer = bytearray(end - start)
+        with open(self.path, "rb") as file:
+            file.seek(self._data_start + start)
+            file.readinto(buffer)
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
 def _numel(shape: Iterable[int]) -> int:
     count = 1
     for size in shape:
