@@ -24,13 +24,13 @@ ACCELERATOR = os.environ.get("MESHPLAN_TEST_ACCELERATOR", "cpu")
 STEPS = 4
 GLOBAL_BATCH = 8
 SEQUENCE = 16
-LEARNING_RATE = {"llama": 1e-3, "llama-tied": 1e-3, "minilm": 1e-4}
+LEARNING_RATE = {"llama": 1e-3, "llama-tied": 1e-3, "llama-odd": 1e-3, "minilm": 1e-4}
 # BERT's own epsilon. With 1e-8, Adam turns the float32 rounding noise in gradients that are
 # exactly zero in theory (attention key biases) into updates of the order of lr, in any layout.
 ADAM_EPS = 1e-6
 LOSS_TOLERANCE = 1e-4
 CLIP = 0.5  # small enough that clipping is active in the first steps
-REFERENCE_RUNS = (("llama", None), ("minilm", None), ("llama", CLIP), ("llama-tied", None))
+REFERENCE_RUNS = (("llama", None), ("minilm", None), ("llama", CLIP), ("llama-tied", None), ("llama-odd", None))
 WEIGHT_TOLERANCE = 1e-5
 
 
@@ -49,6 +49,8 @@ def build_model(name: str) -> torch.nn.Module:
         return LlamaForCausalLM(tiny_llama_config())
     if name == "llama-tied":  # input and output embeddings share one weight
         return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    if name == "llama-odd":  # norms of 33 elements: ZeRO-3 pads the last partition
+        return LlamaForCausalLM(tiny_llama_config(hidden_size=33, num_attention_heads=3, num_key_value_heads=3, head_dim=8))
     if name == "minilm":
         return BertForSequenceClassification.from_pretrained(
             minilm_path(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0

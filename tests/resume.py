@@ -100,7 +100,7 @@ def train_and_resume(runs: list[dict[str, Any]], reference_paths: dict[str, str]
             continue
         checkpoints = None if run.get("resume") else str(Path(folder) / run["label"])
         losses, weights, trainer = fit(run["plan"], run["model"], nodes_and_devices, checkpoints, run.get("resume"))
-        _, reference = torch.load(reference_paths[run["model"]], weights_only=True)
+        _, reference = torch.load(reference_paths[run["model"]], weights_only=True)  # keyed by model name
         results[run["label"]] = {"losses": losses, "weight_error": weight_error(weights, reference),
                                  "global_step": trainer.global_step}
         if dist.get_rank() == 0:

@@ -67,6 +67,10 @@ def two_process_results(folder: Path, reference_paths: dict[str, str], four_proc
              for label, plan in LAYOUTS.items()]
     runs += [{"label": label, "model": "llama", "plan": LAYOUTS[target], "resume": str(folder / _step(source, RESUMED_AFTER))}
              for label, source, target in CROSS_LAYOUT]
+    # Parameters whose size the process count does not divide: ZeRO-3 pads their last partition.
+    runs += [{"label": "ZeRO-3-uneven", "model": "llama-odd", "plan": LAYOUTS["ZeRO-3"]},
+             {"label": "ZeRO-3-uneven-resumed", "model": "llama-odd", "plan": LAYOUTS["ZeRO-3"],
+              "resume": str(folder / _step("ZeRO-3-uneven", RESUMED_AFTER))}]
     return spawn(resume.train_and_resume, 2, runs, reference_paths, str(folder), timeout=900)[0]
 
 
@@ -80,8 +84,9 @@ def one_process_results(folder: Path, reference_paths: dict[str, str], two_proce
     return spawn(resume.train_and_resume, 1, runs, reference_paths, str(folder), timeout=300)[0]
 
 
-def _assert_continues_reference(result: dict, reference_paths: dict[str, str], first_step: int) -> None:
-    reference_losses, _ = load_reference(reference_paths, "llama")
+def _assert_continues_reference(result: dict, reference_paths: dict[str, str], first_step: int,
+                                model: str = "llama") -> None:
+    reference_losses, _ = load_reference(reference_paths, model)
     assert result["global_step"] == parity.STEPS
     expected = reference_losses[first_step:]
     assert len(result["losses"]) == len(expected)
@@ -107,6 +112,11 @@ def test_resume_after_step_2_reproduces_the_uninterrupted_run(label: str, two_pr
 def test_resume_under_another_layout_continues_the_reference(label: str, two_process_results: dict,
                                                              reference_paths: dict[str, str]) -> None:
     _assert_continues_reference(two_process_results[label], reference_paths, first_step=RESUMED_AFTER)
+
+
+def test_zero3_resume_with_padded_partitions(two_process_results: dict, reference_paths: dict[str, str]) -> None:
+    _assert_continues_reference(two_process_results["ZeRO-3-uneven"], reference_paths, 0, model="llama-odd")
+    _assert_continues_reference(two_process_results["ZeRO-3-uneven-resumed"], reference_paths, RESUMED_AFTER, model="llama-odd")
 
 
 def test_zero3_checkpoint_resumes_in_one_process(one_process_results: dict, reference_paths: dict[str, str]) -> None:

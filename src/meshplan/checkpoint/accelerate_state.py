@@ -5,7 +5,10 @@
 the step counter as plain data, and each process's random number generator states; any layout
 can ``load_state`` it. Automatic checkpoint naming (``ProjectConfiguration``) works as in
 Accelerate: ``checkpoints/checkpoint_<i>`` in the project directory, ``total_limit`` honoured,
-``load_state()`` with no folder takes the latest complete one.
+``load_state()`` with no folder takes the latest complete one and numbering goes on after it.
+Not saved (unlike Accelerate's own ``save_state``): sampler and stateful data loader states,
+and ``register_save_state_pre_hook`` hooks are not called; skip consumed batches with
+``accelerator.skip_first_batches``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class CheckpointingAccelerator(Accelerator):
             "step": self.step,
             "schedulers": [scheduler.state_dict() for scheduler in self._schedulers],
             "custom_objects": [obj.state_dict() for obj in self._custom_objects],
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "deepspeed_counters": deepspeed_counters(engine) if engine is not None else None,
         }
         save_training_state(location, self._named_models(), self._named_optimizers(), plain_data(state),
@@ -62,7 +66,12 @@ class CheckpointingAccelerator(Accelerator):
             scheduler.load_state_dict(saved)
         for obj, saved in zip(self._custom_objects, state["custom_objects"]):
             obj.load_state_dict(saved)
+        if self.scaler is not None and state["grad_scaler"] is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = state["step"]
+        if self.project_configuration.automatic_checkpoint_naming and input_dir is None:
+            # Numbering goes on after the loaded checkpoint, so a restarted job can save again.
+            self.project_configuration.iteration = _iteration(Path(location)) + 1
         engine = self._deepspeed_engine()
         if engine is not None:
             restore_deepspeed_counters(engine, state["deepspeed_counters"], self.step)
@@ -91,7 +100,11 @@ class CheckpointingAccelerator(Accelerator):
             saved = sorted((path for path in folder.glob("checkpoint_*") if is_complete(path)), key=_iteration)
             for old in saved[: max(0, len(saved) + 1 - limit)]:
                 shutil.rmtree(old)
-        return folder / f"checkpoint_{self.save_iteration}"
+        location = folder / f"checkpoint_{self.save_iteration}"
+        if location.exists():
+            raise CheckpointError(f"{location} already exists (iteration {self.save_iteration}); set "
+                                  f"accelerator.project_configuration.iteration to the iteration to go on from.")
+        return location
 
     def _latest_saved(self) -> str:
         if not self.project_configuration.automatic_checkpoint_naming:
@@ -103,4 +116,4 @@ class CheckpointingAccelerator(Accelerator):
 
 
 def _iteration(path: Path) -> int:
-    return int(path.name.rsplit("_", 1)[-1])
+    return int(path.name.rsplit("_", 1)[-1].split(".")[0])

@@ -123,27 +123,50 @@ def load_model_tensor(tensor: torch.Tensor, reader: Any, key: str) -> None:
         else:
             tensor.data.copy_(full.to(tensor.dtype))
         if tensor.requires_grad and (is_zero12(tensor) or hasattr(tensor, "_z3_optimizer")):
-            import deepspeed
-
-            deepspeed.utils.safe_set_full_fp32_param(tensor, full.float().to(_master_device(tensor)))
+            _set_zero_master(tensor, full)
 
 
-def _master_device(tensor: torch.Tensor) -> torch.device:
-    return tensor.ds_tensor.device if is_zero3(tensor) else tensor.device
+def _as_master(parameter: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """A whole tensor as ZeRO 1/2's setters take it: fp32, on the master copy's device."""
+    return full.float().to(parameter.device)
+
+
+def _set_zero_master(parameter: torch.Tensor, full: torch.Tensor, state_name: str | None = None) -> None:
+    """Sets this rank's part of a parameter's fp32 master copy (``state_name`` None) or optimizer state.
+
+    ZeRO-3's own setter cuts the partition from the whole tensor unpadded, and fails on the last
+    rank when the process count does not divide the parameter's size; the partition is cut here
+    as DeepSpeed cuts parameters (the last one zero-padded).
+    """
+    import deepspeed
+
+    if not is_zero3(parameter):
+        if state_name is None:
+            deepspeed.utils.safe_set_full_fp32_param(parameter, _as_master(parameter, full))
+        else:
+            deepspeed.utils.safe_set_full_optimizer_state(parameter, _as_master(parameter, full), state_name)
+        return
+    optimizer = parameter._z3_optimizer
+    target, _ = optimizer._get_fp32_opt_state_partition(parameter, release_swap_buffers=False, optim_state_key=state_name)
+    _copy_partition(target, full, optimizer._get_param_partition_rank(parameter))
+
+
+def _copy_partition(target: torch.Tensor, full: torch.Tensor, rank: int) -> None:
+    """Copies partition ``rank`` (of ``target``'s size) of the flattened ``full`` into ``target``, zero-padded."""
+    size = target.numel()
+    flat = full.reshape(-1).to(target.dtype)
+    start = rank * size
+    count = max(0, min(size, flat.numel() - start))
+    local = target.data.view(-1)
+    local.zero_()
+    local[:count].copy_(flat[start:start + count])
 
 
 def _copy_zero3_partition(parameter: torch.Tensor, full: torch.Tensor) -> None:
     """This rank's partition of a ZeRO-3 parameter, as DeepSpeed cuts it (the last one zero-padded)."""
     import torch.distributed as dist
 
-    partition = parameter.ds_tensor
-    size = partition.ds_numel
-    start = dist.get_rank(group=parameter.ds_process_group) * size
-    flat = full.reshape(-1).to(partition.dtype)
-    count = max(0, min(size, flat.numel() - start))
-    local = partition.data.view(-1)
-    local.zero_()
-    local[:count].copy_(flat[start:start + count])
+    _copy_partition(parameter.ds_tensor, full, dist.get_rank(group=parameter.ds_process_group))
 
 
 def local_slice(reader: Any, key: str, tensor: DTensor) -> torch.Tensor:
@@ -173,8 +196,19 @@ def optimizer_entries(prefix: str, optimizer: Any, keys: dict[int, str]) -> list
 
 
 def zero_lp_groups(optimizer: Any) -> list[list[nn.Parameter]]:
-    """The model parameters of each ZeRO parameter group."""
+    """The model parameters of each flat partition ZeRO steps: per parameter group for stages
+    1 and 2, per sub-group (a parameter group may be split in several) for stage 3."""
     return optimizer.fp16_groups if hasattr(optimizer, "fp16_partitioned_groups_flat") else optimizer.bit16_groups
+
+
+def zero_param_group_members(optimizer: Any) -> list[list[nn.Parameter]]:
+    """The model parameters of each of a ZeRO optimizer's ``param_groups``."""
+    if not hasattr(optimizer, "sub_group_to_group_id"):
+        return optimizer.bit16_groups
+    members: list[list[nn.Parameter]] = [[] for _ in optimizer.param_groups]
+    for sub_group, parameters in enumerate(optimizer.fp16_groups):
+        members[optimizer.sub_group_to_group_id[sub_group]].extend(parameters)
+    return members
 
 
 def zero_flat_partitions(optimizer: Any) -> list[torch.Tensor]:
@@ -209,34 +243,36 @@ def load_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str, read
         _load_zero_optimizer_state(optimizer, keys, prefix, reader)
         return
     for group in optimizer.param_groups:
+        on_device = bool(group.get("capturable") or group.get("fused"))
         for parameter in group["params"]:
-            stored = reader.names_under(f"{prefix}/{keys[id(parameter)]}/")
-            if not stored:
-                continue
-            state = {}
-            for name, key in stored.items():
-                state[name] = _state_like(parameter, reader, key)
-            optimizer.state[parameter] = state
+            stored = reader.states_of(f"{prefix}/{keys[id(parameter)]}")
+            if stored:
+                optimizer.state[parameter] = {name: _state_like(parameter, reader, key, on_device)
+                                              for name, key in stored.items()}
 
 
-def _state_like(parameter: torch.Tensor, reader: Any, key: str) -> torch.Tensor:
-    """A stored state tensor laid out like ``parameter`` when it has its shape, else whole."""
+def _state_like(parameter: torch.Tensor, reader: Any, key: str, scalars_on_device: bool) -> torch.Tensor:
+    """A stored state tensor as torch's optimizers keep it: shaped like ``parameter`` (its
+    dtype, device and, for a DTensor, its shard), or a scalar such as Adam's step (on the CPU
+    unless the optimizer is capturable or fused)."""
     if reader.shape(key) == tuple(parameter.shape) and len(parameter.shape) > 0:
         if isinstance(parameter, DTensor):
-            local = local_slice(reader, key, parameter).to(parameter.to_local().device)
+            local = local_slice(reader, key, parameter).to(parameter.to_local().device, parameter.dtype)
             return DTensor.from_local(local, parameter.device_mesh, parameter.placements, run_check=False,
                                       shape=parameter.shape, stride=parameter.stride())
-        return reader.tensor(key).to(parameter.device)
-    return reader.tensor(key)  # scalars (Adam's step) stay where torch keeps them: on the CPU
+        return reader.tensor(key).to(parameter.device, parameter.dtype)
+    scalar = reader.tensor(key)
+    if scalars_on_device:
+        device = parameter.to_local().device if isinstance(parameter, DTensor) else parameter.device
+        return scalar.to(device)
+    return scalar
 
 
 def _load_zero_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str, reader: Any) -> None:
-    import deepspeed
-
     base = optimizer.optimizer
     created = False
     for parameters, flat in zip(zero_lp_groups(optimizer), zero_flat_partitions(optimizer)):
-        stored = {parameter: reader.names_under(f"{prefix}/{keys[id(parameter)]}/") for parameter in parameters}
+        stored = {parameter: reader.states_of(f"{prefix}/{keys[id(parameter)]}") for parameter in parameters}
         names = next((names for names in stored.values() if names), None)
         if names is None:
             continue
@@ -255,10 +291,9 @@ def _load_zero_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str
         optimizer._lazy_init_hp_params_optimizer_state()
     for parameters in zero_lp_groups(optimizer):
         for parameter in parameters:
-            for name, key in reader.names_under(f"{prefix}/{keys[id(parameter)]}/").items():
+            for name, key in reader.states_of(f"{prefix}/{keys[id(parameter)]}").items():
                 if len(reader.shape(key)) > 0:
-                    full = reader.tensor(key).float().to(_master_device(parameter))
-                    deepspeed.utils.safe_set_full_optimizer_state(parameter, full, name)
+                    _set_zero_master(parameter, reader.tensor(key), name)
 
 
 # ---------------------------------------------------------------- DeepSpeed's own counters

@@ -39,8 +39,7 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: 
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not an empty directory; export writes a new one.")
-    prefix = f"{module_name}/{pretrained['prefix']}"
-    names = [(key[len(prefix):], key) for key in reader.keys() if key.startswith(prefix)]
+    names = _hf_names(reader, f"{module_name}/{pretrained['prefix']}")
     shards = _split(reader, names, limit)
     partial = out.parent / f".{out.name}.partial"
     if partial.exists():
@@ -76,6 +75,19 @@ def _pick_model(reader: CheckpointReader, wanted: str | None) -> tuple[str, dict
             f"(prefixes: {where}); name one with model=PREFIX (--model PREFIX)."
         )
     return found[0]
+
+
+def _hf_names(reader: CheckpointReader, prefix: str) -> list[tuple[str, str]]:
+    """(name in the Hugging Face model, stored key) for the model's tensors.
+
+    A tied weight is stored once, under the name that comes first in the state dict, which is
+    the name ``save_pretrained`` keeps; its other names are aliases and are left out, unless
+    the stored name lies outside the model (a weight tied to a module beside it).
+    """
+    names = [(key[len(prefix):], key) for key in reader.keys() if key.startswith(prefix)]
+    names += [(alias[len(prefix):], key) for alias, key in reader.manifest.get("aliases", {}).items()
+              if alias.startswith(prefix) and not key.startswith(prefix)]
+    return names
 
 
 def parse_size(size: int | str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 
 from meshplan.checkpoint.engines import deepspeed_counters, restore_deepspeed_counters
 from meshplan.checkpoint.random_state import random_states, set_random_states
@@ -37,7 +38,9 @@ def save_lightning_checkpoint(strategy: Any, checkpoint: dict[str, Any], filepat
 
 def load_lightning_checkpoint(strategy: Any, filepath: Any) -> dict[str, Any]:
     """Loads weights and optimizer state into the set-up strategy; returns Lightning's state. Collective."""
-    reader = load_training_state(filepath, {"module": strategy.lightning_module}, _optimizers(strategy))
+    fitting = strategy.lightning_module.trainer.state.fn == TrainerFn.FITTING
+    # Validating or testing from a checkpoint needs the weights only (even if optimizers linger from a fit).
+    reader = load_training_state(filepath, {"module": strategy.lightning_module}, _optimizers(strategy) if fitting else {})
     state = reader.state()
     saved_random_states = reader.rank_state(strategy.global_rank)
     if saved_random_states is not None:  # a checkpoint from fewer processes has none for this one

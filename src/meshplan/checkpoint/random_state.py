@@ -22,7 +22,7 @@ def random_states() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # this process's device only: layouts differ in devices
     return states
 
 
@@ -34,4 +34,4 @@ def set_random_states(states: dict[str, Any]) -> None:
     numpy.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])

@@ -27,7 +27,11 @@ from meshplan.checkpoint.store import (
     CheckpointError,
     TensorFileReader,
     TensorFileWriter,
+    check_replaceable,
+    check_safe_object,
+    check_storable,
     load_safe_object,
+    partial_path,
     prepare_partial,
     publish,
     read_manifest,
@@ -63,39 +67,87 @@ def save_training_state(path: str | os.PathLike, models: dict[str, nn.Module], o
     """
     final = Path(path).absolute()
     rank, world = _rank_and_world()
-    if rank == 0:
-        prepare_partial(final)
-    _barrier()
-    partial = final.parent / f".{final.name}.partial"
     entries, aliases, keys = _all_model_entries(models)
     for name, optimizer in optimizers.items():
         entries += optimizer_entries(name, innermost_optimizer(optimizer), keys)
-    owners = _balanced_owners(entries, world)
-    tensor_file = f"tensors-{rank:05d}-of-{world:05d}.safetensors"
-    writer = TensorFileWriter(partial / tensor_file, [(e.key, e.shape, e.dtype) for e, o in zip(entries, owners) if o == rank])
-    for entry, owner in zip(entries, owners):
-        if entry.collective or owner == rank:
-            value = entry.read()  # every rank takes part in a gather, in the same order
-            if owner == rank:
-                writer.write(entry.key, value.to(entry.dtype))
-    writer.close()
+    # What can be wrong is found on every rank before anything is written: a rank that raised
+    # alone would leave the others waiting in the next gather.
+    check_replaceable(final)
+    check_storable((entry.key, entry.dtype) for entry in entries)
+    check_safe_object(state, "the training state")
     if rank_state is not None:
-        save_safe_object(rank_state, partial / f"rank-{rank:05d}.pt", "the per-process state")
+        check_safe_object(rank_state, "the per-process state")
     if rank == 0:
-        save_safe_object(state, partial / STATE_FILE, "the training state")
+        prepare_partial(final)
     _barrier()
+    partial = partial_path(final)
+    written, failure = _write_tensors(partial, entries, rank, world)
+    try:
+        if rank_state is not None:
+            save_safe_object(rank_state, partial / f"rank-{rank:05d}.pt", "the per-process state")
+        if rank == 0:
+            save_safe_object(state, partial / STATE_FILE, "the training state")
+    except OSError as error:
+        failure = failure or error
+    sizes = _agree_on_success(failure, written)  # every rank learns whether every rank succeeded
     if rank == 0:
-        owner_files = [f"tensors-{owner:05d}-of-{world:05d}.safetensors" for owner in owners]
-        publish(partial, final, {
+        publish(partial, final, sizes, {
             **(manifest or {}),
             "world_size": world,
-            "tensors": {entry.key: file for entry, file in zip(entries, owner_files)},
+            "tensors": {entry.key: _tensor_file(owner, world) for entry, owner in zip(entries, _balanced_owners(entries, world))},
             "aliases": aliases,
             "models": {name: _pretrained_models(module) for name, module in models.items()},
             "optimizers": {name: _param_groups(innermost_optimizer(optimizer), keys) for name, optimizer in optimizers.items()},
         })
     _barrier()
     return final
+
+
+def _tensor_file(rank: int, world: int) -> str:
+    return f"tensors-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _write_tensors(partial: Path, entries: list[Entry], rank: int, world: int) -> tuple[dict[str, int], Exception | None]:
+    """Gathers every tensor (taking part in every collective) and writes this rank's share.
+
+    A failed write (a full disk) does not stop this rank from taking part in the gathers that
+    follow; it is returned, for all ranks to agree on, instead of raised.
+    """
+    owners = _balanced_owners(entries, world)
+    path = partial / _tensor_file(rank, world)
+    failure: Exception | None = None
+    try:
+        writer = TensorFileWriter(path, [(e.key, e.shape, e.dtype) for e, owner in zip(entries, owners) if owner == rank])
+    except OSError as error:
+        writer, failure = None, error
+    for entry, owner in zip(entries, owners):
+        if entry.collective or owner == rank:
+            value = entry.read()  # every rank takes part in a gather, in the same order
+            if owner == rank and failure is None:
+                try:
+                    writer.write(entry.key, value.to(entry.dtype))
+                except OSError as error:
+                    failure = error
+    if writer is not None and failure is None:
+        try:
+            writer.close()
+        except OSError as error:
+            failure = error
+    return ({path.name: path.stat().st_size} if failure is None else {}), failure
+
+
+def _agree_on_success(failure: Exception | None, written: dict[str, int]) -> dict[str, int]:
+    """The files every rank wrote and their sizes, or a CheckpointError on every rank if any failed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if failure is not None:
+            raise CheckpointError(f"saving the checkpoint failed: {failure}") from failure
+        return written
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (str(failure) if failure is not None else None, written))
+    errors = [f"rank {rank}: {error}" for rank, (error, _) in enumerate(reports) if error is not None]
+    if errors:
+        raise CheckpointError("saving the checkpoint failed, and nothing was published: " + "; ".join(errors))
+    return {name: size for _, files in reports for name, size in files.items()}
 
 
 def _all_model_entries(models: dict[str, nn.Module]) -> tuple[list[Entry], dict[str, str], dict[int, str]]:
@@ -133,13 +185,14 @@ def _pretrained_models(module: nn.Module) -> list[dict[str, Any]]:
 
 def _param_groups(optimizer: Any, keys: dict[int, str]) -> list[dict[str, Any]]:
     """Each parameter group's hyperparameters and the keys of its parameters."""
-    from meshplan.checkpoint.engines import is_zero_optimizer, zero_lp_groups
+    from meshplan.checkpoint.engines import is_zero_optimizer, zero_param_group_members
 
     groups = []
-    members = zero_lp_groups(optimizer) if is_zero_optimizer(optimizer) else [g["params"] for g in optimizer.param_groups]
+    members = zero_param_group_members(optimizer) if is_zero_optimizer(optimizer) else [g["params"] for g in optimizer.param_groups]
     for group, parameters in zip(optimizer.param_groups, members):
         hyperparameters = {name: _plain(value) for name, value in group.items() if name != "params"}
-        groups.append({"hyperparameters": hyperparameters, "params": [keys[id(p)] for p in parameters]})
+        # Only what is trained: ZeRO leaves frozen parameters out of its groups, torch keeps them.
+        groups.append({"hyperparameters": hyperparameters, "params": [keys[id(p)] for p in parameters if p.requires_grad]})
     return groups
 
 
@@ -168,10 +221,15 @@ class CheckpointReader:
         self._mapped: dict[str, Any] = {}  # safetensors' own reader, for slices
         for file in sorted(set(self.manifest["tensors"].values())):
             self._files[file] = TensorFileReader(self.path / file)
-        missing = [key for key, file in self.manifest["tensors"].items() if key not in self._files[file].names()]
+        held = {file: set(reader.names()) for file, reader in self._files.items()}
+        missing = [key for key, file in self.manifest["tensors"].items() if key not in held[file]]
         if missing:
             raise CheckpointError(f"checkpoint {self.path} is torn: its files lack {', '.join(missing[:5])}.")
         self._shapes = {key: self._files[file].shape(key) for key, file in self.manifest["tensors"].items()}
+        self._by_owner: dict[str, dict[str, str]] = {}  # "optimizer/parameter" -> {state name: key}
+        for key in self._shapes:
+            owner, _, name = key.rpartition("/")
+            self._by_owner.setdefault(owner, {})[name] = key
 
     def keys(self) -> list[str]:
         """Every stored tensor's key, in the order they were saved."""
@@ -198,9 +256,9 @@ class CheckpointReader:
             self._mapped[file] = _open_tensors(self.path / file)
         return self._mapped[file].get_slice(key)[index]
 
-    def names_under(self, prefix: str) -> dict[str, str]:
-        """``{name: key}`` for the stored keys ``prefix + name`` (one optimizer state per parameter)."""
-        return {key[len(prefix):]: key for key in self._shapes if key.startswith(prefix)}
+    def states_of(self, owner: str) -> dict[str, str]:
+        """``{name: key}`` for the stored keys ``owner/name``: the optimizer states of one parameter."""
+        return self._by_owner.get(owner, {})
 
     def state(self) -> dict[str, Any]:
         """The front end's own state, read without unpickling code."""
@@ -232,8 +290,13 @@ def load_training_state(path: str | os.PathLike, models: dict[str, nn.Module], o
             keys[id(tensor)] = stored
             targets.append((stored, tensor))
     _check_targets(reader, targets)
+    zero3 = _zero3_optimizers(tensor for _, tensor in targets)
+    for optimizer in zero3:  # persistent (always gathered) parameters are released first...
+        optimizer.checkpoint_event_prologue()
     for stored, tensor in targets:
         load_model_tensor(tensor, reader, stored)
+    for optimizer in zero3:  # ... and gathered again from the loaded partitions
+        optimizer.checkpoint_event_epilogue()
     for name, optimizer in optimizers.items():
         inner = innermost_optimizer(optimizer)
         _check_optimizer(reader, name, inner, keys)
@@ -241,6 +304,16 @@ def load_training_state(path: str | os.PathLike, models: dict[str, nn.Module], o
         _set_hyperparameters(inner, reader.manifest["optimizers"][name])
     _barrier()
     return reader
+
+
+def _zero3_optimizers(tensors: Any) -> list[Any]:
+    """The ZeRO-3 optimizers that partition any of ``tensors``, each once."""
+    found: dict[int, Any] = {}
+    for tensor in tensors:
+        optimizer = getattr(tensor, "_z3_optimizer", None)
+        if optimizer is not None:
+            found[id(optimizer)] = optimizer
+    return list(found.values())
 
 
 def _global_shape(tensor: torch.Tensor) -> tuple[int, ...]:

@@ -159,8 +159,8 @@ def plain_data(value: Any) -> Any:
     return value
 
 
-def save_safe_object(obj: Any, path: Path, what: str) -> None:
-    """torch.save of plain data (dicts, lists, numbers, strings, tensors), refused if loading it would need unpickling code."""
+def check_safe_object(obj: Any, what: str) -> bytes:
+    """``obj`` serialized by torch.save; a CheckpointError if loading it back would need unpickling code."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     try:
@@ -170,8 +170,21 @@ def save_safe_object(obj: Any, path: Path, what: str) -> None:
             f"{what} holds an object that could only be loaded by unpickling code, which meshplan checkpoints "
             f"refuse: {_first_line(error)}. Keep checkpointed state to numbers, strings, lists, dicts and tensors."
         ) from None
+    return buffer.getvalue()
+
+
+def check_storable(tensors: Iterable[tuple[str, torch.dtype]]) -> None:
+    """A CheckpointError naming the first tensor whose dtype safetensors cannot store."""
+    for name, dtype in tensors:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store.")
+
+
+def save_safe_object(obj: Any, path: Path, what: str) -> None:
+    """torch.save of plain data (dicts, lists, numbers, strings, tensors), refused if loading it would need unpickling code."""
+    data = check_safe_object(obj, what)
     with open(path, "wb") as file:
-        file.write(buffer.getvalue())
+        file.write(data)
         file.flush()
         os.fsync(file.fileno())
 
@@ -199,6 +212,17 @@ def partial_path(final: Path) -> Path:
     return final.parent / f".{final.name}.partial"
 
 
+def check_replaceable(final: Path) -> None:
+    """Refuses to save over a directory that holds something other than a meshplan checkpoint."""
+    if final.is_file() and not final.is_symlink():
+        raise CheckpointError(f"{final} is a file; a meshplan checkpoint is a directory: remove it or save elsewhere.")
+    if final.is_dir() and not final.is_symlink() and any(final.iterdir()) and not (final / MANIFEST).is_file():
+        raise CheckpointError(
+            f"{final} is a directory that holds no meshplan checkpoint; saving there would replace its contents. "
+            f"Save to a new or empty directory."
+        )
+
+
 def prepare_partial(final: Path) -> Path:
     """Clears what an interrupted save of ``final`` left behind and creates the folder to write into."""
     partial = partial_path(final)
@@ -208,14 +232,17 @@ def prepare_partial(final: Path) -> Path:
     return partial
 
 
-def publish(partial: Path, final: Path, manifest: dict[str, Any]) -> None:
-    """Writes the manifest (listing every file and its size) and renames ``partial`` to ``final``.
+def publish(partial: Path, final: Path, sizes: dict[str, int], manifest: dict[str, Any]) -> None:
+    """Writes the manifest and renames ``partial`` to ``final``.
 
-    Until the rename the checkpoint is invisible; a previous checkpoint at ``final`` is replaced
-    only after the new one is complete.
+    ``sizes`` are the sizes of the tensor files as their writers measured them (on another node,
+    a stat here could be stale); the other files are rank 0's own. Until the rename the
+    checkpoint is invisible. A previous checkpoint at ``final`` is moved aside to
+    ``.NAME.replaced`` first and deleted last; ``latest_checkpoint`` still finds it there if
+    the process dies in between.
     """
-    manifest = dict(manifest, format=FORMAT, version=VERSION, saved_at=time.time(),
-                    files={path.name: path.stat().st_size for path in sorted(partial.iterdir())})
+    files = {path.name: path.stat().st_size for path in sorted(partial.iterdir())}
+    manifest = dict(manifest, format=FORMAT, version=VERSION, saved_at=time.time(), files={**files, **sizes})
     staged = partial / (MANIFEST + ".tmp")
     with open(staged, "w") as file:
         json.dump(manifest, file, indent=1)
@@ -290,7 +317,8 @@ def latest_checkpoint(directory: str | os.PathLike) -> str | None:
     """The most recent complete checkpoint directly inside ``directory``, or None.
 
     Partial saves (hidden folders without a manifest) and torn checkpoints are skipped, so after
-    a crash this is the checkpoint to resume from. Checkpoints are ordered by the training step
+    a crash this is the checkpoint to resume from; a checkpoint that was being replaced when the
+    process died is found in its ``.NAME.replaced`` folder. Checkpoints are ordered by the training step
     they were saved at, then by the time they were published.
     """
     directory = Path(directory)
@@ -298,7 +326,9 @@ def latest_checkpoint(directory: str | os.PathLike) -> str | None:
         return None
     found = []
     for path in directory.iterdir():
-        if path.name.startswith(".") or not path.is_dir():
+        # A ".NAME.replaced" folder is a complete checkpoint whose replacement was cut short.
+        hidden = path.name.startswith(".") and not path.name.endswith(".replaced")
+        if hidden or not path.is_dir():
             continue
         try:
             manifest = read_manifest(path)
