@@ -79,10 +79,35 @@ def weight_error(weights: dict[str, torch.Tensor], reference: dict[str, torch.Te
     return max((weights[key] - reference[key]).abs().max().item() for key in reference)
 
 
+def _save_with_failing_writes(run: dict[str, Any], nodes_and_devices: tuple[int, int], folder: Path) -> dict[str, Any]:
+    """Trains one step, then saves while every tensor write of one rank fails as on a full disk."""
+    from meshplan.checkpoint.store import TensorFileWriter
+
+    _, _, trainer = fit(run["plan"], run["model"], nodes_and_devices, steps=1)
+    write = TensorFileWriter.write
+
+    def write_to_a_full_disk(self: TensorFileWriter, name: str, tensor: torch.Tensor) -> None:
+        if dist.get_rank() == run["fail_writes_on_rank"]:
+            raise OSError(28, "No space left on device")
+        write(self, name, tensor)
+
+    TensorFileWriter.write = write_to_a_full_disk
+    target = folder / run["label"] / "failed.ckpt"
+    try:
+        trainer.save_checkpoint(target)
+        error = "none"
+    except Exception as raised:  # noqa: BLE001 - the test asserts on the type and message
+        error = f"{type(raised).__name__}: {raised}"
+    finally:
+        TensorFileWriter.write = write
+    return {"error": error, "published": target.exists()}
+
+
 def train_and_resume(runs: list[dict[str, Any]], reference_paths: dict[str, str], folder: str) -> dict[str, Any]:
     """Worker entry. Each run: ``label``, ``model``, ``plan``; optional ``resume`` (a checkpoint to
-    continue from, otherwise train from scratch with a checkpoint every step into ``folder/label``)
-    and ``expect_error`` (resuming must fail: the error is reported instead).
+    continue from, otherwise train from scratch with a checkpoint every step into ``folder/label``),
+    ``expect_error`` (resuming must fail: the error is reported instead) and ``fail_writes_on_rank``
+    (a save whose writes fail on that rank: the error each rank saw is reported).
 
     Returns per label: the global losses of the steps run, the final weight error against the
     reference, and (rank 0) the final weights saved as ``folder/label.weights.pt``.
@@ -90,6 +115,9 @@ def train_and_resume(runs: list[dict[str, Any]], reference_paths: dict[str, str]
     results = {}
     nodes_and_devices = world()
     for run in runs:
+        if run.get("fail_writes_on_rank") is not None:
+            results[run["label"]] = _save_with_failing_writes(run, nodes_and_devices, Path(folder))
+            continue
         if run.get("expect_error"):  # a checkpoint that must be refused: report how
             try:
                 fit(run["plan"], run["model"], nodes_and_devices, resume=run["resume"])

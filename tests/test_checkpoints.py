@@ -71,7 +71,11 @@ def two_process_results(folder: Path, reference_paths: dict[str, str], four_proc
     runs += [{"label": "ZeRO-3-uneven", "model": "llama-odd", "plan": LAYOUTS["ZeRO-3"]},
              {"label": "ZeRO-3-uneven-resumed", "model": "llama-odd", "plan": LAYOUTS["ZeRO-3"],
               "resume": str(folder / _step("ZeRO-3-uneven", RESUMED_AFTER))}]
-    return spawn(resume.train_and_resume, 2, runs, reference_paths, str(folder), timeout=900)[0]
+    runs += [{"label": "full-disk-on-rank-1", "model": "llama", "plan": LAYOUTS["DDP"], "fail_writes_on_rank": 1}]
+    results = spawn(resume.train_and_resume, 2, runs, reference_paths, str(folder), timeout=900)
+    results[0]["full-disk-on-rank-1"]["rank 0"] = results[0]["full-disk-on-rank-1"]["error"]
+    results[0]["full-disk-on-rank-1"]["rank 1"] = results[1]["full-disk-on-rank-1"]["error"]
+    return results[0]
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +190,16 @@ def test_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(name: 
     error = one_process_results[name]["error"]
     assert error.startswith("CheckpointError") and ("unpickle" in error or "pickled" in error), error
     assert not (folder / MARKER).exists()
+
+
+def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank(two_process_results: dict, folder: Path) -> None:
+    # Rank 1's disk is full: both ranks raise (none waits forever for the other) and nothing is published.
+    result = two_process_results["full-disk-on-rank-1"]
+    for rank in ("rank 0", "rank 1"):
+        assert result[rank].startswith("CheckpointError: saving the checkpoint failed, and nothing was published"), result
+        assert "rank 1: [Errno 28] No space left on device" in result[rank]
+    assert not result["published"]
+    assert latest_checkpoint(folder / "full-disk-on-rank-1") is None
 
 
 def test_torn_checkpoint_is_refused_naming_what_is_missing(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
