@@ -39,6 +39,9 @@ RUNS = [
     ("trainer", "zero2"),
     ("trainer", "ddp"),
 ]
+VERBOSE_RUN = ("trainer", "ddp")  # the one run that asks for the engines' output on the console
+# Lines of the engines that a user cannot act on: they belong in the log file, not on the console.
+ENGINE_NOISE = ["Setting accelerator to CPU", "deepspeed_shm_comm_op", "litlogger", "Epoch 0/-2", "GPU available"]
 
 
 def _finetune(*arguments: str, timeout: float = 420) -> subprocess.CompletedProcess:
@@ -48,9 +51,11 @@ def _finetune(*arguments: str, timeout: float = 420) -> subprocess.CompletedProc
 @pytest.mark.parametrize(("framework", "recipe"), RUNS, ids=[f"{framework}-{recipe}" for framework, recipe in RUNS])
 def test_finetune_trains_and_saves_a_loadable_model(framework: str, recipe: str, tmp_path: Path) -> None:
     output = tmp_path / "out"
+    verbose = ["--verbose"] if (framework, recipe) == VERBOSE_RUN else []
     run = _finetune("--framework", framework, "--recipe", str(CATALOGUE_DIR / f"{recipe}.yaml"),
-                    "--max-steps", str(STEPS), "--output", str(output))
+                    "--max-steps", str(STEPS), "--output", str(output), *verbose)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    _assert_console(run.stdout + run.stderr, output, verbose=bool(verbose))
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["train_steps"] == STEPS
     assert metrics["samples_per_second"] > 0
@@ -64,6 +69,21 @@ def test_finetune_trains_and_saves_a_loadable_model(framework: str, recipe: str,
     reproduced = accuracy(model, test, dp_rank=0, dp_size=1, batch_size=32, device=torch.device("cpu"))
     # TP sums partial results in another order: a borderline sample may flip.
     assert abs(reproduced - metrics["eval_accuracy_after"]) <= 1 / len(test) + 1e-9
+
+
+def _assert_console(console: str, output: Path, *, verbose: bool) -> None:
+    """meshplan's own lines and one progress bar on the console; the engines' lines in the log, or shown with --verbose."""
+    log = output / "meshplan-finetune.log"
+    assert f"{STEPS}/{STEPS} steps" in console and "loss " in console and "samples/s" in console
+    assert "measuring held-out accuracy before training" in console
+    if verbose:
+        assert not log.exists()
+        assert "Loading weights" in console  # the workers' own output (transformers' loading bar), shown
+        return
+    noise = [line for line in ENGINE_NOISE if line in console]
+    assert not noise, f"engine output on the console: {noise}"
+    assert "[WARNING]" not in console and "Traceback" not in console
+    assert "Loading weights" in log.read_text()  # the workers' own output went where a user can read it
 
 
 def _encoded_test_split(model_dir: Path):
@@ -186,11 +206,11 @@ def _weights(output: Path) -> dict[str, torch.Tensor]:
 
 
 def _run_and_kill_a_worker_after_a_checkpoint(arguments: list[str], output: Path, timeout: float = 420) -> str:
-    """Starts `meshplan finetune`, SIGKILLs its second worker once a checkpoint exists, returns stderr."""
-    log = output.with_suffix(".log")
-    with open(log, "w") as stderr:
+    """Starts `meshplan finetune`, SIGKILLs its second worker once a checkpoint exists, returns the console."""
+    log = output.with_suffix(".console")
+    with open(log, "w") as console:
         process = subprocess.Popen([str(MESHPLAN), "finetune", *arguments, "--output", str(output)],
-                                   stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+                                   stdout=console, stderr=console, text=True)
         deadline = time.monotonic() + timeout
         try:
             while latest_checkpoint(output / "checkpoints") is None:
@@ -211,6 +231,9 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_pat
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     log = _run_and_kill_a_worker_after_a_checkpoint([*arguments, "--max-restarts", "1"], tmp_path / "killed")
     assert "restarting every worker (1 of 1 restarts)" in log
+    # One bar over the whole job: after the restart it goes on from the checkpoint's step, out of 12.
+    counts = [(int(done), int(total)) for done, total in re.findall(r"(\d+)/(\d+) steps", log)]
+    assert counts[-1] == (12, 12) and all(total == 12 and done <= 12 for done, total in counts)
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert metrics["train_steps"] == 12 and metrics["resumed_at_step"] > 0
     expected, actual = _weights(tmp_path / "uninterrupted"), _weights(tmp_path / "killed")

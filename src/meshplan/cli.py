@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshplan.finetune.job import FinetuneJob
 
 
 def _list_strategies(args: argparse.Namespace) -> int:
@@ -29,14 +35,12 @@ def _list_recipes(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     import json
     import os
-    from pathlib import Path
+
+    import datasets
 
     from meshplan.errors import PlanError
     from meshplan.finetune.errors import FinetuneError
     from meshplan.finetune.job import DEFAULT_RECIPE, FinetuneJob, check_job, default_devices, default_model
-    from meshplan.launch import run_workers
-
-    import datasets
 
     datasets.disable_progress_bars()  # the checks below load the data; errors must stay one paragraph
     try:
@@ -59,19 +63,48 @@ def _finetune(args: argparse.Namespace) -> int:
     threads = max(1, (os.cpu_count() or 1) // job.devices)
     print(f"meshplan finetune: {Path(job.model).name} on {job.data} with {Path(job.recipe).name}, "
           f"{job.framework}, {job.devices} processes, {job.max_steps} steps", flush=True)
-    quiet = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-    code = run_workers([sys.executable, "-m", "meshplan.finetune.worker", str(job_path)], job.devices, threads=threads,
-                       env=quiet, max_restarts=job.max_restarts)
+    code, log = _run_finetune_workers(job, job_path, threads, args.verbose)
     if code == 130:
         print("meshplan finetune: interrupted; every worker was stopped.", file=sys.stderr)
         return code
     if code != 0:
-        print(f"meshplan finetune: a worker failed (exit code {code}); see its output above.", file=sys.stderr)
+        where = "see its output above" if log is None else f"the end of the log follows (all of it: {log})"
+        print(f"meshplan finetune: a worker failed (exit code {code}); {where}.", file=sys.stderr)
+        if log is not None:
+            print(_tail(log), file=sys.stderr)
         return code
     metrics = json.loads((Path(job.output) / "metrics.json").read_text())
     print(f"held-out accuracy: before {metrics['eval_accuracy_before']:.3f}, after {metrics['eval_accuracy_after']:.3f}; "
           f"{metrics['train_steps']} steps, {metrics['samples_per_second']:.1f} samples/s; model saved in {job.output}")
     return 0
+
+
+def _run_finetune_workers(job: FinetuneJob, job_path: Path, threads: int, verbose: bool) -> tuple[int, Path | None]:
+    """Runs the workers under one progress bar; their own output goes to a log file unless ``verbose``."""
+    from meshplan.finetune.progress import PROGRESS_FD, ProgressDisplay
+    from meshplan.launch import run_workers
+
+    command = [sys.executable, "-m", "meshplan.finetune.worker", str(job_path)]
+    quiet = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    log = None if verbose else Path(job.output) / LOG_NAME
+    with ProgressDisplay(job.max_steps) as display, (open(log, "a") if log else contextlib.nullcontext()) as output:
+        if log is not None:
+            print(f"meshplan finetune: the workers' own output goes to {log} (--verbose shows it here)", flush=True)
+        code = run_workers(command, job.devices, threads=threads, env={**quiet, PROGRESS_FD: str(display.descriptor)},
+                           max_restarts=job.max_restarts, output=output, pass_fds=(display.descriptor,))
+    return code, log
+
+
+LOG_NAME = "meshplan-finetune.log"
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log file, indented."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -116,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"and resume from the latest one found there (default: never; {DEFAULT_CHECKPOINT_EVERY} with --max-restarts)")
     finetune.add_argument("--max-restarts", type=int, default=0, help="like torchrun's: when a worker dies, restart "
                           "every worker up to N times, resuming from the latest checkpoint (default 0)")
+    finetune.add_argument("--verbose", action="store_true", help=f"show the workers' own output (the engines' "
+                          f"messages) on the console instead of in OUTPUT/{LOG_NAME}")
     finetune.set_defaults(run=_finetune)
     export = commands.add_parser("export", help="turn a meshplan checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint", help="a checkpoint directory written by any meshplan strategy (Lightning or Accelerate)")

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Sequence, TextIO
 
 # Seconds a worker gets to exit after SIGTERM before it is killed.
 _GRACE_SECONDS = 10.0
@@ -42,8 +42,11 @@ def worker_environment(rank: int, world_size: int, port: int, *, nnodes: int = 1
 
 
 def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: dict[str, str] | None = None,
-                max_restarts: int = 0) -> int:
+                max_restarts: int = 0, output: TextIO | None = None, pass_fds: Sequence[int] = ()) -> int:
     """Runs ``command`` in ``nprocs`` workers and returns the job's exit code.
+
+    The workers' standard output and error go to ``output`` (a file) when given, else to this
+    process's; ``pass_fds`` are file descriptors the workers inherit.
 
     The first worker to fail stops the others (its exit code is returned; 128+N for a worker
     killed by signal N). With ``max_restarts``, as with torchrun's, every worker is then started
@@ -53,7 +56,8 @@ def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: d
     the shutdown is orderly; on Linux they are also killed if this process dies.
     """
     for attempt in range(max_restarts + 1):
-        code = _run_attempt(command, nprocs, threads, {**(env or {}), "MESHPLAN_RESTART_COUNT": str(attempt)})
+        code = _run_attempt(command, nprocs, threads, {**(env or {}), "MESHPLAN_RESTART_COUNT": str(attempt)},
+                            output, tuple(pass_fds))
         if code in (0, 130) or attempt == max_restarts:
             return code
         print(f"meshplan: a worker failed (exit code {code}); restarting every worker "
@@ -61,7 +65,8 @@ def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: d
     return code
 
 
-def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[str, str]) -> int:
+def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[str, str], output: TextIO | None,
+                 pass_fds: tuple[int, ...]) -> int:
     port = free_port()
     workers: list[subprocess.Popen] = []
     handlers = {number: signal.signal(number, _raise_keyboard_interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
@@ -69,7 +74,8 @@ def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[st
         for rank in range(nprocs):
             worker_env = {**os.environ, **env, **worker_environment(rank, nprocs, port, threads=threads)}
             workers.append(subprocess.Popen(list(command), env=worker_env, start_new_session=True,
-                                            preexec_fn=_die_with_parent))
+                                            preexec_fn=_die_with_parent, pass_fds=pass_fds, stdout=output,
+                                            stderr=subprocess.STDOUT if output is not None else None))
         print(f"meshplan: started {nprocs} workers (pids {' '.join(str(w.pid) for w in workers)})", file=sys.stderr,
               flush=True)
         code = _wait(workers)

@@ -16,6 +16,7 @@ from meshplan.checkpoint import latest_checkpoint, save_pretrained
 from meshplan.finetune.data import StepSampler
 from meshplan.finetune.evaluate import accuracy
 from meshplan.finetune.job import FinetuneJob, Prepared
+from meshplan.finetune.progress import ProgressReporter
 
 EVAL_BATCH = 32
 
@@ -58,6 +59,8 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
 
     import meshplan
 
+    reporter = ProgressReporter()
+
     class FinetuneModule(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -65,12 +68,14 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
             self.results: dict[str, float] = {}
 
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            loss = self.model(**batch).loss
-            elapsed = time.monotonic() - self.results["start"]
-            self.log("loss", loss, prog_bar=True)
-            steps_run = self.trainer.global_step + 1 - self.results["first_step"]
-            self.log("samples_per_s", steps_run * job.batch_size / max(elapsed, 1e-6), prog_bar=True)
-            return loss
+            return self.model(**batch).loss
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean").item()
+            steps_run = self.trainer.global_step - self.results["first_step"]
+            elapsed = max(time.monotonic() - self.results["start"], 1e-6)
+            reporter.step(self.trainer.global_step, loss, steps_run * job.batch_size / elapsed)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters(), lr=job.learning_rate)
@@ -87,12 +92,14 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
 
         def on_train_start(self) -> None:
             if "before" not in self.results:  # a resumed run measured it before its first step
+                reporter.stage("measuring held-out accuracy before training")
                 self.results["before"] = self._accuracy()
             self.results["start"] = time.monotonic()
             self.results["first_step"] = self.trainer.global_step
 
         def on_train_end(self) -> None:
             self.results["seconds"] = time.monotonic() - self.results["start"]
+            reporter.stage("measuring held-out accuracy after training")
             self.results["after"] = self._accuracy()
 
         def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -107,9 +114,10 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     trainer = pl.Trainer(
         accelerator=job.accelerator, devices=job.devices, strategy=meshplan.from_recipe(job.recipe), max_steps=job.max_steps,
         max_epochs=-1, logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks, enable_model_summary=False,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, enable_progress_bar=False,  # the launcher draws meshplan's own bar
     )
     trainer.fit(module, ckpt_path=_latest(job))
+    reporter.stage(f"saving the model to {job.output}")
     save_pretrained(prepared.model, prepared.tokenizer, job.output)
     results = module.results
     return _metrics(job, results["before"], results["after"], trainer.global_step, results["seconds"],
@@ -136,9 +144,9 @@ class _Progress:
 
 def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     """A plain Accelerate loop; meshplan.accelerator() realizes the recipe; save_state/load_state checkpoint it."""
-    from tqdm.auto import tqdm
-
     import meshplan
+
+    reporter = ProgressReporter()
 
     accelerator = meshplan.accelerator(job.recipe)
     tp_size = getattr(accelerator, "tp_size", 1)
@@ -160,9 +168,9 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
                         batch_size=EVAL_BATCH, device=accelerator.device)
 
     if progress.accuracy_before is None:
+        reporter.stage("measuring held-out accuracy before training")
         progress.accuracy_before = evaluate()
     first_step = progress.step
-    bar = tqdm(total=job.max_steps, initial=first_step, disable=not accelerator.is_main_process, desc="fine-tuning")
     start = time.monotonic()
     for batch in _train_loader(job, prepared, dp_rank, dp_size, first_step):
         loss = model(**{key: value.to(accelerator.device) for key, value in batch.items()}).loss
@@ -172,13 +180,13 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
         progress.step += 1
         global_loss = accelerator.reduce(loss.detach(), "mean").item()
         samples_per_s = (progress.step - first_step) * job.batch_size / (time.monotonic() - start)
-        bar.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{samples_per_s:.1f}")
-        bar.update()
+        reporter.step(progress.step, global_loss, samples_per_s)
         if job.checkpoint_every and progress.step % job.checkpoint_every == 0:
             _save_only_latest(accelerator, job, progress.step)
     seconds = time.monotonic() - start
-    bar.close()
+    reporter.stage("measuring held-out accuracy after training")
     after = evaluate()
+    reporter.stage(f"saving the model to {job.output}")
     save_pretrained(accelerator.unwrap_model(model), prepared.tokenizer, job.output)
     return _metrics(job, progress.accuracy_before, after, progress.step, seconds, progress.step - first_step)
 
@@ -203,30 +211,36 @@ def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     arguments = TrainingArguments(
         output_dir=str(Path(job.output) / "trainer"), per_device_train_batch_size=job.batch_size // world_size,
-        max_steps=job.max_steps, learning_rate=job.learning_rate, lr_scheduler_type="constant", logging_steps=10,
-        save_strategy="no", report_to="none", seed=job.seed, **meshplan.from_recipe(job.recipe).training_arguments(),
+        max_steps=job.max_steps, learning_rate=job.learning_rate, lr_scheduler_type="constant", logging_steps=1,
+        save_strategy="no", report_to="none", seed=job.seed, disable_tqdm=True,  # the launcher draws meshplan's own bar
+        **meshplan.from_recipe(job.recipe).training_arguments(),
     )
-    trainer = Trainer(model=prepared.model, args=arguments, train_dataset=prepared.data["train"])
+    reporter = ProgressReporter()
     started: dict[str, float] = {}
 
-    class Throughput(TrainerCallback):
+    class Progress(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             started["time"] = time.monotonic()
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            # logging_steps=1: the Trainer logs the loss averaged over every rank after each step.
             if logs is not None and "loss" in logs:
-                logs["samples_per_s"] = round(state.global_step * job.batch_size / (time.monotonic() - started["time"]), 1)
+                elapsed = max(time.monotonic() - started["time"], 1e-6)
+                reporter.step(state.global_step, logs["loss"], state.global_step * job.batch_size / elapsed)
 
-    trainer.callback_handler.callbacks.insert(0, Throughput())  # before the progress bar prints the logs
+    trainer = Trainer(model=prepared.model, args=arguments, train_dataset=prepared.data["train"], callbacks=[Progress()])
     rank = dist.get_rank() if dist.is_initialized() else 0
     evaluate: Callable[[Any], float] = lambda model: accuracy(  # noqa: E731
         model, prepared.data["test"], dp_rank=rank, dp_size=world_size, batch_size=EVAL_BATCH, device=arguments.device)
     # Under DeepSpeed the Trainer leaves the model where it is until training starts; the
     # evaluation (and its all-reduce, on nccl for GPUs) runs on the training device.
+    reporter.stage("measuring held-out accuracy before training")
     before = evaluate(prepared.model.to(arguments.device))
     trainer.train()
     seconds = time.monotonic() - started["time"]
+    reporter.stage("measuring held-out accuracy after training")
     after = evaluate(trainer.model)
+    reporter.stage(f"saving the model to {job.output}")
     save_pretrained(trainer.model, prepared.tokenizer, job.output)
     return _metrics(job, before, after, trainer.state.global_step, seconds)
 

@@ -1,0 +1,102 @@
+"""Writes docs/compatibility.md, the conformance matrix, from what the conformance tests proved.
+
+    python scripts/compatibility.py                 # runs the conformance tests (about 10 minutes on 2 cores)
+    python scripts/compatibility.py --from-log F    # renders a log a test run wrote (MESHPLAN_MATRIX_LOG=F pytest ...)
+
+Each conformance test asserts its cells, then records them (tests/matrix.py); a cell that failed
+is never recorded, so the table shows only what passed, and an empty cell means "not proven".
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFORMANCE_TESTS = ["tests/test_conformance_lightning.py", "tests/test_accelerate_launch.py", "tests/test_hf_trainer.py"]
+FRONT_ENDS = ["Lightning", "Accelerate", "HF Trainer"]
+LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp", "ddp-2node", "zero3-2node"]
+PACKAGES = ["torch", "lightning", "accelerate", "deepspeed", "transformers"]
+
+
+def run_conformance_tests(log: Path) -> int:
+    """Runs the conformance tests with the matrix log enabled; returns pytest's exit code."""
+    env = {**os.environ, "MESHPLAN_MATRIX_LOG": str(log)}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CONFORMANCE_TESTS],
+                          cwd=ROOT, env=env).returncode
+
+
+def read_cells(log: Path) -> dict[str, dict[str, dict[str, str]]]:
+    """front end -> API -> layout -> outcome, from a matrix log (later records win)."""
+    cells: dict[str, dict[str, dict[str, str]]] = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        apis = cells.setdefault(entry["front_end"], {})
+        for api, outcome in entry["cells"].items():
+            apis.setdefault(api, {})[entry["layout"]] = outcome
+    return cells
+
+
+def render(cells: dict[str, dict[str, dict[str, str]]]) -> str:
+    """The Markdown page."""
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in PACKAGES)
+    lines = [
+        "# Compatibility: what works under which layout",
+        "",
+        "Each cell is a test in the suite that ran the front end's everyday API under the layout, on CPU with",
+        "2 processes (4 for tp-dp), and checked the outcome: a number against a single-process reference, an exact",
+        "sample count, or saved weights equal to the live model's. **yes** means that test passed; **PlanError**",
+        "means meshplan refuses the combination before anything starts, with a message that says what to use",
+        "instead (the test checks that error); an empty cell was not tested.",
+        "",
+        f"Written by `python scripts/compatibility.py` from the test results ({versions}).",
+    ]
+    for front_end in FRONT_ENDS:
+        apis = cells.get(front_end)
+        if not apis:
+            continue
+        layouts = [layout for layout in LAYOUTS if any(layout in outcomes for outcomes in apis.values())]
+        lines += ["", f"## {front_end}", "", "| | " + " | ".join(layouts) + " |", "|---" * (len(layouts) + 1) + "|"]
+        for api, outcomes in apis.items():
+            lines.append(f"| {api} | " + " | ".join(_cell(outcomes.get(layout)) for layout in layouts) + " |")
+        refusals = sorted({outcome for outcomes in apis.values() for outcome in outcomes.values() if outcome != "works"})
+        if refusals:
+            lines += ["", "PlanError cells: " + "; ".join(refusal.removeprefix("refused: ") for refusal in refusals) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(outcome: str | None) -> str:
+    if outcome is None:
+        return ""
+    return "yes" if outcome == "works" else "PlanError"
+
+
+def main() -> int:
+    """Runs the conformance tests (or reads a log) and writes docs/compatibility.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-log", type=Path, help="a matrix log written by an earlier test run")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "compatibility.md")
+    args = parser.parse_args()
+    if args.from_log is not None:
+        cells = read_cells(args.from_log)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            log = Path(folder) / "matrix.jsonl"
+            log.touch()
+            code = run_conformance_tests(log)
+            cells = read_cells(log)
+        if code != 0:
+            print(f"some conformance tests failed (pytest exit code {code}); their cells are left empty", file=sys.stderr)
+    args.output.write_text(render(cells))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""What a newcomer sees while ``meshplan finetune`` runs: meshplan's own lines and one progress bar.
+
+Rank 0 of the workers reports its progress as JSON lines on a pipe the launcher hands it
+(``MESHPLAN_PROGRESS_FD``); the launcher draws the bar: steps done of the total, the global loss
+and samples per second. Everything else the workers print (the engines' start-up lines, their
+warnings, Lightning's tips) goes to a log file in the output directory, or, with ``--verbose``,
+to the console as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from typing import Any, TextIO
+
+PROGRESS_FD = "MESHPLAN_PROGRESS_FD"
+
+
+class ProgressReporter:
+    """A worker's side: rank 0 writes events to the launcher's pipe; other ranks and plain runs write nothing."""
+
+    def __init__(self) -> None:
+        descriptor = os.environ.get(PROGRESS_FD)
+        self._stream: TextIO | None = None
+        if descriptor and int(os.environ.get("RANK", "0")) == 0:
+            self._stream = os.fdopen(int(descriptor), "w", buffering=1, closefd=False)
+
+    def stage(self, text: str) -> None:
+        """A line for the console, such as "measuring held-out accuracy"."""
+        self._send({"stage": text})
+
+    def step(self, step: int, loss: float, samples_per_second: float) -> None:
+        """Optimizer step ``step`` (counted from 1) is done; ``loss`` is the global batch's."""
+        self._send({"step": step, "loss": loss, "samples_per_second": samples_per_second})
+
+    def _send(self, event: dict[str, Any]) -> None:
+        if self._stream is None:
+            return
+        try:
+            self._stream.write(json.dumps(event) + "\n")
+        except OSError:
+            self._stream = None  # the launcher is gone; training goes on without a console
+
+
+class ProgressDisplay:
+    """The launcher's side: reads the workers' events from a pipe and draws them.
+
+    Use as a context manager; ``descriptor`` is the pipe's write end, to pass to the workers
+    (``pass_fds``) with its number in ``MESHPLAN_PROGRESS_FD``.
+    """
+
+    def __init__(self, total_steps: int, stream: TextIO | None = None) -> None:
+        self.total_steps = total_steps
+        self._stream = stream or sys.stdout
+        self._bar: Any = None
+        self._read_end, self.descriptor = os.pipe()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def __enter__(self) -> "ProgressDisplay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.descriptor)  # the reader sees the end of the pipe once the workers' copies are closed too
+        self._thread.join(timeout=5)
+        if self._bar is not None:
+            self._bar.close()
+
+    def _read(self) -> None:
+        with os.fdopen(self._read_end, "r") as events:
+            for line in events:
+                try:
+                    self._show(json.loads(line))
+                except (ValueError, TypeError, KeyError):
+                    continue  # a torn line from a worker that died mid-write
+
+    def _show(self, event: dict[str, Any]) -> None:
+        if "stage" in event:
+            self._print(f"meshplan finetune: {event['stage']}")
+            return
+        bar = self._progress_bar()
+        bar.n = min(int(event["step"]), self.total_steps)
+        bar.set_postfix_str(f"loss {float(event['loss']):.4f}, {float(event['samples_per_second']):.1f} samples/s",
+                            refresh=False)
+        bar.refresh()
+
+    def _progress_bar(self) -> Any:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total_steps, file=self._stream, dynamic_ncols=True, mininterval=0,
+                             bar_format="{desc}: {n}/{total} steps |{bar}|{postfix} [{elapsed}<{remaining}]",
+                             desc="training")
+        return self._bar
+
+    def _print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self._stream)
+        else:
+            print(text, file=self._stream, flush=True)
