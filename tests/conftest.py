@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from typing import Iterator
+
 import pytest
 import torch
 
 import parity
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The whole session, and every process it starts, works in a temporary directory: nothing a
+    run writes (lightning_logs/, .deepspeed_env, meshplan-output/) lands in the checkout."""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
 
 
 @pytest.fixture(scope="session")

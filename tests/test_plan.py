@@ -94,8 +94,10 @@ def test_options_reach_the_engines() -> None:
     assert zero.config["zero_optimization"] == {
         "stage": 3,
         "stage3_max_live_parameters": 1000,
+        "stage3_gather_16bit_weights_on_model_save": True,  # what the front ends' documented saves need
         "offload_optimizer": {"device": "cpu", "pin_memory": True},
     }
+    assert "stage3_gather_16bit_weights_on_model_save" not in ZeRO(stage=2).config["zero_optimization"]
 
 
 def test_registered_names_resolve_to_meshplan_strategies() -> None:
