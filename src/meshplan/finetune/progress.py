@@ -78,6 +78,9 @@ class ProgressDisplay:
 
     def _show(self, event: dict[str, Any]) -> None:
         if "stage" in event:
+            if self._bar is not None and self._bar.n >= self.total_steps:
+                self._bar.close()  # training is done: leave its last line, and print below it
+                self._bar = None
             self._print(f"meshplan finetune: {event['stage']}")
             return
         bar = self._progress_bar()
