@@ -1,15 +1,33 @@
-"""The HF Trainer on the parity model: the single-process reference and runs under a recipe."""
+"""The HF Trainer on the parity model: the single-process reference and runs under a recipe.
+
+Each recipe's run is both a parity run and the HF Trainer rows of the conformance matrix: it
+evaluates and saves every ``EVERY`` steps, then calls ``evaluate``, ``predict`` and
+``save_model``, and a second Trainer resumes from the run's first checkpoint. The worker only
+records what happened; the tests judge it against independent computations.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import meshplan
 import parity
+
+EVAL_SAMPLES = 9  # a world of 2 does not divide it: the last batch is padded, then the padding dropped
+EVAL_BATCH = 4  # per device
+# The Trainer's eval_loss repeats each batch's mean loss once per sample; the last batch, which
+# Accelerate fills with samples from the start of the set, thus counts as a whole one. Its
+# eval_loss is the mean loss over the set only when the world's eval batches divide the set.
+EVEN_EVAL_SAMPLES = 8
+EVERY = 2  # evaluate and save every 2 of the parity.STEPS steps
 
 
 class _LossRecorder(TrainerCallback):
@@ -21,18 +39,39 @@ class _LossRecorder(TrainerCallback):
             self.losses.append(logs["loss"])
 
 
-def train(output_dir: str, batch_size: int, layout: dict[str, Any]) -> tuple[list[float], Trainer]:
-    """Trains the tiny Llama with the HF Trainer; ``layout`` are extra TrainingArguments."""
+class EvalDataset(Dataset):
+    """The first ``size`` of EVAL_SAMPLES sequences of random tokens, distinct from the training data."""
+
+    def __init__(self, size: int = EVAL_SAMPLES) -> None:
+        generator = torch.Generator().manual_seed(2)
+        self.input_ids = torch.randint(3, 64, (EVAL_SAMPLES, parity.SEQUENCE), generator=generator)[:size]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[index], "labels": self.input_ids[index]}
+
+
+def train(output_dir: str, batch_size: int, layout: dict[str, Any], *, conformance: bool = False,
+          resume: bool = False) -> tuple[list[float], Trainer]:
+    """Trains the tiny Llama with the HF Trainer; ``layout`` are extra TrainingArguments.
+
+    With ``conformance`` the run also evaluates and saves a checkpoint every EVERY steps;
+    ``resume`` continues from the latest checkpoint-N in ``output_dir``.
+    """
+    schedule = dict(eval_strategy="steps", eval_steps=EVERY, save_strategy="steps", save_steps=EVERY,
+                    per_device_eval_batch_size=EVAL_BATCH) if conformance else dict(save_strategy="no")
     arguments = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=parity.STEPS,
         learning_rate=parity.LEARNING_RATE["llama"], adam_epsilon=parity.ADAM_EPS, weight_decay=0.0,
-        lr_scheduler_type="constant", optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, **layout,
+        lr_scheduler_type="constant", optim="adamw_torch", logging_steps=1, report_to="none",
+        seed=0, **schedule, **layout,
     )
     recorder = _LossRecorder()
     trainer = Trainer(model=parity.build_model("llama"), args=arguments, train_dataset=parity.TokenDataset("llama"),
-                      callbacks=[recorder])
-    trainer.train()
+                      eval_dataset=EvalDataset() if conformance else None, callbacks=[recorder])
+    trainer.train(resume_from_checkpoint=True if resume else None)
     return recorder.losses, trainer
 
 
@@ -43,21 +82,64 @@ def save_reference(output_dir: str, path: str) -> None:
 
 
 def run_recipes(recipes: list[str], reference_path: str, output_dir: str) -> dict[str, dict[str, Any]]:
-    """Worker entry: one Trainer per recipe, through strategy.training_arguments()."""
+    """Worker entry: one Trainer per recipe, through strategy.training_arguments(), and its conformance calls."""
     _, reference_weights = torch.load(reference_path, weights_only=True)
     results = {}
     for recipe in recipes:
-        layout = meshplan.from_recipe(recipe).training_arguments()
-        losses, trainer = train(output_dir, parity.GLOBAL_BATCH // trainer_world_size(), layout)
-        weights = parity.full_parameters(trainer.model)
-        results[recipe] = {
-            "losses": losses,
-            "ddp_backend": trainer.args.ddp_backend,
-            "weight_error": max((weights[key] - reference_weights[key]).abs().max().item() for key in reference_weights),
-            "deepspeed": trainer.is_deepspeed_enabled,
-            "num_processes": trainer.accelerator.num_processes,
-        }
+        folder = Path(output_dir) / Path(recipe).stem
+        results[recipe] = _run_recipe(recipe, folder, reference_weights)
     return results
+
+
+def _run_recipe(recipe: str, folder: Path, reference_weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    layout = meshplan.from_recipe(recipe).training_arguments()
+    losses, trainer = train(str(folder / "run"), parity.GLOBAL_BATCH // trainer_world_size(), layout, conformance=True)
+    weights = parity.full_parameters(trainer.model)  # collective: every rank gathers
+    # Read before evaluate() adds an entry of its own.
+    eval_steps = [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    evaluation = trainer.evaluate(EvalDataset(EVEN_EVAL_SAMPLES))
+    prediction = trainer.predict(EvalDataset())
+    trainer.save_model(str(folder / "saved"))
+    resumed_losses, resumed = _resume(folder, recipe)
+    tensors = {
+        "weights": weights,
+        "predictions": torch.as_tensor(prediction.predictions),
+        "label_ids": torch.as_tensor(prediction.label_ids),
+        "resumed_weights": parity.full_parameters(resumed.model),  # collective
+    }
+    # Tensors go through a file: a tensor in the result queue is shared by a handle that dies with the worker.
+    if dist.get_rank() == 0:
+        torch.save(tensors, folder / "tensors.pt")
+    return {
+        "losses": losses,
+        "ddp_backend": trainer.args.ddp_backend,
+        "deepspeed": trainer.is_deepspeed_enabled,
+        "num_processes": trainer.accelerator.num_processes,
+        "run_dir": str(folder / "run"),
+        "eval_steps": eval_steps,
+        "eval_loss": evaluation["eval_loss"],
+        "saved_dir": str(folder / "saved"),
+        "tensors": str(folder / "tensors.pt"),
+        "resumed_losses": resumed_losses,
+        "resumed_global_step": resumed.state.global_step,
+        "resumed_deepspeed": resumed.is_deepspeed_enabled,
+        "weight_error": _max_error(weights, reference_weights),
+    }
+
+
+def _max_error(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    return max((weights[key] - expected[key]).abs().max().item() for key in expected)
+
+
+def _resume(folder: Path, recipe: str) -> tuple[list[float], Trainer]:
+    # An interrupted run: a fresh output folder that holds only the run's first checkpoint,
+    # and a new script's own arguments.
+    layout = meshplan.from_recipe(recipe).training_arguments()
+    interrupted = folder / "interrupted"
+    if dist.get_rank() == 0:
+        shutil.copytree(folder / "run" / f"checkpoint-{EVERY}", interrupted / f"checkpoint-{EVERY}")
+    dist.barrier()
+    return train(str(interrupted), parity.GLOBAL_BATCH // trainer_world_size(), layout, conformance=True, resume=True)
 
 
 def trainer_world_size() -> int:

@@ -8,6 +8,7 @@ worker and use gloo; with DeepSpeed it also gives the "auto" batch size the true
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -33,7 +34,8 @@ def training_arguments(plan: Plan) -> dict[str, Any]:
                                  **meshplan.ZeRO(stage=2).training_arguments())
 
     Raises:
-        PlanError: the Trainer cannot express the layout (tensor parallelism, or an option it lacks).
+        PlanError: the Trainer cannot express the layout (tensor parallelism, or an option it lacks),
+            or a DDP layout is asked for where ACCELERATE_USE_DEEPSPEED would make the Trainer run DeepSpeed.
     """
     if plan.strategy == "tp":
         raise PlanError(
@@ -41,6 +43,8 @@ def training_arguments(plan: Plan) -> dict[str, Any]:
             "parallelism on models loaded with a transformers DistributedConfig, and not on CPU processes. Use "
             "lightning.Trainer(strategy=meshplan.TensorParallel(...)) or meshplan.accelerator(...) instead."
         )
+    if plan.strategy != "zero":
+        _refuse_leftover_deepspeed(plan)
     on_cpu = not torch.cuda.is_available()
     arguments: dict[str, Any] = {"use_cpu": True} if on_cpu else {}
     arguments.update(_training_settings(plan))
@@ -52,6 +56,19 @@ def training_arguments(plan: Plan) -> dict[str, Any]:
     if plan.strategy == "ddp":
         arguments.update(_ddp_arguments(plan))
     return arguments
+
+
+def _refuse_leftover_deepspeed(plan: Plan) -> None:
+    # TrainingArguments without `deepspeed` still builds a DeepSpeed plugin when this variable is
+    # set, so the Trainer would run DeepSpeed in place of the plan's layout. Accelerate sets it in
+    # `accelerate launch` of a DeepSpeed config and leaves it set after any DeepSpeed Accelerator.
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes", "y", "on", "t"):
+        raise PlanError(
+            f"ACCELERATE_USE_DEEPSPEED=true is set in this process, so the HF Trainer would run DeepSpeed instead "
+            f"of strategy={plan.strategy!r}. It comes from `accelerate launch` with a DeepSpeed config, or from an "
+            f"earlier DeepSpeed Trainer or Accelerator in this process: launch with a non-DeepSpeed config (or "
+            f"torchrun), run this layout in a fresh process, or unset the variable before building TrainingArguments."
+        )
 
 
 def _training_settings(plan: Plan) -> dict[str, Any]:
