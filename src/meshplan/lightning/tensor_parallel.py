@@ -14,10 +14,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from meshplan.errors import PlanError
 from meshplan.lightning.base import PlanStrategyMixin
 from meshplan.plan import Plan
 from meshplan.tp.shard import plan_models, shard_models
@@ -56,6 +60,7 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
         world_size = self.num_nodes * self.num_processes
         self._validate_layout()
         self._tp_plans = plan_models(self.lightning_module, self.tp_size, self.plan.tp_plan_dict)
+        _check_earlier_sharding(self.lightning_module, self.tp_size)
         self._tensor_parallel_size = self.tp_size
         self._data_parallel_size = world_size // self.tp_size
         super().setup_environment()
@@ -64,8 +69,15 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        shard_models(self.lightning_module, self._tp_plans, self.root_device, self.device_mesh["tensor_parallel"],
-                     self.device_mesh["data_parallel"])
+        tp_mesh = self.device_mesh["tensor_parallel"]
+        # Every Trainer entry point (fit, validate, test, predict, on this Trainer or a new one) sets
+        # the strategy up again, but a module can be sharded only once: torch's distribute_module
+        # refuses a second time. A module sharded earlier over the same processes is used as it is
+        # (its DTensors keep the earlier mesh, whose process groups live as long as the world does).
+        if _sharding_mesh(self.lightning_module) is None:
+            shard_models(self.lightning_module, self._tp_plans, self.root_device, tp_mesh, self.device_mesh["data_parallel"])
+        else:
+            _check_same_tensor_parallel_ranks(self.lightning_module, tp_mesh)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
@@ -88,3 +100,34 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
         # optimizers; implicit replication lets torch treat the plain ones as replicated DTensors.
         with implicit_replication():
             return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
+
+
+def _sharding_mesh(module: nn.Module) -> DeviceMesh | None:
+    """The mesh that an earlier TensorParallel setup sharded ``module`` over, or None if it is whole."""
+    for parameter in module.parameters():
+        if isinstance(parameter, DTensor):
+            return parameter.device_mesh
+    return None
+
+
+def _check_earlier_sharding(module: nn.Module, tp_size: int) -> None:
+    """Refuses, before any collective, a module that an earlier run sharded over another tp_size."""
+    mesh = _sharding_mesh(module)
+    if mesh is not None and mesh.size() != tp_size:
+        raise PlanError(
+            f"{type(module).__name__} was already sharded by TensorParallel over {mesh.size()} processes and cannot "
+            f"be re-sharded over tp_size={tp_size}; use the earlier tp_size, or a new module (or load a checkpoint "
+            f"into a new module with ckpt_path=...)."
+        )
+
+
+def _check_same_tensor_parallel_ranks(module: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Refuses a module sharded earlier over other processes than this run's tensor-parallel group."""
+    earlier = _sharding_mesh(module)
+    assert earlier is not None
+    if earlier.mesh.tolist() != tp_mesh.mesh.tolist():
+        raise PlanError(
+            f"{type(module).__name__} was already sharded by TensorParallel over ranks {earlier.mesh.tolist()}, but "
+            f"this run's tensor-parallel group is {tp_mesh.mesh.tolist()}; use a new module (or load a checkpoint "
+            f"into a new module with ckpt_path=...)."
+        )

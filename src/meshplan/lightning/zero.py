@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.strategies.deepspeed import _validate_device_index_selection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from typing_extensions import override
 
 from meshplan.deepspeed_config import deepspeed_config
+from meshplan.errors import PlanError
 from meshplan.lightning.base import PlanStrategyMixin
 from meshplan.plan import Plan
 
@@ -63,6 +65,12 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        if self.zero_stage_3 and dist.is_initialized():
+            _check_equal_batch_counts(dataloader, self.lightning_module.trainer.state.stage)
+        return super().process_dataloader(dataloader)
+
     @property
     @override
     def root_device(self) -> torch.device:
@@ -70,6 +78,31 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
         # CPU device has none, so CPU processes get the local rank (tensors on "cpu:N" are on the CPU).
         device = super().root_device
         return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
+
+
+def _check_equal_batch_counts(dataloader: object, stage: Any) -> None:
+    """Refuses a loader that gives the processes different numbers of batches under ZeRO-3.
+
+    Every forward pass of ZeRO-3 gathers each layer's parameters from all processes; a process
+    with an extra batch would wait for the others forever. Lightning evens out training,
+    validation and test data by repeating samples, but its predict sampler does not (so that
+    each sample is predicted once). Every process reaches this check for the same loader.
+    """
+    try:
+        batches = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:  # an iterable loader: its length is unknown
+        batches = None
+    counts: list[int | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, batches)
+    if None in counts or len(set(counts)) == 1:
+        return
+    name = getattr(stage, "value", stage) or "this"
+    raise PlanError(
+        f"ZeRO stage 3 gathers the parameters from every process in each forward pass, so every process must run "
+        f"the same number of {name} batches, but this {name} loader gives them {counts} (by rank). Use a number "
+        f"of samples that splits evenly (a multiple of {len(counts)} processes x the batch size), or run {name} "
+        f"with ZeRO stage 1 or 2, or in one process."
+    )
 
 
 def _use_deepspeed_accelerator_for(device: torch.device) -> None:
