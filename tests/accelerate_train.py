@@ -1,31 +1,40 @@
 """A training script written for plain Accelerate; the only meshplan line is meshplan.accelerator().
 
-    accelerate launch --config_file recipes/zero2.yaml --num_processes 2 tests/accelerate_train.py OUT.json REFERENCE.pt [RECIPE]
+    accelerate launch --config_file recipes/zero2.yaml --num_processes 2 tests/accelerate_train.py OUT.json REFERENCE.pt \
+        [--loss-scale S] [--accumulate N] [--conformance] [--no-end-training]
 
 Trains the parity model for parity.STEPS steps on the global batch split over the data-parallel
 ranks, and writes the global loss per step and the worst weight error against the reference.
+With ``--conformance`` it then exercises the rest of what an Accelerate script calls (see
+``_conformance``) and writes each outcome for the test to assert.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import meshplan  # noqa: E402
 import parity  # noqa: E402
 
-
 RESUME_AFTER = 2  # steps before the checkpoint that the script resumes from
+EVAL_SIZE = 9  # no world size of the catalogue divides it: gather_for_metrics must drop the padding
+EVAL_BATCH = 2  # per data-parallel rank
+# Multiplies the loss before backward: the gradient norm rises above DeepSpeed's default clipping
+# of 1.0 (the unscaled parity model's stays near 0.8), so a hidden clip departs from the reference.
+HIGH_GRADIENT_SCALE = 4.0
 
 
 def main(output: str, reference_path: str, strategy_or_recipe: object = None, clip: float | None = None,
-         model_name: str = "llama", resume_from: str | None = None) -> None:
+         model_name: str = "llama", resume_from: str | None = None, loss_scale: float = 1.0,
+         conformance: bool = False, end_training: bool = True, accumulation: int = 1) -> None:
     """Trains and writes the results; ``strategy_or_recipe`` goes to meshplan.accelerator(), and
     with ``clip`` the loop clips gradients with accelerator.clip_grad_norm_.
 
@@ -33,54 +42,178 @@ def main(output: str, reference_path: str, strategy_or_recipe: object = None, cl
     the end (``state-final``), then loads the first, trains the remaining steps again and reports
     how far those losses and weights are from the uninterrupted run's. With ``resume_from`` it
     instead starts from that checkpoint (saved under any layout) and trains the remaining steps.
+    ``loss_scale`` multiplies the loss given to backward (the reported losses are unscaled); with
+    ``accumulation`` each step accumulates that many micro-batches in ``accelerator.accumulate``.
     """
-    accelerator = meshplan.accelerator(strategy_or_recipe)
+    accelerator = meshplan.accelerator(strategy_or_recipe, **({"gradient_accumulation_steps": accumulation}
+                                                             if accumulation > 1 else {}))
     data_parallel_size = accelerator.num_processes // getattr(accelerator, "tp_size", 1)
     model = parity.build_model(model_name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE[model_name], eps=parity.ADAM_EPS)
-    loader = DataLoader(parity.TokenDataset(model_name), batch_size=parity.GLOBAL_BATCH // data_parallel_size)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # A constant schedule: prepared and checkpointed like any scheduler, without changing the parity.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    dataset = parity.TokenDataset(model_name)
+    loader = DataLoader(dataset, batch_size=parity.GLOBAL_BATCH // (data_parallel_size * accumulation))
+    eval_loader = DataLoader(Subset(dataset, range(EVAL_SIZE)), batch_size=EVAL_BATCH)
+    model, optimizer, loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, loader, eval_loader, scheduler)
     folder = Path(output).parent
+    train = lambda batches, **kwargs: _train(accelerator, model, optimizer, scheduler, batches, clip, loss_scale, **kwargs)  # noqa: E731
     if resume_from:
         accelerator.load_state(resume_from)
-        losses = _train(accelerator, model, optimizer, accelerator.skip_first_batches(loader, RESUME_AFTER), clip)
+        losses = train(accelerator.skip_first_batches(loader, RESUME_AFTER * accumulation))
         extra = {}
     else:
-        losses = _train(accelerator, model, optimizer, loader, clip, save_after=(RESUME_AFTER, folder / "state-step2"))
+        losses = train(loader, save_after=(RESUME_AFTER, folder / "state-step2"))
         accelerator.save_state(str(folder / "state-final"))
         final = parity.full_parameters(accelerator.unwrap_model(model))
         accelerator.load_state(str(folder / "state-step2"))
-        resumed_losses = _train(accelerator, model, optimizer, accelerator.skip_first_batches(loader, RESUME_AFTER), clip)
+        resumed_losses = train(accelerator.skip_first_batches(loader, RESUME_AFTER * accumulation))
         resumed = parity.full_parameters(accelerator.unwrap_model(model))
         extra = {"resumed_losses": resumed_losses,
                  "resume_weight_error": max((resumed[key] - final[key]).abs().max().item() for key in final)}
     weights = parity.full_parameters(accelerator.unwrap_model(model))
     _, reference = torch.load(reference_path, weights_only=True)
     weight_error = max((weights[key].cpu() - reference[key]).abs().max().item() for key in reference)
+    if conformance:
+        extra["conformance"] = _conformance(accelerator, model, eval_loader, loader, weights, folder, loss_scale, model_name)
     if accelerator.is_main_process:
         torch.save({key: value.cpu() for key, value in weights.items()}, folder / "weights.pt")
         Path(output).write_text(json.dumps({
             "losses": losses, "weight_error": weight_error, "num_processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type), "data_parallel_size": data_parallel_size, **extra,
         }))
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
 
 
-def _train(accelerator, model, optimizer, loader, clip, save_after=None) -> list[float]:
-    """One pass over ``loader``; the global loss of every step. ``save_after=(k, folder)`` saves after step k."""
-    losses = []
+def _train(accelerator, model, optimizer, scheduler, loader, clip, loss_scale, save_after=None) -> list[float]:
+    """One pass over ``loader``; the global loss of every optimizer step (the mean over its
+    micro-batches). ``save_after=(k, folder)`` saves after step k."""
+    losses, micro_losses = [], []
     for batch in loader:
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        if clip is not None:
-            accelerator.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(accelerator.reduce(loss.detach(), "mean").item())
-        if save_after is not None and len(losses) == save_after[0]:
-            accelerator.save_state(str(save_after[1]))
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss * loss_scale if loss_scale != 1.0 else loss)
+            if clip is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        micro_losses.append(loss.detach())
+        if accelerator.sync_gradients:
+            losses.append(accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item())
+            micro_losses = []
+            if save_after is not None and len(losses) == save_after[0]:
+                accelerator.save_state(str(save_after[1]))
     return losses
 
 
+def _conformance(accelerator, model, eval_loader, loader, weights, folder: Path, loss_scale: float, model_name: str) -> dict:
+    """The everyday calls after training, each with an outcome the test can check."""
+    from meshplan import PlanError
+
+    result: dict = {}
+    model.eval()
+    gathered = []
+    with torch.no_grad():
+        for batch in eval_loader:
+            gathered.append(accelerator.gather_for_metrics(batch["input_ids"]).cpu())
+    gathered = torch.cat(gathered)
+    result["gathered_rows"] = len(gathered)
+    result["gathered_equals_eval_set"] = torch.equal(gathered, parity.TokenDataset(model_name).input_ids[:EVAL_SIZE])
+    model.train()
+    result["reduce_sum_of_ones"] = accelerator.reduce(torch.ones((), device=accelerator.device), "sum").item()
+    result["clip"] = _clip_probe(accelerator, model, loader, loss_scale, PlanError)
+    result["saves"] = _saves(accelerator, model, weights, folder)
+    return result
+
+
+def _clip_probe(accelerator, model, loader, loss_scale: float, plan_error: type) -> dict:
+    """accelerator.clip_grad_norm_ after one more backward on the first batch (no optimizer step).
+
+    DeepSpeed steps inside backward, so under ZeRO only the refusal of a max_norm that the recipe
+    does not set is probed (before any backward).
+    """
+    if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
+        try:
+            accelerator.clip_grad_norm_(model.parameters(), 0.5)
+        except plan_error as error:
+            return {"refused": str(error)}
+        return {"refused": None}
+    batch = next(iter(loader))
+    accelerator.backward(model(**batch).loss * loss_scale)  # Accelerate divides it by the accumulation steps
+    norm = accelerator.clip_grad_norm_(model.parameters(), 1e9)  # measures without clipping
+    model.zero_grad()
+    return {"norm": float(norm)}
+
+
+def _saves(accelerator, model, weights: dict, folder: Path) -> dict:
+    """get_state_dict (its error against the trained weights), then save_model and the save_pretrained
+    pattern of the HF examples into ``folder`` (the test loads those with from_pretrained: loading
+    here would run under DeepSpeed's ZeRO-3 initialisation, a collective)."""
+    state = accelerator.get_state_dict(model)
+    accelerator.save_model(model, folder / "save_model")
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(
+        folder / "save_pretrained", is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+    )
+    if accelerator.is_main_process:
+        unwrapped.config.save_pretrained(folder / "save_model")  # save_model writes the weights only
+    accelerator.wait_for_everyone()
+    return {"get_state_dict": _error(state, weights)} if accelerator.is_main_process else {}
+
+
+def _error(tensors: dict, weights: dict) -> float | str:
+    """The largest difference from the trained weights, or which weight is missing."""
+    missing = sorted(set(weights) - set(tensors))
+    if missing:
+        return f"missing {missing[:3]}"
+    return max((tensors[key].detach().float().cpu() - weights[key].float().cpu()).abs().max().item() for key in weights)
+
+
+def reference_run(loss_scale: float, model_name: str = "llama") -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+    """The single-process reference of ``main`` with ``loss_scale``: no clipping, the global batch.
+
+    Returns the losses, the final weights and the gradient norm of every step.
+    """
+    model = parity.build_model(model_name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE[model_name], eps=parity.ADAM_EPS)
+    losses, norms = [], []
+    for batch in DataLoader(parity.TokenDataset(model_name), batch_size=parity.GLOBAL_BATCH):
+        loss = model(**batch).loss
+        (loss * loss_scale).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, {key: value.detach().clone() for key, value in model.named_parameters()}, norms
+
+
+def first_batch_gradient_norm(weights: dict[str, torch.Tensor], loss_scale: float, accumulation: int = 1,
+                              model_name: str = "llama") -> float:
+    """The gradient norm, at ``weights``, of the first micro-batch's loss (over all data-parallel
+    ranks) times ``loss_scale / accumulation``, in one process."""
+    model = parity.build_model(model_name)
+    model.load_state_dict(weights, strict=False)
+    batch = next(iter(DataLoader(parity.TokenDataset(model_name), batch_size=parity.GLOBAL_BATCH // accumulation)))
+    (model(**batch).loss * loss_scale / accumulation).backward()
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+
+
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output")
+    parser.add_argument("reference")
+    parser.add_argument("recipe", nargs="?")
+    parser.add_argument("--loss-scale", type=float, default=1.0)
+    parser.add_argument("--conformance", action="store_true")
+    parser.add_argument("--no-end-training", action="store_true")
+    parser.add_argument("--accumulate", type=int, default=1)
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    arguments = _arguments(sys.argv[1:])
+    main(arguments.output, arguments.reference, arguments.recipe, loss_scale=arguments.loss_scale,
+         conformance=arguments.conformance, end_training=not arguments.no_end_training, accumulation=arguments.accumulate)

@@ -2,7 +2,13 @@
 
 Each single-machine recipe starts N workers (2; 4 for tp-dp) with `--num_processes N`, and
 each two-node recipe runs as two launcher invocations (machine rank 0 and 1) on 127.0.0.1.
-The global loss per step and the final weights must match the single-process reference.
+The global loss per step and the final weights must match the single-process reference, with
+a gradient norm above DeepSpeed's default clipping (so a clip the recipe did not ask for shows).
+The same launch then checks the Accelerate rows of the conformance matrix (tests/matrix.py):
+prepare of model, optimizer, loaders and scheduler, save_state/load_state, gather_for_metrics
+with an eval set the world does not divide, reduce, clip_grad_norm_, get_state_dict,
+save_model, the save_pretrained pattern of the HF examples, and a clean exit. Every launch runs
+in a temporary directory: Accelerate's DeepSpeed launcher writes files into the working one.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 import accelerate_train
+import matrix
 import meshplan
 import parity
 from conftest import load_reference
-from meshplan.recipes import CATALOGUE_DIR
+from meshplan.recipes import CATALOGUE_DIR, RECIPE_VARIABLE
 from meshplan.testing import free_port, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,13 +37,19 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 SINGLE_MACHINE = [("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2), ("zero3-offload", 2), ("tp", 2), ("tp-dp", 4)]
 EXPECTED_TYPE = {"ddp": "MULTI_CPU", "tp": "MULTI_CPU", "tp-dp": "MULTI_CPU"}
+SCALE = accelerate_train.HIGH_GRADIENT_SCALE
+ACCUMULATION = 2  # each step accumulates two micro-batches in accelerator.accumulate()
 
 
-def _launch(recipe: str, processes: int, output: Path, reference: str, *extra: str) -> subprocess.Popen:
-    command = [str(ACCELERATE), "launch", "--config_file", f"recipes/{recipe}.yaml", "--num_processes", str(processes),
-               *extra, str(SCRIPT), str(output), reference]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def _launch(recipe: str, processes: int, output: Path, reference: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """`accelerate launch` of the recipe with absolute paths, from the output's (temporary) folder."""
+    command = [str(ACCELERATE), "launch", "--config_file", str(CATALOGUE_DIR / f"{recipe}.yaml"),
+               "--num_processes", str(processes), *extra, str(SCRIPT), str(output), reference,
+               "--loss-scale", str(SCALE), "--accumulate", str(ACCUMULATION), "--conformance"]
+    if recipe.startswith("zero"):
+        command.append("--no-end-training")  # a finished run exits 0 without end_training() too
+    return subprocess.Popen(command, cwd=output.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
@@ -48,6 +61,16 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
         pytest.fail(f"accelerate launch hung for {timeout} s:\n{output[-4000:]}")
     assert process.returncode == 0, output[-4000:]
     return output
+
+
+@pytest.fixture(scope="module")
+def high_gradient_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The single-process reference with the loss scaled by SCALE: every step's gradient norm is above 1."""
+    losses, weights, norms = accelerate_train.reference_run(SCALE)
+    assert min(norms) > 1.5, norms  # DeepSpeed's default clip at 1.0 would change every step
+    path = tmp_path_factory.mktemp("high-gradient") / "reference.pt"
+    torch.save((losses, weights), path)
+    return {"high-gradient": str(path)}
 
 
 def _assert_parity(output: Path, reference_paths: dict[str, str], reference: str = "llama") -> dict:
@@ -63,31 +86,82 @@ def _assert_parity(output: Path, reference_paths: dict[str, str], reference: str
     return result
 
 
+def _assert_conformance(result: dict, recipe: str, folder: Path) -> None:
+    """Asserts the conformance cells of one launch and records them in the matrix."""
+    print(recipe, "weight error", result["weight_error"], "conformance", json.dumps(result["conformance"]))  # figures, with -s
+    cells = _check_conformance(result["conformance"], recipe, result["data_parallel_size"], folder)
+    matrix.record("Accelerate", recipe, cells)
+
+
+def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, folder: Path) -> dict:
+    # Every sample of the eval set once, in order, although 9 is not a multiple of the world.
+    assert conformance["gathered_rows"] == accelerate_train.EVAL_SIZE
+    assert conformance["gathered_equals_eval_set"]
+    # reduce sums over the data: one term per data-parallel replica (TP ranks share one batch).
+    assert conformance["reduce_sum_of_ones"] == data_parallel_size
+    # The state dict, and the directories written by save_model and save_pretrained as
+    # from_pretrained loads them, hold exactly the trained weights.
+    assert conformance["saves"]["get_state_dict"] == 0.0
+    trained = torch.load(folder / "weights.pt", weights_only=True)
+    for name in ("save_model", "save_pretrained"):
+        loaded = dict(LlamaForCausalLM.from_pretrained(folder / name).named_parameters())
+        assert all(torch.equal(loaded[key].detach(), trained[key]) for key in trained), name
+    cells = {
+        "prepare (model, optimizer, loaders, scheduler)": matrix.WORKS,
+        "accumulate()": matrix.WORKS,  # the parity above accumulates two micro-batches per step
+        "save_state / load_state": matrix.WORKS,
+        "gather_for_metrics (exact count)": matrix.WORKS,
+        "reduce": matrix.WORKS,
+        "get_state_dict": matrix.WORKS,
+        "save_model": matrix.WORKS,
+        "save_pretrained (HF example pattern)": matrix.WORKS,
+        "exit 0": matrix.WORKS,  # _finish checked it; ZeRO launches skip end_training()
+    }
+    clip = conformance["clip"]
+    if recipe.startswith("zero"):
+        assert "DeepSpeed clips inside accelerator.backward" in clip["refused"]
+        assert "gradient_clipping: 0.5" in clip["refused"]
+        cells["clip_grad_norm_ (max_norm not the recipe's)"] = matrix.refused("DeepSpeed clips at the recipe's value")
+    else:
+        expected = accelerate_train.first_batch_gradient_norm(trained, SCALE, ACCUMULATION)
+        assert abs(clip["norm"] - expected) < 1e-4 * expected, (clip["norm"], expected)
+        cells["clip_grad_norm_ (norm)"] = matrix.WORKS
+    return cells
+
+
 @pytest.mark.parametrize(("recipe", "processes"), SINGLE_MACHINE, ids=[recipe for recipe, _ in SINGLE_MACHINE])
 def test_recipe_under_accelerate_launch_matches_one_process(recipe: str, processes: int, tmp_path: Path,
-                                                            reference_paths: dict[str, str], deepspeed_ops: None) -> None:
+                                                            high_gradient_reference: dict[str, str],
+                                                            deepspeed_ops: None) -> None:
     output = tmp_path / "result.json"
-    _finish(_launch(recipe, processes, output, reference_paths["llama"], "--main_process_port", str(free_port())))
-    result = _assert_parity(output, reference_paths)
+    # tp-dp names its recipe through $MESHPLAN_RECIPE, the channel that survives every launcher.
+    env = {RECIPE_VARIABLE: str(CATALOGUE_DIR / "tp-dp.yaml")} if recipe == "tp-dp" else None
+    _finish(_launch(recipe, processes, output, high_gradient_reference["high-gradient"], "--main_process_port",
+                    str(free_port()), env=env))
+    result = _assert_parity(output, high_gradient_reference, "high-gradient")
     assert result["num_processes"] == processes  # every CPU worker counted
     assert result["distributed_type"] == f"DistributedType.{EXPECTED_TYPE.get(recipe, 'DEEPSPEED')}"
     assert result["data_parallel_size"] == (processes // 2 if recipe.startswith("tp") else processes)
+    _assert_conformance(result, recipe, tmp_path)
+    assert not (ROOT / ".deepspeed_env").exists()
 
 
 @pytest.mark.parametrize("recipe", ["ddp-2node", "zero3-2node"])
 def test_two_node_recipe_as_two_launches_matches_one_process(recipe: str, tmp_path: Path,
-                                                              reference_paths: dict[str, str], deepspeed_ops: None) -> None:
+                                                              high_gradient_reference: dict[str, str],
+                                                              deepspeed_ops: None) -> None:
     port = str(free_port())
     launches = [
-        _launch(recipe, 2, tmp_path / f"node{rank}.json", reference_paths["llama"], "--machine_rank", str(rank),
-                "--main_process_ip", "127.0.0.1", "--main_process_port", port)
+        _launch(recipe, 2, tmp_path / f"node{rank}.json", high_gradient_reference["high-gradient"], "--machine_rank",
+                str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port)
         for rank in (0, 1)
     ]
     for launch in launches:
         _finish(launch)
-    result = _assert_parity(tmp_path / "node0.json", reference_paths)  # written by global rank 0, on node 0
+    result = _assert_parity(tmp_path / "node0.json", high_gradient_reference, "high-gradient")  # written by global rank 0
     assert result["num_processes"] == 2
     assert not (tmp_path / "node1.json").exists()
+    _assert_conformance(result, recipe, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -99,8 +173,10 @@ def test_two_node_recipe_as_two_launches_matches_one_process(recipe: str, tmp_pa
             ("q_proj", "colwise"), ("k_proj", "colwise"), ("v_proj", "colwise"), ("o_proj", "rowwise"))}), None),
         # accelerator.clip_grad_norm_ over sharded and replicated parameters together.
         (meshplan.TensorParallel(tp_size=2), parity.CLIP),
+        # Under ZeRO DeepSpeed clips, at the layout's gradient_clipping; clip_grad_norm_ names the same value.
+        (meshplan.ZeRO(stage=2, gradient_clipping=parity.CLIP), parity.CLIP),
     ],
-    ids=["recipe-path", "strategy-with-user-tp-plan", "tp-with-clipping"],
+    ids=["recipe-path", "strategy-with-user-tp-plan", "tp-with-clipping", "zero-with-clipping"],
 )
 def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, clip, tmp_path: Path,
                                                         reference_paths: dict[str, str], deepspeed_ops: None) -> None:
@@ -110,6 +186,9 @@ def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, clip,
     spawn(accelerate_train.main, 2, str(output), reference_paths[reference], strategy_or_recipe, clip, timeout=300)
     result = _assert_parity(output, reference_paths, reference)
     assert result["num_processes"] == 2
+    if clip is not None:  # clip_grad_norm_ clipped as the single-process reference did
+        layout = "zero2" if isinstance(strategy_or_recipe, meshplan.ZeRO) else "tp"
+        matrix.record("Accelerate", layout, {"clip_grad_norm_ (clipping active)": matrix.WORKS})
 
 
 def test_saved_state_resumes_under_another_layout_and_exports(tmp_path: Path, reference_paths: dict[str, str],

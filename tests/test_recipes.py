@@ -191,6 +191,7 @@ def test_recipes_command_lists_the_catalogue(capsys: pytest.CaptureFixture[str])
     from meshplan.cli import main
 
     assert main(["recipes"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == sorted(EXPECTED_CATALOGUE)
-    assert "ZeRO-3 shards optimizer state, gradients and parameters" in "\n".join(lines)
+    listing, advice = capsys.readouterr().out.split("\n\n")
+    assert [line.split()[0] for line in listing.splitlines()] == sorted(EXPECTED_CATALOGUE)
+    assert "ZeRO-3 shards optimizer state, gradients and parameters" in listing
+    assert "meshplan.accelerator()" in advice and "rank 0 of 1" in advice

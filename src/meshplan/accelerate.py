@@ -13,6 +13,7 @@ other change than ``accelerator = meshplan.accelerator()``. What meshplan adds t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import weakref
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate import state as accelerate_state
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, recursively_apply
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -49,6 +52,10 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
         **accelerator_kwargs: passed to ``Accelerator``; ``cpu`` defaults to True when no CUDA
             device is available. A value that contradicts the recipe is a PlanError.
     """
+    if accelerate_state.is_initialized():
+        # Accelerate's state is shared by every Accelerator of a process: one made before counted
+        # the processes, and this one would inherit its count.
+        check_launched_world(accelerate_state.AcceleratorState().num_processes)
     plan = resolve_plan(strategy_or_recipe)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plan.check_world_size(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
@@ -60,6 +67,14 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
         )
     on_cpu = accelerator_kwargs.pop("cpu", not torch.cuda.is_available())
     kwargs = _training_kwargs(plan, accelerator_kwargs)
+    result = _build_accelerator(plan, on_cpu, kwargs)
+    check_launched_world(result.num_processes)
+    atexit.unregister(_tear_down_process_group)  # once per process, however many accelerators
+    atexit.register(_tear_down_process_group)
+    return result
+
+
+def _build_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> Accelerator:
     if plan.strategy == "zero":
         return _deepspeed_accelerator(plan, on_cpu, kwargs)
     if plan.strategy == "tp":
@@ -68,6 +83,36 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
     if plan.engine_options:
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), DistributedDataParallelKwargs(**plan.engine_options)]
     return CheckpointingAccelerator(plan, cpu=on_cpu, **kwargs)
+
+
+def check_launched_world(num_processes: int, environ: Any = None) -> None:
+    """Raises a PlanError when the launcher started more processes than the Accelerator counts.
+
+    ``accelerate launch`` (through torchrun) exports WORLD_SIZE; on a machine without CUDA a plain
+    ``Accelerator()`` ignores it and each worker trains alone ("rank 0 of 1"), silently.
+    """
+    environ = os.environ if environ is None else environ
+    launched = int(environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and num_processes == 1:
+        raise PlanError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate counts 1: each would "
+            f"train alone. Create the Accelerator with meshplan.accelerator() (before any accelerate.Accelerator() "
+            f"in this process), or pass cpu=True to Accelerator() on a machine without GPUs."
+        )
+
+
+def _tear_down_process_group() -> None:
+    """Destroys the process group before the interpreter exits, as ``end_training()`` does.
+
+    A script that never calls ``end_training()`` otherwise leaves the process group (gloo's or
+    nccl's C++ objects and their threads, which DeepSpeed's communication layer also holds) to
+    interpreter shutdown, where Python modules and C++ statics are torn down in no defined
+    order; about one ZeRO launch in 15 then aborted on one rank ("terminate called without an
+    active exception", SIGABRT, the mark of a C++ thread destroyed unjoined). Destroying the
+    group here, while the interpreter is whole, shuts it down in order. Local, no collective.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_plan(strategy_or_recipe: Any) -> Plan:
@@ -101,7 +146,8 @@ def _deepspeed_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> 
         plan,
         micro_batch_size="auto",
         gradient_accumulation_steps=kwargs.get("gradient_accumulation_steps", 1),
-        gradient_clipping=plan.option("gradient_clipping"),
+        # DeepSpeed's engine clips at 1.0 when the config names no value: say 0 (off) explicitly.
+        gradient_clipping=plan.option("gradient_clipping") or 0,
         precision=kwargs.get("mixed_precision", "no"),
     )
     if on_cpu:
@@ -110,7 +156,7 @@ def _deepspeed_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> 
     # The launcher lists the recipe's deepspeed_config keys here; Accelerate would then refuse a
     # plugin built from a dict. The config rendered from the Plan already holds them.
     with _environment_without("ACCELERATE_CONFIG_DS_FIELDS"):
-        return CheckpointingAccelerator(plan, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **kwargs)
+        return ZeROAccelerator(plan, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **kwargs)
 
 
 @contextlib.contextmanager
@@ -120,6 +166,27 @@ def _environment_without(*names: str) -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
+
+
+class ZeROAccelerator(CheckpointingAccelerator):
+    """An Accelerator whose DeepSpeed engine clips gradients at the recipe's ``gradient_clipping`` only."""
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor | None:
+        """The gradient norm DeepSpeed measured; a PlanError when ``max_norm`` is not the recipe's clipping.
+
+        DeepSpeed clips inside ``accelerator.backward`` (which also steps), with the value fixed
+        in its config; Accelerate's own ``clip_grad_norm_`` then clips nothing, so a different
+        ``max_norm`` would be ignored without a word.
+        """
+        configured = self.plan.option("gradient_clipping") or 0
+        if float(max_norm) != float(configured):
+            raise PlanError(
+                f"accelerator.clip_grad_norm_(..., max_norm={max_norm!r}) cannot be applied under ZeRO: DeepSpeed clips "
+                f"inside accelerator.backward at the recipe's gradient_clipping ({configured!r}; 0 is off). Set "
+                f"gradient_clipping: {max_norm!r} under deepspeed_config in the recipe (or ZeRO(gradient_clipping="
+                f"{max_norm!r})) and keep this call or drop it."
+            )
+        return super().clip_grad_norm_(parameters, max_norm, norm_type)
 
 
 class TensorParallelAccelerator(CheckpointingAccelerator):
@@ -195,6 +262,46 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         with implicit_replication():
             norm = super().clip_grad_norm_(parameters, max_norm, norm_type)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    # The ranks of one TP group hold the same batch: the data-level collectives below see one
+    # copy per data-parallel replica, as they would under DDP, not one per process.
+
+    def gather(self, tensor: Any) -> Any:
+        """Accelerate's gather, keeping one copy per data-parallel replica (tensor-parallel rank 0's)."""
+        gathered = super().gather(tensor)
+        if self.tp_size == 1:
+            return gathered
+        return recursively_apply(self._first_of_each_tp_group, gathered)
+
+    def _first_of_each_tp_group(self, tensor: torch.Tensor) -> torch.Tensor:
+        # gather concatenates every process's rows in rank order; rank = dp_rank * tp_size + tp_rank.
+        per_rank = tensor.reshape(self.num_processes, -1, *tensor.shape[1:])
+        return per_rank[:: self.tp_size].reshape(-1, *tensor.shape[1:])
+
+    def reduce(self, tensor: Any, reduction: str = "sum", scale: float = 1.0) -> Any:
+        """Accelerate's reduce over the data-parallel replicas only (every TP rank holds the same value)."""
+        group, size = self.state.device_mesh["dp_replicate"].get_group(), self.num_processes // self.tp_size
+
+        def reduce_one(value: torch.Tensor) -> torch.Tensor:
+            value = value.clone() * scale
+            dist.all_reduce(value, group=group)
+            return value / size if reduction == "mean" else value
+
+        if reduction not in ("sum", "mean"):
+            return super().reduce(tensor, reduction, scale)
+        return recursively_apply(reduce_one, tensor, error_on_other_type=True)
+
+    def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+        """The model's state dict with whole tensors (sharded ones gathered over the TP group). Collective.
+
+        Accelerate's own would hand DTensors to ``save_model`` and ``save_pretrained``, which then
+        fail on their storage ("invalid python storage") or would write one shard.
+        """
+        module = self.unwrap_model(model) if unwrap else model
+        if not _is_sharded(module):
+            return super().get_state_dict(model, unwrap)
+        return {name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+                for name, value in module.state_dict().items()}
 
 
 def _is_sharded(module: nn.Module) -> bool:

@@ -29,6 +29,10 @@ def _list_recipes(args: argparse.Namespace) -> int:
     for name, recipe in recipes.items():
         purpose = recipe.description.splitlines()[0].split(":", 1)[-1].strip() if recipe.description else ""
         print(f"{name:<{width}}  {purpose}")
+    # What a newcomer hits first on a laptop: Accelerate ignores the launcher's processes on CPU.
+    print("\nLaunch with `accelerate launch --config_file recipes/NAME.yaml train.py`, where train.py creates "
+          "meshplan.accelerator();\na plain Accelerator() on a machine without GPUs trains each process alone "
+          "(\"rank 0 of 1\") unless Accelerator(cpu=True).")
     return 0
 
 
@@ -68,15 +72,19 @@ def _finetune(args: argparse.Namespace) -> int:
         print("meshplan finetune: interrupted; every worker was stopped.", file=sys.stderr)
         return code
     if code != 0:
-        where = "see its output above" if log is None else f"the end of the log follows (all of it: {log})"
-        print(f"meshplan finetune: a worker failed (exit code {code}); {where}.", file=sys.stderr)
-        if log is not None:
-            print(_tail(log), file=sys.stderr)
+        if log is None:
+            print(f"meshplan finetune: a worker failed (exit code {code}); see its output above.", file=sys.stderr)
+        else:
+            print(f"meshplan finetune: a worker failed (exit code {code}); from the log ({log}):\n"
+                  f"{_failure_excerpt(log)}", file=sys.stderr)
         return code
     metrics = json.loads((Path(job.output) / "metrics.json").read_text())
     print(f"held-out accuracy: before {metrics['eval_accuracy_before']:.3f}, after {metrics['eval_accuracy_after']:.3f}; "
           f"{metrics['train_steps']} steps, {metrics['samples_per_second']:.1f} samples/s; model saved in {job.output}")
     return 0
+
+
+LOG_NAME = "meshplan-finetune.log"
 
 
 def _run_finetune_workers(job: FinetuneJob, job_path: Path, threads: int, verbose: bool) -> tuple[int, Path | None]:
@@ -89,22 +97,25 @@ def _run_finetune_workers(job: FinetuneJob, job_path: Path, threads: int, verbos
     log = None if verbose else Path(job.output) / LOG_NAME
     with ProgressDisplay(job.max_steps) as display, (open(log, "a") if log else contextlib.nullcontext()) as output:
         if log is not None:
-            print(f"meshplan finetune: the workers' own output goes to {log} (--verbose shows it here)", flush=True)
+            display.say(f"meshplan finetune: the workers' own output goes to {log} (--verbose shows it here)")
         code = run_workers(command, job.devices, threads=threads, env={**quiet, PROGRESS_FD: str(display.descriptor)},
-                           max_restarts=job.max_restarts, output=output, pass_fds=(display.descriptor,))
+                           max_restarts=job.max_restarts, output=output, pass_fds=(display.descriptor,), say=display.say)
     return code, log
 
 
-LOG_NAME = "meshplan-finetune.log"
+def _failure_excerpt(log: Path, lines: int = 40) -> str:
+    """What the last attempt logged about its failure: from its first traceback on, else its last lines; indented."""
+    from meshplan.launch import ATTEMPT_MARK
 
-
-def _tail(path: Path, lines: int = 30) -> str:
-    """The last ``lines`` lines of a log file, indented."""
     try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
+        text = log.read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join("    " + line for line in text)
+    start = text.rfind(ATTEMPT_MARK)
+    attempt = text[start:].splitlines()[1:] if start >= 0 else text.splitlines()
+    first_traceback = next((index for index, line in enumerate(attempt) if line.startswith("Traceback")), None)
+    excerpt = attempt[first_traceback:first_traceback + lines] if first_traceback is not None else attempt[-lines:]
+    return "\n".join("    " + line for line in excerpt)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -63,6 +63,11 @@ def deepspeed_config(
 def _zero_section(plan: Plan) -> dict[str, Any]:
     section: dict[str, Any] = {"stage": plan.zero_stage}
     section.update({key: plan.option(key) for key in _ZERO_KEYS if plan.option(key) is not None})
+    if plan.zero_stage == 3:
+        # The documented saves (Accelerate's get_state_dict and save_model, the HF Trainer's
+        # save_model) gather ZeRO-3's partitions into whole weights only when this is set;
+        # without it they raise or write no weights. Gathering costs nothing until a save.
+        section["stage3_gather_16bit_weights_on_model_save"] = True
     pin_memory = plan.option("pin_memory", False)
     if plan.offload_optimizer:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Sequence, TextIO
+from typing import Callable, Sequence, TextIO
 
 # Seconds a worker gets to exit after SIGTERM before it is killed.
 _GRACE_SECONDS = 10.0
@@ -42,11 +42,13 @@ def worker_environment(rank: int, world_size: int, port: int, *, nnodes: int = 1
 
 
 def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: dict[str, str] | None = None,
-                max_restarts: int = 0, output: TextIO | None = None, pass_fds: Sequence[int] = ()) -> int:
+                max_restarts: int = 0, output: TextIO | None = None, pass_fds: Sequence[int] = (),
+                say: Callable[[str], None] | None = None) -> int:
     """Runs ``command`` in ``nprocs`` workers and returns the job's exit code.
 
     The workers' standard output and error go to ``output`` (a file) when given, else to this
-    process's; ``pass_fds`` are file descriptors the workers inherit.
+    process's; ``pass_fds`` are file descriptors the workers inherit. The launcher's own lines
+    (workers started, restarts) go to ``say``, standard error by default.
 
     The first worker to fail stops the others (its exit code is returned; 128+N for a worker
     killed by signal N). With ``max_restarts``, as with torchrun's, every worker is then started
@@ -55,18 +57,29 @@ def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: d
     Workers run in sessions of their own, so a terminal's Ctrl-C reaches this process alone and
     the shutdown is orderly; on Linux they are also killed if this process dies.
     """
+    say = say or _print_to_stderr
     for attempt in range(max_restarts + 1):
+        if output is not None:
+            print(f"{ATTEMPT_MARK}{attempt} ===", file=output, flush=True)
         code = _run_attempt(command, nprocs, threads, {**(env or {}), "MESHPLAN_RESTART_COUNT": str(attempt)},
-                            output, tuple(pass_fds))
+                            output, tuple(pass_fds), say)
         if code in (0, 130) or attempt == max_restarts:
             return code
-        print(f"meshplan: a worker failed (exit code {code}); restarting every worker "
-              f"({attempt + 1} of {max_restarts} restarts)", file=sys.stderr, flush=True)
+        say(f"meshplan: a worker failed (exit code {code}); restarting every worker "
+            f"({attempt + 1} of {max_restarts} restarts)")
     return code
 
 
+# Written to ``output`` before each attempt, so that a log shows where the last attempt began.
+ATTEMPT_MARK = "=== meshplan: attempt "
+
+
+def _print_to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[str, str], output: TextIO | None,
-                 pass_fds: tuple[int, ...]) -> int:
+                 pass_fds: tuple[int, ...], say: Callable[[str], None]) -> int:
     port = free_port()
     workers: list[subprocess.Popen] = []
     handlers = {number: signal.signal(number, _raise_keyboard_interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
@@ -76,12 +89,11 @@ def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[st
             workers.append(subprocess.Popen(list(command), env=worker_env, start_new_session=True,
                                             preexec_fn=_die_with_parent, pass_fds=pass_fds, stdout=output,
                                             stderr=subprocess.STDOUT if output is not None else None))
-        print(f"meshplan: started {nprocs} workers (pids {' '.join(str(w.pid) for w in workers)})", file=sys.stderr,
-              flush=True)
+        say(f"meshplan: started {nprocs} workers (pids {' '.join(str(w.pid) for w in workers)})")
         code = _wait(workers)
         return 128 - code if code < 0 else code
     except KeyboardInterrupt:
-        print("meshplan: interrupted, stopping every worker", file=sys.stderr, flush=True)
+        say("meshplan: interrupted, stopping every worker")
         return 130
     finally:
         # A second Ctrl-C must not cut the shutdown short and leave workers behind.

@@ -158,20 +158,55 @@ def plan_from_environment(environ: Mapping[str, str] | None = None, extras: Mapp
     return plan_from_accelerate_config(config, extras)
 
 
-def launched_recipe_extras(parent_pid: int | None = None) -> dict[str, Any]:
-    """The meshplan header options of the recipe given to the ``accelerate launch`` that started us.
+# Names the recipe of a launch explicitly; read before anything else (see launched_recipe_extras).
+RECIPE_VARIABLE = "MESHPLAN_RECIPE"
 
-    Accelerate exports its own keys but not the config file's path; its workers are children of
-    the launching process, whose command line names the file. Empty when there is none.
+
+def launched_recipe_extras(parent_pid: int | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The meshplan header options of the recipe this process was launched with; {} when there is none.
+
+    Accelerate exports its own keys to the workers but not the config file's path. The recipe is
+    found, in order: through $MESHPLAN_RECIPE (survives every launcher: SLURM, pdsh, macOS, nested
+    launchers); through the command line of the ``accelerate launch`` that is the parent process
+    (Linux /proc; Accelerate's default config file when it names none). A ZeRO recipe's DeepSpeed
+    options in a ``deepspeed_config_file`` reach the workers without either (Accelerate exports
+    its path).
+
+    Raises:
+        PlanError: ``accelerate launch`` started this process but its recipe cannot be found, so
+            options in its header would be lost: set MESHPLAN_RECIPE or pass the recipe path.
     """
+    environ = os.environ if environ is None else environ
+    named = environ.get(RECIPE_VARIABLE)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise PlanError(f"{RECIPE_VARIABLE}={named!r} names no file; set it to the recipe given to accelerate launch.")
+        return _header_extras(path.read_text(), path)
+    found, path = _recipe_of_parent(parent_pid)
+    if found:
+        return _header_extras(path.read_text(), path) if path is not None else {}
+    if "ACCELERATE_MIXED_PRECISION" in environ:  # every `accelerate launch` exports it
+        raise PlanError(
+            "meshplan.accelerator() cannot find the recipe `accelerate launch` started this process with (Accelerate "
+            "does not pass the config file's path to its workers, and the launching command line cannot be read "
+            "here), so meshplan options in its '# meshplan:' header would be lost. Launch with "
+            f"{RECIPE_VARIABLE}=<recipe path> in the environment, or pass the recipe: "
+            "meshplan.accelerator('recipes/zero3.yaml')."
+        )
+    return {}
+
+
+def _recipe_of_parent(parent_pid: int | None) -> tuple[bool, Path | None]:
+    """(found, recipe path) from the parent ``accelerate launch``; found is False when that cannot be told."""
     parent = Path(f"/proc/{parent_pid or os.getppid()}")
     try:
         arguments = (parent / "cmdline").read_bytes().decode().split("\0")
         cwd = (parent / "cwd").resolve()
     except OSError:
-        return {}
+        return False, None
     if not any(argument.endswith("accelerate") or "accelerate.commands" in argument for argument in arguments[:3]):
-        return {}
+        return False, None
     for index, argument in enumerate(arguments):
         value = None
         if argument == "--config_file" and index + 1 < len(arguments):
@@ -180,8 +215,10 @@ def launched_recipe_extras(parent_pid: int | None = None) -> dict[str, Any]:
             value = argument.split("=", 1)[1]
         if value:
             path = Path(value) if Path(value).is_absolute() else cwd / value
-            return _header_extras(path.read_text(), path) if path.is_file() else {}
-    return {}
+            return True, path if path.is_file() else None
+    from accelerate.commands.config import default_config_file  # what `accelerate launch` reads without one
+
+    return True, Path(default_config_file) if Path(default_config_file).is_file() else None
 
 
 def _deepspeed_config_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -22,9 +22,11 @@ class ProgressReporter:
     """A worker's side: rank 0 writes events to the launcher's pipe; other ranks and plain runs write nothing."""
 
     def __init__(self) -> None:
-        descriptor = os.environ.get(PROGRESS_FD)
+        descriptor = os.environ.pop(PROGRESS_FD, None)  # not for this worker's own children
         self._stream: TextIO | None = None
         if descriptor and int(os.environ.get("RANK", "0")) == 0:
+            # A data loader's worker processes must not keep the pipe open after this process exits.
+            os.set_inheritable(int(descriptor), False)
             self._stream = os.fdopen(int(descriptor), "w", buffering=1, closefd=False)
 
     def stage(self, text: str) -> None:
@@ -45,15 +47,17 @@ class ProgressReporter:
 
 
 class ProgressDisplay:
-    """The launcher's side: reads the workers' events from a pipe and draws them.
+    """The launcher's side: reads the workers' events from a pipe and draws them on standard error.
 
     Use as a context manager; ``descriptor`` is the pipe's write end, to pass to the workers
-    (``pass_fds``) with its number in ``MESHPLAN_PROGRESS_FD``.
+    (``pass_fds``) with its number in ``MESHPLAN_PROGRESS_FD``. The launcher's own messages go
+    through ``say``, so that they never land in the middle of the bar's line.
     """
 
     def __init__(self, total_steps: int, stream: TextIO | None = None) -> None:
         self.total_steps = total_steps
-        self._stream = stream or sys.stdout
+        self._stream = stream or sys.stderr
+        self._lock = threading.Lock()
         self._bar: Any = None
         self._read_end, self.descriptor = os.pipe()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -65,8 +69,15 @@ class ProgressDisplay:
     def __exit__(self, *exc: Any) -> None:
         os.close(self.descriptor)  # the reader sees the end of the pipe once the workers' copies are closed too
         self._thread.join(timeout=5)
-        if self._bar is not None:
-            self._bar.close()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    def say(self, text: str) -> None:
+        """Prints one of the launcher's lines above the bar."""
+        with self._lock:
+            self._print(text)
 
     def _read(self) -> None:
         with os.fdopen(self._read_end, "r") as events:
@@ -75,6 +86,8 @@ class ProgressDisplay:
                     self._show(json.loads(line))
                 except (ValueError, TypeError, KeyError):
                     continue  # a torn line from a worker that died mid-write
+                except OSError:
+                    return  # the console is gone (a closed pipe): stop drawing, rank 0 stops reporting
 
     def _show(self, event: dict[str, Any]) -> None:
         if "stage" in event:

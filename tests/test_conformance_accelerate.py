@@ -1,0 +1,105 @@
+"""What an Accelerate user meets around the loop: the launched recipe, the world size, the exit.
+
+The Accelerate rows of the conformance matrix themselves are checked inside the one launch per
+recipe of tests/test_accelerate_launch.py; this file holds what needs no training run (tier 1)
+and the repeated exit of a ZeRO launch that never calls end_training() (tier 3).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+import meshplan
+from conftest import load_reference
+from meshplan import PlanError, TensorParallel
+from meshplan.accelerate import check_launched_world
+from meshplan.recipes import CATALOGUE_DIR, RECIPE_VARIABLE, catalogue, launched_recipe_extras, plan_from_environment
+from meshplan.testing import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+# What `accelerate launch` exports to each worker of a TP recipe (see accelerate/utils/launch.py).
+TP_LAUNCH_ENVIRONMENT = {"LOCAL_RANK": "0", "WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "no",
+                         "ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_TP_SIZE": "2"}
+USER_TP_PLAN = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}
+
+
+# Issue 9: the recipe's meshplan options reach the workers, or the launch is refused.
+
+def test_the_recipe_named_by_meshplan_recipe_carries_its_header_options(tmp_path: Path) -> None:
+    recipe = TensorParallel(tp_size=2, tp_plan=USER_TP_PLAN).to_recipe(tmp_path / "tp.yaml")
+    environ = {**TP_LAUNCH_ENVIRONMENT, RECIPE_VARIABLE: str(recipe)}
+    # The parent (pytest) is no `accelerate launch`: only the variable can name the recipe.
+    extras = launched_recipe_extras(parent_pid=os.getpid(), environ=environ)
+    assert plan_from_environment(environ, extras) == TensorParallel(tp_size=2, tp_plan=USER_TP_PLAN).plan
+
+
+def test_a_launch_whose_recipe_cannot_be_found_is_refused_not_guessed() -> None:
+    # macOS, SLURM, pdsh or a launcher that is not the direct parent: no command line to read.
+    with pytest.raises(PlanError) as error:
+        launched_recipe_extras(parent_pid=os.getpid(), environ=TP_LAUNCH_ENVIRONMENT)
+    assert RECIPE_VARIABLE in str(error.value) and "meshplan.accelerator('recipes/zero3.yaml')" in str(error.value)
+
+
+def test_meshplan_recipe_naming_no_file_is_a_plan_error(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match=f"{RECIPE_VARIABLE}=.*names no file"):
+        launched_recipe_extras(environ={**TP_LAUNCH_ENVIRONMENT, RECIPE_VARIABLE: str(tmp_path / "missing.yaml")})
+
+
+def test_a_process_no_launcher_started_has_no_recipe_options() -> None:
+    assert launched_recipe_extras(parent_pid=os.getpid(), environ={}) == {}
+
+
+# Issue 11: Accelerate on a CPU-only machine counts one process where the launcher started more.
+
+def test_a_world_of_one_under_a_launcher_of_two_is_refused() -> None:
+    check_launched_world(2, {"WORLD_SIZE": "2"})
+    check_launched_world(1, {})
+    with pytest.raises(PlanError, match=r"started 2 processes \(WORLD_SIZE=2\) but Accelerate counts 1"):
+        check_launched_world(1, {"WORLD_SIZE": "2"})
+
+
+def test_meshplan_accelerator_refuses_the_state_a_plain_accelerator_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A plain Accelerator() made first counts one process on a CPU machine; its state is shared
+    # by every Accelerator of the process, so meshplan's would inherit the count of one.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        assert Accelerator().num_processes == 1
+        with pytest.raises(PlanError, match="meshplan.accelerator\\(\\).*or pass cpu=True"):
+            meshplan.accelerator(meshplan.DDP())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_where_a_user_reads_first_says_to_use_meshplan_accelerator(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshplan.cli import main
+
+    for name, recipe in catalogue().items():
+        assert "meshplan.accelerator()" in recipe.description and "cpu=True" in recipe.description, name
+    assert main(["recipes"]) == 0
+    assert "meshplan.accelerator()" in capsys.readouterr().out
+    opening = (ROOT / "docs" / "accelerate.md").read_text().split("\n\n")[:4]
+    assert any("rank 0 of 1" in paragraph for paragraph in opening)
+
+
+# Issue 6: a finished ZeRO launch exits 0, every time, without end_training().
+
+def test_a_zero_launch_without_end_training_exits_zero_every_time(tmp_path: Path, reference_paths: dict[str, str],
+                                                                   deepspeed_ops: None) -> None:
+    first_loss = load_reference(reference_paths, "llama")[0][0]
+    for attempt in range(3):
+        output = tmp_path / f"loss{attempt}.txt"
+        command = [str(ACCELERATE), "launch", "--config_file", str(CATALOGUE_DIR / "zero3.yaml"), "--num_processes", "2",
+                   "--main_process_port", str(free_port()), str(ROOT / "tests" / "conformance_accelerate.py"), str(output)]
+        finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert finished.returncode == 0, (attempt, (finished.stdout + finished.stderr)[-3000:])
+        assert "terminate called" not in finished.stderr
+        assert abs(float(output.read_text()) - first_loss) < 1e-5  # the step ran on both ranks, as one job
