@@ -92,7 +92,8 @@ def main() -> int:
             code = run_conformance_tests(log)
             cells = read_cells(log)
         if code != 0:
-            print(f"some conformance tests failed (pytest exit code {code}); their cells are left empty", file=sys.stderr)
+            print(f"conformance tests failed (pytest exit code {code}); {args.output} is left as it was", file=sys.stderr)
+            return 1
     args.output.write_text(render(cells))
     print(f"wrote {args.output}")
     return 0

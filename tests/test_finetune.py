@@ -111,6 +111,25 @@ def test_finetune_trains_a_causal_lm_on_a_text_file(tmp_path: Path) -> None:
     assert isinstance(LlamaForCausalLM.from_pretrained(output), LlamaForCausalLM)
 
 
+def test_a_failing_worker_shows_its_traceback_from_this_run(tmp_path: Path) -> None:
+    model_dir = tmp_path / "torn-model"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=30522)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")  # the config is fine: the workers start
+    data = tmp_path / "notes.json"
+    data.write_text("\n".join(json.dumps({"text": f"note {i}"}) for i in range(20)))
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "meshplan-finetune.log").write_text("Traceback: an earlier run's failure\n")
+    run = _finetune("--model", str(model_dir), "--data", str(data), "--recipe", str(CATALOGUE_DIR / "ddp.yaml"),
+                    "--max-steps", "2", "--output", str(output))
+    assert run.returncode not in (0, 2), run.stderr[-3000:]
+    assert "a worker failed" in run.stderr and "Traceback (most recent call last)" in run.stderr
+    assert "safetensors" in run.stderr.split("a worker failed", 1)[1]  # the cause, from this run's log
+    assert "an earlier run's failure" not in run.stderr
+
+
 def test_ctrl_c_stops_every_worker(tmp_path: Path) -> None:
     process = subprocess.Popen([str(MESHPLAN), "finetune", "--max-steps", "100000", "--output", str(tmp_path / "out")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -231,10 +250,14 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_pat
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     log = _run_and_kill_a_worker_after_a_checkpoint([*arguments, "--max-restarts", "1"], tmp_path / "killed")
     assert "restarting every worker (1 of 1 restarts)" in log
-    # One bar over the whole job: after the restart it goes on from the checkpoint's step, out of 12.
-    counts = [(int(done), int(total)) for done, total in re.findall(r"(\d+)/(\d+) steps", log)]
-    assert counts[-1] == (12, 12) and all(total == 12 and done <= 12 for done, total in counts)
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    # The bar counts out of 12 throughout; after the restart it goes on from the checkpoint's step, one step at a time.
+    assert all(total == "12" for _, total in re.findall(r"(\d+)/(\d+) steps", log))
+    steps = [int(done) for done in re.findall(r"(\d+)/12 steps", log.split("restarting every worker", 1)[1])]
+    last_drop = max([index for index in range(1, len(steps)) if steps[index] < steps[index - 1]], default=0)
+    resumed = steps[last_drop:]  # the bar of the resumed run (a redraw of the old one may come first)
+    assert resumed[0] == metrics["resumed_at_step"] and resumed[-1] == 12
+    assert all(later - earlier in (0, 1) for earlier, later in zip(resumed, resumed[1:]))
     assert metrics["train_steps"] == 12 and metrics["resumed_at_step"] > 0
     expected, actual = _weights(tmp_path / "uninterrupted"), _weights(tmp_path / "killed")
     assert max((actual[name] - expected[name]).abs().max().item() for name in expected) < 1e-6
