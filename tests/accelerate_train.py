@@ -121,8 +121,19 @@ def _conformance(accelerator, model, eval_loader, loader, weights, folder: Path,
     gathered = torch.cat(gathered)
     result["gathered_rows"] = len(gathered)
     result["gathered_equals_eval_set"] = torch.equal(gathered, parity.TokenDataset(model_name).input_ids[:EVAL_SIZE])
+    # Python objects (decoded predictions, say) take Accelerate's gather_object path.
+    objects = []
+    for batch in eval_loader:
+        objects += accelerator.gather_for_metrics([f"sample starting {int(row[0])}" for row in batch["input_ids"]])
+    result["gathered_objects"] = objects
     model.train()
     result["reduce_sum_of_ones"] = accelerator.reduce(torch.ones((), device=accelerator.device), "sum").item()
+    result["reduce_sum_of_counts"] = accelerator.reduce(torch.tensor(5, device=accelerator.device), "sum").tolist()
+    # A trigger set on the main process alone must stop every process, or the others would wait forever.
+    if accelerator.is_main_process:
+        accelerator.set_trigger()
+    seen = torch.tensor(float(accelerator.check_trigger()), device=accelerator.device)
+    result["trigger_seen_by_every_rank"] = accelerator.reduce(seen, "mean").item() == 1.0
     result["clip"] = _clip_probe(accelerator, model, loader, loss_scale, PlanError)
     result["saves"] = _saves(accelerator, model, weights, folder)
     return result
@@ -135,11 +146,12 @@ def _clip_probe(accelerator, model, loader, loss_scale: float, plan_error: type)
     does not set is probed (before any backward).
     """
     if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
+        measured = float(accelerator.clip_grad_norm_(model.parameters(), float("inf")))
         try:
             accelerator.clip_grad_norm_(model.parameters(), 0.5)
         except plan_error as error:
-            return {"refused": str(error)}
-        return {"refused": None}
+            return {"refused": str(error), "measured": measured}
+        return {"refused": None, "measured": measured}
     batch = next(iter(loader))
     accelerator.backward(model(**batch).loss * loss_scale)  # Accelerate divides it by the accumulation steps
     norm = accelerator.clip_grad_norm_(model.parameters(), 1e9)  # measures without clipping

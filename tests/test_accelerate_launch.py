@@ -97,8 +97,13 @@ def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, 
     # Every sample of the eval set once, in order, although 9 is not a multiple of the world.
     assert conformance["gathered_rows"] == accelerate_train.EVAL_SIZE
     assert conformance["gathered_equals_eval_set"]
-    # reduce sums over the data: one term per data-parallel replica (TP ranks share one batch).
+    expected_objects = [f"sample starting {int(row[0])}" for row in parity.TokenDataset("llama").input_ids[:accelerate_train.EVAL_SIZE]]
+    assert conformance["gathered_objects"] == expected_objects
+    # reduce sums over the data: one term per data-parallel replica (TP ranks share one batch),
+    # and an integer stays an integer.
     assert conformance["reduce_sum_of_ones"] == data_parallel_size
+    assert conformance["reduce_sum_of_counts"] == 5 * data_parallel_size
+    assert conformance["trigger_seen_by_every_rank"]
     # The state dict, and the directories written by save_model and save_pretrained as
     # from_pretrained loads them, hold exactly the trained weights.
     assert conformance["saves"]["get_state_dict"] == 0.0
@@ -111,7 +116,9 @@ def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, 
         "accumulate()": matrix.WORKS,  # the parity above accumulates two micro-batches per step
         "save_state / load_state": matrix.WORKS,
         "gather_for_metrics (exact count)": matrix.WORKS,
+        "gather_for_metrics of Python objects (exact count)": matrix.WORKS,
         "reduce": matrix.WORKS,
+        "set_trigger / check_trigger": matrix.WORKS,
         "get_state_dict": matrix.WORKS,
         "save_model": matrix.WORKS,
         "save_pretrained (HF example pattern)": matrix.WORKS,
@@ -121,6 +128,8 @@ def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, 
     if recipe.startswith("zero"):
         assert "DeepSpeed clips inside accelerator.backward" in clip["refused"]
         assert "gradient_clipping: 0.5" in clip["refused"]
+        assert clip["measured"] > 0  # max_norm=inf only measures: allowed when the recipe does not clip
+        cells["clip_grad_norm_ (max_norm=inf, measures)"] = matrix.WORKS
         cells["clip_grad_norm_ (max_norm not the recipe's)"] = matrix.refused("DeepSpeed clips at the recipe's value")
     else:
         expected = accelerate_train.first_batch_gradient_norm(trained, SCALE, ACCUMULATION)

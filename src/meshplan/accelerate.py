@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import weakref
 from pathlib import Path
@@ -97,7 +98,8 @@ def check_launched_world(num_processes: int, environ: Any = None) -> None:
         raise PlanError(
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate counts 1: each would "
             f"train alone. Create the Accelerator with meshplan.accelerator() (before any accelerate.Accelerator() "
-            f"in this process), or pass cpu=True to Accelerator() on a machine without GPUs."
+            f"in this process); for plain data parallelism Accelerator(cpu=True) counts them too, but it drops a ZeRO "
+            f"or TP layout."
         )
 
 
@@ -118,7 +120,9 @@ def _tear_down_process_group() -> None:
 def resolve_plan(strategy_or_recipe: Any) -> Plan:
     """The Plan of a strategy, a Plan, a recipe path, or (None) of the launching recipe."""
     if strategy_or_recipe is None:
-        return plan_from_environment(extras=launched_recipe_extras()) or Plan("ddp")
+        if plan_from_environment() is None:  # no launcher started this process: there is no recipe to look for
+            return Plan("ddp")
+        return plan_from_environment(extras=launched_recipe_extras())
     if isinstance(strategy_or_recipe, Plan):
         return strategy_or_recipe
     if isinstance(strategy_or_recipe, (str, Path)):
@@ -179,13 +183,18 @@ class ZeROAccelerator(CheckpointingAccelerator):
         ``max_norm`` would be ignored without a word.
         """
         configured = self.plan.option("gradient_clipping") or 0
-        if float(max_norm) != float(configured):
+        # An infinite max_norm only measures the norm: the same as no clipping.
+        same_clipping = float(max_norm) == float(configured) or (configured == 0 and math.isinf(float(max_norm)))
+        if not same_clipping:
             raise PlanError(
                 f"accelerator.clip_grad_norm_(..., max_norm={max_norm!r}) cannot be applied under ZeRO: DeepSpeed clips "
                 f"inside accelerator.backward at the recipe's gradient_clipping ({configured!r}; 0 is off). Set "
-                f"gradient_clipping: {max_norm!r} under deepspeed_config in the recipe (or ZeRO(gradient_clipping="
-                f"{max_norm!r})) and keep this call or drop it."
+                f"gradient_clipping: {max_norm!r} under deepspeed_config in the recipe (in its deepspeed_config_file, if "
+                f"it names one), or ZeRO(gradient_clipping={max_norm!r}), and keep this call or drop it."
             )
+        if float(norm_type) != 2.0:
+            raise PlanError(f"accelerator.clip_grad_norm_(..., norm_type={norm_type!r}) cannot be applied under ZeRO: "
+                            f"DeepSpeed clips by the L2 norm; use norm_type=2.")
         return super().clip_grad_norm_(parameters, max_norm, norm_type)
 
 
@@ -207,6 +216,7 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         )
         self._tp_modules: list[nn.Module] = []
         self._replaced_parameters: dict[int, tuple[weakref.ref, str]] = {}  # parameters sharding replaced
+        self._reduce_over_world = False  # set while check_trigger reduces
 
     def prepare(self, *args: Any, device_placement: Any = None) -> Any:
         """Shards the models among ``args`` (and re-points their optimizers), then Accelerate's prepare."""
@@ -275,21 +285,45 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
 
     def _first_of_each_tp_group(self, tensor: torch.Tensor) -> torch.Tensor:
         # gather concatenates every process's rows in rank order; rank = dp_rank * tp_size + tp_rank.
-        per_rank = tensor.reshape(self.num_processes, -1, *tensor.shape[1:])
+        per_rank = tensor.reshape(self.num_processes, tensor.shape[0] // self.num_processes, *tensor.shape[1:])
         return per_rank[:: self.tp_size].reshape(-1, *tensor.shape[1:])
 
     def reduce(self, tensor: Any, reduction: str = "sum", scale: float = 1.0) -> Any:
-        """Accelerate's reduce over the data-parallel replicas only (every TP rank holds the same value)."""
-        group, size = self.state.device_mesh["dp_replicate"].get_group(), self.num_processes // self.tp_size
+        """Accelerate's reduce over every process; a "sum" counts each data-parallel replica once.
 
-        def reduce_one(value: torch.Tensor) -> torch.Tensor:
-            value = value.clone() * scale
-            dist.all_reduce(value, group=group)
-            return value / size if reduction == "mean" else value
+        The reduction runs over the whole world, so every rank gets the same value even where the
+        ranks of a TP group disagree (a trigger set on one rank); for a sum the world's total is
+        then divided by ``tp_size``, since every rank of a TP group holds its replica's value.
+        A "mean" needs no correction.
+        """
+        reduced = super().reduce(tensor, reduction, scale)
+        if reduction != "sum" or self.tp_size == 1 or self._reduce_over_world:
+            return reduced
+        return recursively_apply(self._per_replica, reduced)
 
-        if reduction not in ("sum", "mean"):
-            return super().reduce(tensor, reduction, scale)
-        return recursively_apply(reduce_one, tensor, error_on_other_type=True)
+    def _per_replica(self, total: torch.Tensor) -> torch.Tensor:
+        if total.is_floating_point() or total.is_complex():
+            return total / self.tp_size
+        return torch.div(total, self.tp_size, rounding_mode="floor")  # exact: a multiple of tp_size
+
+    def check_trigger(self) -> bool:
+        """Accelerate's check_trigger: a trigger set on any one process stops every process."""
+        self._reduce_over_world = True
+        try:
+            return super().check_trigger()
+        finally:
+            self._reduce_over_world = False
+
+    def gather_for_metrics(self, input_data: Any, use_gather_object: bool = False) -> Any:
+        """Accelerate's gather_for_metrics; Python objects too are gathered once per data-parallel replica."""
+        if self.tp_size == 1 or not (use_gather_object or not _all_tensors(input_data)):
+            return super().gather_for_metrics(input_data, use_gather_object)
+        # As Accelerate's gather_object (a list from every process, concatenated), keeping TP rank 0's lists.
+        gathered: list[Any] = [None] * self.num_processes
+        dist.all_gather_object(gathered, input_data)
+        data = [item for rank in range(0, self.num_processes, self.tp_size) for item in gathered[rank]]
+        remainder = self.gradient_state.remainder
+        return data[:remainder] if self.gradient_state.end_of_dataloader and remainder > 0 else data
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
         """The model's state dict with whole tensors (sharded ones gathered over the TP group). Collective.
@@ -302,6 +336,15 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
             return super().get_state_dict(model, unwrap)
         return {name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
                 for name, value in module.state_dict().items()}
+
+
+def _all_tensors(data: Any) -> bool:
+    """Whether ``data`` is tensors only (nested in lists, tuples, dicts), as Accelerate's gather requires."""
+    try:
+        recursively_apply(lambda tensor: tensor, data, error_on_other_type=True)
+    except TypeError:
+        return False
+    return True
 
 
 def _is_sharded(module: nn.Module) -> bool:

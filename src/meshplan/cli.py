@@ -32,7 +32,7 @@ def _list_recipes(args: argparse.Namespace) -> int:
     # What a newcomer hits first on a laptop: Accelerate ignores the launcher's processes on CPU.
     print("\nLaunch with `accelerate launch --config_file recipes/NAME.yaml train.py`, where train.py creates "
           "meshplan.accelerator();\na plain Accelerator() on a machine without GPUs trains each process alone "
-          "(\"rank 0 of 1\") unless Accelerator(cpu=True).")
+          "(\"rank 0 of 1\"), and Accelerator(cpu=True) fixes that for ddp recipes only: it drops ZeRO and TP.")
     return 0
 
 

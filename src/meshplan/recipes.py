@@ -186,7 +186,9 @@ def launched_recipe_extras(parent_pid: int | None = None, environ: Mapping[str, 
     found, path = _recipe_of_parent(parent_pid)
     if found:
         return _header_extras(path.read_text(), path) if path is not None else {}
-    if "ACCELERATE_MIXED_PRECISION" in environ:  # every `accelerate launch` exports it
+    # `accelerate launch` exports these (ACCELERATE_DYNAMO_BACKEND on every path but DeepSpeed's
+    # own launcher, which exports ACCELERATE_USE_DEEPSPEED); a user exporting a setting does not.
+    if "ACCELERATE_DYNAMO_BACKEND" in environ or "ACCELERATE_USE_DEEPSPEED" in environ:
         raise PlanError(
             "meshplan.accelerator() cannot find the recipe `accelerate launch` started this process with (Accelerate "
             "does not pass the config file's path to its workers, and the launching command line cannot be read "
@@ -205,7 +207,8 @@ def _recipe_of_parent(parent_pid: int | None) -> tuple[bool, Path | None]:
         cwd = (parent / "cwd").resolve()
     except OSError:
         return False, None
-    if not any(argument.endswith("accelerate") or "accelerate.commands" in argument for argument in arguments[:3]):
+    launcher_names = ("accelerate", "accelerate-launch")
+    if not any(Path(argument).name in launcher_names or "accelerate.commands" in argument for argument in arguments[:3]):
         return False, None
     for index, argument in enumerate(arguments):
         value = None

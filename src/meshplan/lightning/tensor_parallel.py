@@ -59,8 +59,8 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
         # Everything that can be wrong with the layout is checked before the process group exists.
         world_size = self.num_nodes * self.num_processes
         self._validate_layout()
+        _check_earlier_sharding(self.lightning_module, self.tp_size)  # the clearer message, before plan_models
         self._tp_plans = plan_models(self.lightning_module, self.tp_size, self.plan.tp_plan_dict)
-        _check_earlier_sharding(self.lightning_module, self.tp_size)
         self._tensor_parallel_size = self.tp_size
         self._data_parallel_size = world_size // self.tp_size
         super().setup_environment()

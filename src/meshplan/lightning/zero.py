@@ -68,7 +68,7 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
     @override
     def process_dataloader(self, dataloader: object) -> object:
         if self.zero_stage_3 and dist.is_initialized():
-            _check_equal_batch_counts(dataloader, self.lightning_module.trainer.state.stage)
+            _check_equal_batch_counts(dataloader, self.lightning_module.trainer)
         return super().process_dataloader(dataloader)
 
     @property
@@ -80,7 +80,22 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
         return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
 
 
-def _check_equal_batch_counts(dataloader: object, stage: Any) -> None:
+# The Trainer argument that limits the batches of each stage, and the stage's name in messages.
+_STAGE_LIMITS = {"train": ("limit_train_batches", "training"), "validate": ("limit_val_batches", "validation"),
+                 "sanity_check": ("num_sanity_val_steps", "validation"), "test": ("limit_test_batches", "test"),
+                 "predict": ("limit_predict_batches", "predict")}
+
+
+def _batches_run(batches: int, limit: Any) -> int:
+    """How many of a loader's ``batches`` the Trainer runs under a limit_*_batches-style ``limit``."""
+    if isinstance(limit, float) and limit <= 1.0:
+        return int(batches * limit)
+    if isinstance(limit, int) and limit >= 0:
+        return min(batches, limit)
+    return batches  # num_sanity_val_steps=-1: all of them
+
+
+def _check_equal_batch_counts(dataloader: object, trainer: Any) -> None:
     """Refuses a loader that gives the processes different numbers of batches under ZeRO-3.
 
     Every forward pass of ZeRO-3 gathers each layer's parameters from all processes; a process
@@ -88,15 +103,18 @@ def _check_equal_batch_counts(dataloader: object, stage: Any) -> None:
     validation and test data by repeating samples, but its predict sampler does not (so that
     each sample is predicted once). Every process reaches this check for the same loader.
     """
+    stage = getattr(trainer.state.stage, "value", trainer.state.stage)
+    limit_argument, name = _STAGE_LIMITS.get(stage, (None, "these"))
     try:
         batches = len(dataloader)  # type: ignore[arg-type]
-    except TypeError:  # an iterable loader: its length is unknown
+    except (TypeError, NotImplementedError):  # an iterable loader: its length is unknown
         batches = None
+    if batches is not None and limit_argument is not None:
+        batches = _batches_run(batches, getattr(trainer, limit_argument, None))
     counts: list[int | None] = [None] * dist.get_world_size()
     dist.all_gather_object(counts, batches)
     if None in counts or len(set(counts)) == 1:
         return
-    name = getattr(stage, "value", stage) or "this"
     raise PlanError(
         f"ZeRO stage 3 gathers the parameters from every process in each forward pass, so every process must run "
         f"the same number of {name} batches, but this {name} loader gives them {counts} (by rank). Use a number "
