@@ -103,6 +103,7 @@ def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, 
     # and an integer stays an integer.
     assert conformance["reduce_sum_of_ones"] == data_parallel_size
     assert conformance["reduce_sum_of_counts"] == 5 * data_parallel_size
+    assert isinstance(conformance["reduce_sum_of_counts"], int)
     assert conformance["trigger_seen_by_every_rank"]
     # The state dict, and the directories written by save_model and save_pretrained as
     # from_pretrained loads them, hold exactly the trained weights.

@@ -280,3 +280,18 @@ def test_bf16_mixed_trains_close_to_fp32(layout: str, results: dict) -> None:
         # Lightning's bf16-mixed: fp32 weights, bf16 autocast in forward.
         assert run["parameter_dtypes"] == ["torch.float32"] and run["master_dtype"] is None
     matrix.record("Lightning", layout, {'precision "bf16-mixed"': matrix.WORKS})
+
+
+def test_zero3_batch_check_counts_the_batches_each_stage_runs() -> None:
+    import lightning.pytorch as pl
+
+    from meshplan.lightning.zero import _STAGE_LIMITS, _batches_run
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, limit_val_batches=0.5, limit_predict_batches=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert _batches_run(5, trainer.limit_val_batches) == 2
+    assert _batches_run(5, trainer.limit_predict_batches) == 3
+    assert _batches_run(5, trainer.limit_train_batches) == 5  # the default 1.0: every batch
+    # The sanity check prepares the loader that every validation of the fit reuses: the check
+    # must compare the batches validation runs (5 against 4 hangs), not the 2 sanity steps.
+    assert _STAGE_LIMITS["sanity_check"][0] == "limit_val_batches"

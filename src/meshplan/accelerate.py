@@ -120,8 +120,8 @@ def _tear_down_process_group() -> None:
 def resolve_plan(strategy_or_recipe: Any) -> Plan:
     """The Plan of a strategy, a Plan, a recipe path, or (None) of the launching recipe."""
     if strategy_or_recipe is None:
-        if plan_from_environment() is None:  # no launcher started this process: there is no recipe to look for
-            return Plan("ddp")
+        if "LOCAL_RANK" not in os.environ and "ACCELERATE_USE_DEEPSPEED" not in os.environ:
+            return Plan("ddp")  # no launcher started this process: there is no recipe to look for
         return plan_from_environment(extras=launched_recipe_extras())
     if isinstance(strategy_or_recipe, Plan):
         return strategy_or_recipe

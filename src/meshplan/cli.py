@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,7 +105,11 @@ def _run_finetune_workers(job: FinetuneJob, job_path: Path, threads: int, verbos
 
 
 def _failure_excerpt(log: Path, lines: int = 40) -> str:
-    """What the last attempt logged about its failure: from its first traceback on, else its last lines; indented."""
+    """What the last attempt logged about its failure, indented: its first traceback, else its last lines.
+
+    The traceback is the first one of the attempt (the rank that failed first; the others usually
+    follow with connection errors), through its exception line, without torch's "[rankN]: " prefixes.
+    """
     from meshplan.launch import ATTEMPT_MARK
 
     try:
@@ -113,9 +118,21 @@ def _failure_excerpt(log: Path, lines: int = 40) -> str:
         return ""
     start = text.rfind(ATTEMPT_MARK)
     attempt = text[start:].splitlines()[1:] if start >= 0 else text.splitlines()
-    first_traceback = next((index for index, line in enumerate(attempt) if line.startswith("Traceback")), None)
-    excerpt = attempt[first_traceback:first_traceback + lines] if first_traceback is not None else attempt[-lines:]
+    first = next((index for index, line in enumerate(attempt) if _TRACEBACK.match(line)), None)
+    if first is None:
+        excerpt = attempt[-lines:]
+    else:
+        prefix = _TRACEBACK.match(attempt[first]).group(1) or ""
+        block = [line.removeprefix(prefix) for line in attempt[first:] if line.startswith(prefix)]
+        # The exception line is the first one after the header that is not indented.
+        end = next((index for index, line in enumerate(block[1:], 1) if line and not line[0].isspace()), len(block) - 1)
+        block = block[:end + 1]
+        excerpt = block if len(block) <= lines else [*block[:5], "    ...", *block[-(lines - 6):]]
     return "\n".join("    " + line for line in excerpt)
+
+
+# A traceback's first line, with the "[rankN]: " prefix torch's excepthook adds once a process group exists.
+_TRACEBACK = re.compile(r"(\[rank\d+\]: )?Traceback \(most recent call last\)")
 
 
 def _export(args: argparse.Namespace) -> int:

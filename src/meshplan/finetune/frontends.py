@@ -96,6 +96,7 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
                 self.results["before"] = self._accuracy()
             self.results["start"] = time.monotonic()
             self.results["first_step"] = self.trainer.global_step
+            reporter.start(self.trainer.global_step)
 
         def on_train_end(self) -> None:
             self.results["seconds"] = time.monotonic() - self.results["start"]
@@ -171,6 +172,7 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
         reporter.stage("measuring held-out accuracy before training")
         progress.accuracy_before = evaluate()
     first_step = progress.step
+    reporter.start(first_step)
     start = time.monotonic()
     for batch in _train_loader(job, prepared, dp_rank, dp_size, first_step):
         loss = model(**{key: value.to(accelerator.device) for key, value in batch.items()}).loss
@@ -221,6 +223,7 @@ def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     class Progress(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             started["time"] = time.monotonic()
+            reporter.start(state.global_step)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
             # logging_steps=1: the Trainer logs the loss averaged over every rank after each step.

@@ -33,6 +33,10 @@ class ProgressReporter:
         """A line for the console, such as "measuring held-out accuracy"."""
         self._send({"stage": text})
 
+    def start(self, step: int) -> None:
+        """Training starts (or, after a restart, goes on) from optimizer step ``step``."""
+        self._send({"start": step})
+
     def step(self, step: int, loss: float, samples_per_second: float) -> None:
         """Optimizer step ``step`` (counted from 1) is done; ``loss`` is the global batch's."""
         self._send({"step": step, "loss": loss, "samples_per_second": samples_per_second})
@@ -70,9 +74,7 @@ class ProgressDisplay:
         os.close(self.descriptor)  # the reader sees the end of the pipe once the workers' copies are closed too
         self._thread.join(timeout=5)
         with self._lock:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
+            self._close_bar()
 
     def say(self, text: str) -> None:
         """Prints one of the launcher's lines above the bar."""
@@ -83,7 +85,9 @@ class ProgressDisplay:
         with os.fdopen(self._read_end, "r") as events:
             for line in events:
                 try:
-                    self._show(json.loads(line))
+                    event = json.loads(line)
+                    with self._lock:
+                        self._show(event)
                 except (ValueError, TypeError, KeyError):
                     continue  # a torn line from a worker that died mid-write
                 except OSError:
@@ -92,24 +96,29 @@ class ProgressDisplay:
     def _show(self, event: dict[str, Any]) -> None:
         if "stage" in event:
             if self._bar is not None and self._bar.n >= self.total_steps:
-                self._bar.close()  # training is done: leave its last line, and print below it
-                self._bar = None
+                self._close_bar()  # training is done: leave its last line, and print below it
             self._print(f"meshplan finetune: {event['stage']}")
-            return
-        bar = self._progress_bar()
-        bar.n = min(int(event["step"]), self.total_steps)
-        bar.set_postfix_str(f"loss {float(event['loss']):.4f}, {float(event['samples_per_second']):.1f} samples/s",
-                            refresh=False)
-        bar.refresh()
+        elif "start" in event:
+            self._close_bar()  # a restarted attempt: a new bar from the step its checkpoint holds
+            self._new_bar(int(event["start"]))
+        else:
+            bar = self._bar or self._new_bar(int(event["step"]) - 1)
+            bar.set_postfix_str(f"loss {float(event['loss']):.4f}, {float(event['samples_per_second']):.1f} samples/s",
+                                refresh=False)
+            bar.update(int(event["step"]) - bar.n)
 
-    def _progress_bar(self) -> Any:
-        if self._bar is None:
-            from tqdm.auto import tqdm
+    def _new_bar(self, initial: int) -> Any:
+        from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total_steps, file=self._stream, dynamic_ncols=True, mininterval=0,
-                             bar_format="{desc}: {n}/{total} steps |{bar}|{postfix} [{elapsed}<{remaining}]",
-                             desc="training")
+        # Starting at the step training starts from keeps tqdm's rate and remaining time true after a resume.
+        self._bar = tqdm(total=self.total_steps, initial=initial, file=self._stream, dynamic_ncols=True, mininterval=0,
+                         desc="training", bar_format="{desc}: {n}/{total} steps |{bar}|{postfix} [{elapsed}<{remaining}]")
         return self._bar
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def _print(self, text: str) -> None:
         if self._bar is not None:

@@ -82,7 +82,9 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
 
 # The Trainer argument that limits the batches of each stage, and the stage's name in messages.
 _STAGE_LIMITS = {"train": ("limit_train_batches", "training"), "validate": ("limit_val_batches", "validation"),
-                 "sanity_check": ("num_sanity_val_steps", "validation"), "test": ("limit_test_batches", "test"),
+                 # The sanity check prepares the loader every validation of the fit then reuses, so the
+                 # check is of what validation runs, not of the few sanity steps.
+                 "sanity_check": ("limit_val_batches", "validation"), "test": ("limit_test_batches", "test"),
                  "predict": ("limit_predict_batches", "predict")}
 
 
@@ -92,7 +94,7 @@ def _batches_run(batches: int, limit: Any) -> int:
         return int(batches * limit)
     if isinstance(limit, int) and limit >= 0:
         return min(batches, limit)
-    return batches  # num_sanity_val_steps=-1: all of them
+    return batches
 
 
 def _check_equal_batch_counts(dataloader: object, trainer: Any) -> None:
