@@ -32,11 +32,12 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
 from meshplan.checkpoint.accelerate_state import CheckpointingAccelerator
+from meshplan.checkpoint.pretrained import consolidated_state_dict
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
 from meshplan.plan import Plan
-from meshplan.recipes import launched_recipe_extras, plan_from_environment, read_recipe
-from meshplan.tp.shard import plan_models, shard_models
+from meshplan.recipes import launched_recipe_extras, plan_from_environment, read_recipe, started_by_a_launcher
+from meshplan.tp.shard import plan_models, shard_models, sharding_mesh
 from meshplan.tp.sync import average_gradients
 
 # Accelerator arguments that a recipe's training settings fill in.
@@ -120,8 +121,8 @@ def _tear_down_process_group() -> None:
 def resolve_plan(strategy_or_recipe: Any) -> Plan:
     """The Plan of a strategy, a Plan, a recipe path, or (None) of the launching recipe."""
     if strategy_or_recipe is None:
-        if "LOCAL_RANK" not in os.environ and "ACCELERATE_USE_DEEPSPEED" not in os.environ:
-            return Plan("ddp")  # no launcher started this process: there is no recipe to look for
+        if not started_by_a_launcher():
+            return Plan("ddp")  # there is no recipe to look for
         return plan_from_environment(extras=launched_recipe_extras())
     if isinstance(strategy_or_recipe, Plan):
         return strategy_or_recipe
@@ -222,7 +223,7 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         """Shards the models among ``args`` (and re-points their optimizers), then Accelerate's prepare."""
         optimizers = [arg for arg in args if isinstance(arg, torch.optim.Optimizer)]
         for module in args:
-            if isinstance(module, nn.Module) and not _is_sharded(module):
+            if isinstance(module, nn.Module) and sharding_mesh(module) is None:
                 self._shard(module, optimizers)
         for optimizer in optimizers:
             self._refuse_stale(optimizer)
@@ -254,7 +255,7 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
 
     def prepare_model(self, model: nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False) -> nn.Module:
         """A sharded model is kept as it is: no DDP wrapper, gradients are averaged in ``backward``."""
-        if not _is_sharded(model):
+        if sharding_mesh(model) is None:
             return super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
         if model not in self._models:
             self._models.append(model)
@@ -326,16 +327,15 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         return data[:remainder] if self.gradient_state.end_of_dataloader and remainder > 0 else data
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
-        """The model's state dict with whole tensors (sharded ones gathered over the TP group). Collective.
+        """The model's state dict with whole tensors on the CPU (sharded ones gathered over the TP group). Collective.
 
         Accelerate's own would hand DTensors to ``save_model`` and ``save_pretrained``, which then
         fail on their storage ("invalid python storage") or would write one shard.
         """
         module = self.unwrap_model(model) if unwrap else model
-        if not _is_sharded(module):
+        if sharding_mesh(module) is None:
             return super().get_state_dict(model, unwrap)
-        return {name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
-                for name, value in module.state_dict().items()}
+        return consolidated_state_dict(module)
 
 
 def _all_tensors(data: Any) -> bool:
@@ -346,9 +346,6 @@ def _all_tensors(data: Any) -> bool:
         return False
     return True
 
-
-def _is_sharded(module: nn.Module) -> bool:
-    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
 
 
 def _repoint_optimizers(optimizers: list[torch.optim.Optimizer], names_before: dict[int, str],

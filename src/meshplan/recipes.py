@@ -133,6 +133,12 @@ def plan_from_accelerate_config(config: Mapping[str, Any], extras: Mapping[str, 
     return Plan.build("ddp", options=options)
 
 
+def started_by_a_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a launcher (torchrun, ``accelerate launch``, DeepSpeed's) started this process."""
+    environ = os.environ if environ is None else environ
+    return "LOCAL_RANK" in environ or "ACCELERATE_USE_DEEPSPEED" in environ
+
+
 def plan_from_environment(environ: Mapping[str, str] | None = None, extras: Mapping[str, Any] | None = None) -> Plan | None:
     """The Plan that ``accelerate launch`` passed to this process through its environment, or None.
 
@@ -140,7 +146,7 @@ def plan_from_environment(environ: Mapping[str, str] | None = None, extras: Mapp
     meshplan header options, which only the recipe file holds (see launched_recipe_extras).
     """
     environ = os.environ if environ is None else environ
-    if "LOCAL_RANK" not in environ and "ACCELERATE_USE_DEEPSPEED" not in environ:
+    if not started_by_a_launcher(environ):
         return None
     config: dict[str, Any] = {"distributed_type": "MULTI_GPU"}
     precision = environ.get("ACCELERATE_MIXED_PRECISION")

@@ -16,7 +16,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -24,7 +23,7 @@ from typing_extensions import override
 from meshplan.errors import PlanError
 from meshplan.lightning.base import PlanStrategyMixin
 from meshplan.plan import Plan
-from meshplan.tp.shard import plan_models, shard_models
+from meshplan.tp.shard import plan_models, shard_models, sharding_mesh
 from meshplan.tp.sync import average_gradients
 
 
@@ -74,10 +73,11 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
         # the strategy up again, but a module can be sharded only once: torch's distribute_module
         # refuses a second time. A module sharded earlier over the same processes is used as it is
         # (its DTensors keep the earlier mesh, whose process groups live as long as the world does).
-        if _sharding_mesh(self.lightning_module) is None:
+        earlier = sharding_mesh(self.lightning_module)
+        if earlier is None:
             shard_models(self.lightning_module, self._tp_plans, self.root_device, tp_mesh, self.device_mesh["data_parallel"])
         else:
-            _check_same_tensor_parallel_ranks(self.lightning_module, tp_mesh)
+            _check_same_tensor_parallel_ranks(self.lightning_module, earlier, tp_mesh)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
@@ -102,17 +102,9 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
             return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
 
 
-def _sharding_mesh(module: nn.Module) -> DeviceMesh | None:
-    """The mesh that an earlier TensorParallel setup sharded ``module`` over, or None if it is whole."""
-    for parameter in module.parameters():
-        if isinstance(parameter, DTensor):
-            return parameter.device_mesh
-    return None
-
-
 def _check_earlier_sharding(module: nn.Module, tp_size: int) -> None:
     """Refuses, before any collective, a module that an earlier run sharded over another tp_size."""
-    mesh = _sharding_mesh(module)
+    mesh = sharding_mesh(module)
     if mesh is not None and mesh.size() != tp_size:
         raise PlanError(
             f"{type(module).__name__} was already sharded by TensorParallel over {mesh.size()} processes and cannot "
@@ -121,10 +113,8 @@ def _check_earlier_sharding(module: nn.Module, tp_size: int) -> None:
         )
 
 
-def _check_same_tensor_parallel_ranks(module: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Refuses a module sharded earlier over other processes than this run's tensor-parallel group."""
-    earlier = _sharding_mesh(module)
-    assert earlier is not None
+def _check_same_tensor_parallel_ranks(module: nn.Module, earlier: DeviceMesh, tp_mesh: DeviceMesh) -> None:
+    """Refuses a module sharded earlier (over ``earlier``) on other processes than this run's tensor-parallel group."""
     if earlier.mesh.tolist() != tp_mesh.mesh.tolist():
         raise PlanError(
             f"{type(module).__name__} was already sharded by TensorParallel over ranks {earlier.mesh.tolist()}, but "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from meshplan.errors import PlanError
 from meshplan.tp.apply import apply_tp_plan, match_plan
@@ -33,6 +34,14 @@ def plan_models(root: nn.Module, tp_size: int, user_plan: dict[str, str] | None 
         check_tp_size(model, tp_size)
         plans[name] = match_plan(model, resolve_tp_plan(model, user_plan))
     return plans
+
+
+def sharding_mesh(module: nn.Module) -> DeviceMesh | None:
+    """The mesh ``module``'s sharded (DTensor) parameters live on, or None while it is whole."""
+    for parameter in module.parameters():
+        if isinstance(parameter, DTensor):
+            return parameter.device_mesh
+    return None
 
 
 def shard_models(root: nn.Module, plans: dict[str, dict[str, str]], device: torch.device, tp_mesh: DeviceMesh,
