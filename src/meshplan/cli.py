@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from meshplan.finetune.output import LOG_NAME
+from meshplan.plan import shown
+
 if TYPE_CHECKING:
     from meshplan.finetune.job import FinetuneJob
 
@@ -41,10 +44,19 @@ def _finetune(args: argparse.Namespace) -> int:
     import json
     import os
 
-    import datasets
-
+    from meshplan.checkpoint import CheckpointError
     from meshplan.errors import PlanError
     from meshplan.finetune.errors import FinetuneError
+    from meshplan.finetune.output import JOB_FILE, check_output
+
+    try:
+        # First: whether the run may write there at all, before any data is loaded.
+        output = check_output(args.output, overwrite=args.overwrite)
+    except FinetuneError as error:
+        return _refuse("meshplan finetune", error)
+
+    import datasets
+
     from meshplan.finetune.job import DEFAULT_RECIPE, FinetuneJob, check_job, default_devices, default_model
 
     datasets.disable_progress_bars()  # the checks below load the data; errors must stay one paragraph
@@ -52,19 +64,17 @@ def _finetune(args: argparse.Namespace) -> int:
         job = FinetuneJob(
             model=args.model or default_model(), data=args.data or "reviews", recipe=str(args.recipe or DEFAULT_RECIPE),
             framework=args.framework, devices=args.devices if args.devices is not None else default_devices(),
-            max_steps=args.max_steps, output=str(Path(args.output).resolve()),
+            max_steps=args.max_steps, output=str(output),
             checkpoint_every=_checkpoint_every(args), max_restarts=args.max_restarts,
         )
         check_job(job)
-        job_path = Path(job.output) / "job.json"
+        job_path = Path(job.output) / JOB_FILE
         Path(job.output).mkdir(parents=True, exist_ok=True)
         job.to_json(job_path)
-    except (PlanError, FinetuneError) as error:
-        print(f"meshplan finetune: {error}", file=sys.stderr)
-        return 2
+    except (PlanError, FinetuneError, CheckpointError) as error:
+        return _refuse("meshplan finetune", error)
     except OSError as error:
-        print(f"meshplan finetune: --output {args.output!r} cannot be written: {error.strerror or error}.", file=sys.stderr)
-        return 2
+        return _refuse("meshplan finetune", f"--output {shown(args.output)} cannot be written: {_os_reason(error)}.")
     threads = max(1, (os.cpu_count() or 1) // job.devices)
     print(f"meshplan finetune: {Path(job.model).name} on {job.data} with {Path(job.recipe).name}, "
           f"{job.framework}, {job.devices} processes, {job.max_steps} steps", flush=True)
@@ -83,9 +93,6 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"held-out accuracy: before {metrics['eval_accuracy_before']:.3f}, after {metrics['eval_accuracy_after']:.3f}; "
           f"{metrics['train_steps']} steps, {metrics['samples_per_second']:.1f} samples/s; model saved in {job.output}")
     return 0
-
-
-LOG_NAME = "meshplan-finetune.log"
 
 
 def _run_finetune_workers(job: FinetuneJob, job_path: Path, threads: int, verbose: bool) -> tuple[int, Path | None]:
@@ -137,14 +144,32 @@ _TRACEBACK = re.compile(r"(\[rank\d+\]: )?Traceback \(most recent call last\)")
 
 def _export(args: argparse.Namespace) -> int:
     from meshplan.checkpoint import CheckpointError, export
+    from meshplan.errors import PlanError
 
     try:
         out = export(args.checkpoint, args.out_dir, model=args.model, max_shard_size=args.max_shard_size)
-    except CheckpointError as error:
-        print(f"meshplan export: {error}", file=sys.stderr)
-        return 2
+    except (CheckpointError, PlanError) as error:
+        return _refuse("meshplan export", error)
+    except OSError as error:  # export removed what it had written
+        return _refuse("meshplan export", f"{_os_reason(error)}; nothing was written to {shown(args.out_dir)}.")
+    except KeyboardInterrupt:
+        print("meshplan export: interrupted; nothing was written.", file=sys.stderr)
+        return 130
     print(f"meshplan export: wrote {out} (load it with from_pretrained)")
     return 0
+
+
+def _refuse(command: str, error: Exception | str) -> int:
+    """Prints ``error`` as one line on stderr (any line breaks in it joined) and returns exit code 2."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"{command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_reason(error: OSError) -> str:
+    """An OSError in a few words: what failed and on which file (names cut short)."""
+    reason = error.strerror or type(error).__name__
+    return f"{reason} ({shown(str(error.filename))})" if error.filename is not None else reason
 
 
 def _checkpoint_every(args: argparse.Namespace) -> int:
@@ -172,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--framework", default="lightning", help="lightning, accelerate or trainer (default lightning)")
     finetune.add_argument("--devices", type=int, help="worker processes; default every GPU, or 2 without one")
     finetune.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
-    finetune.add_argument("--output", default="meshplan-output", help="output directory (default ./meshplan-output)")
+    finetune.add_argument("--output", default="meshplan-output", help="output directory: new, empty, or an earlier "
+                          "run's output to go on from (default ./meshplan-output)")
+    finetune.add_argument("--overwrite", action="store_true", help="write into a non-empty directory; meshplan still "
+                          "deletes nothing it did not create")
     finetune.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps in OUTPUT/checkpoints "
                           f"and resume from the latest one found there (default: never; {DEFAULT_CHECKPOINT_EVERY} with --max-restarts)")
     finetune.add_argument("--max-restarts", type=int, default=0, help="like torchrun's: when a worker dies, restart "
@@ -182,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(run=_finetune)
     export = commands.add_parser("export", help="turn a meshplan checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint", help="a checkpoint directory written by any meshplan strategy (Lightning or Accelerate)")
-    export.add_argument("out_dir", help="the model directory to create (must not exist, or be empty)")
+    export.add_argument("out_dir", help="the model directory to create (must not exist, or be an empty directory; "
+                        "its parent must exist)")
     export.add_argument("--model", help="the model's prefix, when the checkpoint holds several Hugging Face models")
     export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB (default 5GB)")
     export.set_defaults(run=_export)

@@ -7,6 +7,8 @@ reaches a process group.
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -68,12 +70,39 @@ ZERO_SECTION_OPTIONS = tuple(
 )
 
 
+# Values in error messages come from users' files too: each is cut to about this many characters.
+SHOWN_LENGTH = 80
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, SHOWN_LENGTH, SHOWN_LENGTH
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to about SHOWN_LENGTH characters with "...".
+
+    Bounded in cost as well as length: only the first few items of the first few levels of a
+    container are looked at, and an integer too long for ``repr`` is described by its size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # a long integer nested in a container; a repr that recurses
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH - 3] + "..."
+
+
+def shown_key(key: Any) -> str:
+    """A key or option name for an error message: as it is when a short printable string, else ``shown``."""
+    return key if isinstance(key, str) and len(key) <= SHOWN_LENGTH and key.isprintable() else shown(key)
+
+
 def _freeze_mapping(mapping: Mapping[str, Any] | None, field: str) -> tuple[tuple[str, Any], ...] | None:
     if mapping is None:
         return None
     for key in mapping:
         if not isinstance(key, str):
-            raise PlanError(f"{field} key {key!r} must be a string.")
+            raise PlanError(f"{field} key {shown(key)} must be a string.")
     return tuple(sorted(mapping.items()))
 
 
@@ -126,7 +155,7 @@ class Plan:
         """Builds a Plan from plain mappings (what the strategy constructors receive)."""
         if tp_plan is not None and not isinstance(tp_plan, Mapping):
             raise PlanError(
-                f"tp_plan={tp_plan!r} is not a mapping; pass a dict of module pattern -> style, "
+                f"tp_plan={shown(tp_plan)} is not a mapping; pass a dict of module pattern -> style, "
                 f'e.g. tp_plan={{"layers.*.self_attn.q_proj": "colwise"}}.'
             )
         return cls(strategy, tp_plan=_freeze_mapping(tp_plan, "tp_plan"), options=_freeze_mapping(options or {}, "option"),
@@ -167,7 +196,7 @@ def _divisors(number: int) -> list[int]:
 
 def _validate(plan: Plan) -> None:
     if plan.strategy not in STRATEGIES:
-        raise PlanError(f"strategy={plan.strategy!r} is unknown; valid strategies are {', '.join(STRATEGIES)}.")
+        raise PlanError(f"strategy={shown(plan.strategy)} is unknown; valid strategies are {', '.join(STRATEGIES)}.")
     _validate_zero(plan)
     _validate_tp(plan)
     for name, value in plan.options:
@@ -180,10 +209,10 @@ def _validate_zero(plan: Plan) -> None:
             raise PlanError(f"zero_stage and offload apply only to the ZeRO strategy, not to strategy={plan.strategy!r}.")
         return
     if type(plan.zero_stage) is not int or plan.zero_stage not in ZERO_STAGES:
-        raise PlanError(f"stage={plan.zero_stage!r} is not a ZeRO stage; valid stages are 1, 2 and 3.")
+        raise PlanError(f"stage={shown(plan.zero_stage)} is not a ZeRO stage; valid stages are 1, 2 and 3.")
     for name in ("offload_optimizer", "offload_parameters"):
         if not isinstance(getattr(plan, name), bool):
-            raise PlanError(f"{name}={getattr(plan, name)!r} must be True or False.")
+            raise PlanError(f"{name}={shown(getattr(plan, name))} must be True or False.")
     if plan.offload_parameters and plan.zero_stage != 3:
         raise PlanError(
             f"offload_parameters=True needs stage=3, but stage={plan.zero_stage}: only ZeRO-3 partitions the "
@@ -196,35 +225,45 @@ def _validate_tp(plan: Plan) -> None:
     if plan.strategy == "tp" and plan.tp_size is None:
         pass  # resolved to the processes of one node when the world is known
     elif isinstance(plan.tp_size, bool) or not isinstance(plan.tp_size, int) or plan.tp_size < 1:
-        raise PlanError(f"tp_size={plan.tp_size!r} must be a positive integer (or None: every process of a node).")
+        raise PlanError(f"tp_size={shown(plan.tp_size)} must be a positive integer (or None: every process of a node).")
     if plan.strategy != "tp":
         if plan.tp_size != 1 or plan.tp_plan is not None:
             raise PlanError(f"tp_size and tp_plan apply only to TensorParallel, not to strategy={plan.strategy!r}.")
         return
     for pattern, style in plan.tp_plan or ():
         if not isinstance(pattern, str) or not pattern:
-            raise PlanError(f"tp_plan key {pattern!r} must be a module pattern such as 'layers.*.self_attn.q_proj'.")
-        if style not in TP_STYLES:
-            raise PlanError(f"tp_plan[{pattern!r}]={style!r} is not a style meshplan applies; valid styles are {', '.join(TP_STYLES)}.")
+            raise PlanError(f"tp_plan key {shown(pattern)} must be a module pattern such as 'layers.*.self_attn.q_proj'.")
+        if not isinstance(style, str) or style not in TP_STYLES:
+            raise PlanError(f"tp_plan[{shown(pattern)}]={shown(style)} is not a style meshplan applies; valid styles "
+                            f"are {', '.join(TP_STYLES)}.")
+
+
+def _positive_finite(value: int | float) -> bool:
+    # NaN compares false with everything, so "value <= 0" alone would let it (and infinity) through;
+    # math.isfinite cannot take an integer too large for a float, and every integer is finite.
+    return value > 0 and (isinstance(value, int) or math.isfinite(value))
 
 
 def _validate_option(plan: Plan, name: str, value: Any) -> None:
     spec = _OPTIONS.get(name)
+    # Both sides are cut: a recipe's header may hold any name and any value.
+    setting = f"{shown_key(name)}={shown(value)}"
     if spec is None or plan.strategy not in spec.strategies:
         allowed = sorted(o.name for o in _OPTIONS.values() if plan.strategy in o.strategies)
-        raise PlanError(f"option {name}={value!r} is unknown for strategy={plan.strategy!r}; valid options are {', '.join(allowed)}.")
+        raise PlanError(f"option {setting} is unknown for strategy={plan.strategy!r}; valid options are "
+                        f"{', '.join(allowed)}.")
     if isinstance(value, bool) and spec.kind is not bool or not isinstance(value, spec.kind):
         kind = spec.kind.__name__ if isinstance(spec.kind, type) else " or ".join(k.__name__ for k in spec.kind)
-        raise PlanError(f"option {name}={value!r} must be of type {kind} ({spec.doc}).")
-    if spec.positive and value <= 0:
-        raise PlanError(f"option {name}={value!r} must be positive ({spec.doc}).")
+        raise PlanError(f"option {setting} must be of type {kind} ({spec.doc}).")
+    if spec.positive and not _positive_finite(value):
+        raise PlanError(f"option {setting} must be a positive finite number ({spec.doc}).")
     if spec.choices is not None and value not in spec.choices:
-        raise PlanError(f"option {name}={value!r} is unknown; valid values are {', '.join(spec.choices)}.")
+        raise PlanError(f"option {setting} is unknown; valid values are {', '.join(spec.choices)}.")
     if plan.strategy == "zero" and plan.zero_stage not in spec.zero_stages:
         stages = " or ".join(str(s) for s in spec.zero_stages)
-        raise PlanError(f"option {name}={value!r} contradicts stage={plan.zero_stage}: it applies only to ZeRO stage {stages}.")
+        raise PlanError(f"option {setting} contradicts stage={plan.zero_stage}: it applies only to ZeRO stage {stages}.")
     if spec.needs_offload and not (plan.offload_optimizer or plan.offload_parameters):
         raise PlanError(
-            f"option {name}={value!r} contradicts offload_optimizer=False and offload_parameters=False: "
+            f"option {setting} contradicts offload_optimizer=False and offload_parameters=False: "
             f"it applies only to offloaded buffers; enable an offload or drop {name}."
         )

@@ -10,7 +10,9 @@ meshplan did not write are read too; anything it cannot honour is a PlanError na
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from meshplan.errors import PlanError
-from meshplan.plan import Plan
+from meshplan.plan import MIXED_PRECISIONS, Plan, shown, shown_key
 
 HEADER = "# meshplan: "
 # The catalogue ships inside the package; the repository's recipes/ points here.
@@ -35,13 +37,25 @@ _OFFLOAD_DEVICES = {"none": False, None: False, "cpu": True}
 _DEEPSPEED_LAUNCH_KEYS = ("zero3_init_flag", "zero3_save_16bit_model", "deepspeed_multinode_launcher",
                           "deepspeed_hostfile", "deepspeed_inclusion_filter", "deepspeed_exclusion_filter")
 
+# Recipes and DeepSpeed files are untrusted input (downloaded, shared on a cluster). Real ones are
+# a few KiB with a few dozen values at depth 3; these limits are far above that and bound the
+# cost of a crafted file: its bytes, the YAML nodes parsed, and the values it expands to once
+# aliases (a YAML "billion laughs" is 578 bytes) are followed.
+MAX_FILE_BYTES = 1 << 20
+MAX_VALUES = 10_000
+MAX_DEPTH = 32
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """A layout plus how many processes and machines the recipe asks for."""
+    """A layout plus how many processes and machines the recipe asks for.
+
+    ``num_processes`` is None when the recipe leaves it to ``accelerate launch`` (Accelerate's
+    ``num_processes: -1`` or ``null``: the launcher's ``--num_processes`` or the device count).
+    """
 
     plan: Plan
-    num_processes: int = 2
+    num_processes: int | None = 2
     num_machines: int = 1
     description: str = ""
 
@@ -69,63 +83,65 @@ def write_recipe(plan: Plan, path: str | os.PathLike, *, num_processes: int = 2,
 def read_recipe(path: str | os.PathLike) -> Recipe:
     """Reads an Accelerate config file (meshplan's or anyone's) into a Recipe.
 
+    The file is untrusted: its size, nesting and expanded size are bounded, and every value
+    meshplan reads is checked by type before it is used or shown.
+
     Raises:
-        PlanError: the file is missing or not YAML, or asks for something meshplan cannot honour.
+        PlanError: the file is missing, too large, not UTF-8 or not YAML, or asks for something
+            meshplan cannot honour; one line that names the recipe and the key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"recipe {str(path)!r} does not exist; `meshplan recipes` lists the catalogue.")
-    text = path.read_text()
-    try:
-        config = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise PlanError(f"recipe {str(path)!r} is not valid YAML: {_yaml_problem(error)}.") from None
+    where = f"recipe {_shown_path(path)}"
+    text = read_untrusted_text(path, where, missing=f"{where} does not exist; `meshplan recipes` lists the catalogue.")
+    config = _load_yaml(text, where)
+    if config is None:  # an empty file: every key at Accelerate's default
+        config = {}
     if not isinstance(config, dict):
-        raise PlanError(f"recipe {str(path)!r} is not an Accelerate config (a YAML mapping of keys).")
-    extras = _header_extras(text, path)
-    plan = plan_from_accelerate_config(config, extras, base_dir=path.parent)
-    num_processes = _integer(config.get("num_processes", 1), "num_processes")
-    num_machines = _integer(config.get("num_machines", 1), "num_machines")
-    return Recipe(plan, num_processes if num_processes > 0 else 1, max(num_machines, 1), _description(text))
+        raise PlanError(f"{where} is not an Accelerate config (a YAML mapping of keys).")
+    extras = _header_extras(text, where)
+    try:
+        plan = plan_from_accelerate_config(config, extras, base_dir=path.parent)
+        num_processes = _process_count(config.get("num_processes", 1))
+        num_machines = _machine_count(config.get("num_machines", 1))
+    except PlanError as error:
+        raise PlanError(f"{where}: {error}") from None
+    return Recipe(plan, num_processes, num_machines, _description(text))
 
 
 def plan_from_accelerate_config(config: Mapping[str, Any], extras: Mapping[str, Any] | None = None,
                                 base_dir: Path | None = None) -> Plan:
-    """The Plan an Accelerate config describes; ``extras`` are meshplan's header options."""
+    """The Plan an Accelerate config describes; ``extras`` are meshplan's header options.
+
+    Every value is checked by type before it is used; a PlanError names the key at fault.
+    """
     extras = dict(extras or {})
-    distributed_type = str(config.get("distributed_type", "NO"))
-    parallelism = _mapping(config, "parallelism_config")
-    deepspeed = _mapping(config, "deepspeed_config")
-    if _mapping(config, "dynamo_config").get("dynamo_backend", "NO") not in ("NO", "no"):
-        raise PlanError("recipe key dynamo_config.dynamo_backend is not honoured: meshplan does not compile models.")
-    tp_size = _tp_size(parallelism)
-    # A TP size, even 1, asks for the TP layout (Accelerate exports it whenever parallelism is on).
-    tensor_parallel = any(key in parallelism for key in ("parallelism_config_tp_size", "tp_size")) or "tp_size" in extras
-    _refuse_unsupported_sections(config)
     for key in config:
         if key not in _LAUNCH_KEYS and key not in ("distributed_type", "mixed_precision", "deepspeed_config",
                                                    "parallelism_config", "fsdp_config", "megatron_lm_config",
                                                    "fp8_config", "tpu_env", "tpu_vm", "commands", "command_file",
                                                    "tpu_name", "tpu_zone", "tpu_use_cluster", "tpu_use_sudo"):
-            raise PlanError(f"recipe key {key!r} is not an Accelerate config key meshplan knows.")
+            raise PlanError(f"key {shown(key)} is not an Accelerate config key meshplan knows.")
+    _refuse_unsupported_sections(config)
+    distributed_type = _distributed_type(config.get("distributed_type", "NO"))
+    parallelism = _mapping(config, "parallelism_config")
+    deepspeed = _mapping(config, "deepspeed_config")
+    if _mapping(config, "dynamo_config").get("dynamo_backend", "NO") not in ("NO", "no"):
+        raise PlanError("key dynamo_config.dynamo_backend is not honoured: meshplan does not compile models.")
+    tp_size = _tp_size(parallelism)
+    # A TP size, even 1, asks for the TP layout (Accelerate exports it whenever parallelism is on).
+    tensor_parallel = any(key in parallelism for key in ("parallelism_config_tp_size", "tp_size")) or "tp_size" in extras
     options = {name: extras.pop(name) for name in list(extras) if name not in ("tp_plan", "tp_size")}
-    precision = config.get("mixed_precision")
+    precision = _mixed_precision(config.get("mixed_precision"))
     if precision not in (None, "no"):
         options["mixed_precision"] = precision
-    if distributed_type not in _LAYOUT_TYPES:
-        raise PlanError(
-            f"recipe key distributed_type={distributed_type!r} is not a layout meshplan runs; valid values are "
-            f"{', '.join(_LAYOUT_TYPES)} (with parallelism_config for tensor parallelism)."
-        )
     if deepspeed and distributed_type != "DEEPSPEED":
-        raise PlanError(f"recipe keys distributed_type={distributed_type!r} and deepspeed_config contradict: "
+        raise PlanError(f"keys distributed_type={distributed_type!r} and deepspeed_config contradict: "
                         f"deepspeed_config only applies with distributed_type 'DEEPSPEED'.")
     if "tp_plan" in extras and not tensor_parallel:
-        raise PlanError("recipe header option tp_plan contradicts the recipe's layout: it has no parallelism_config "
-                        "tp size.")
+        raise PlanError("header option tp_plan contradicts the recipe's layout: it has no parallelism_config tp size.")
     if tensor_parallel:
         if distributed_type == "DEEPSPEED":
-            raise PlanError("recipe keys distributed_type='DEEPSPEED' and parallelism_config_tp_size contradict: "
+            raise PlanError("keys distributed_type='DEEPSPEED' and parallelism_config_tp_size contradict: "
                             "meshplan runs tensor parallelism with DTensor, not under DeepSpeed.")
         return Plan.build("tp", tp_size=extras.get("tp_size", tp_size), tp_plan=extras.get("tp_plan"), options=options)
     if distributed_type == "DEEPSPEED":
@@ -157,11 +173,14 @@ def plan_from_environment(environ: Mapping[str, str] | None = None, extras: Mapp
         config["deepspeed_config"] = _deepspeed_config_from_environment(environ)
     if environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
         config["parallelism_config"] = {
-            f"parallelism_config_{name.lower()}": environ[f"PARALLELISM_CONFIG_{name}"]
+            f"parallelism_config_{name.lower()}": _environment_number(environ, f"PARALLELISM_CONFIG_{name}")
             for name in ("TP_SIZE", "DP_SHARD_SIZE", "CP_SIZE", "SP_SIZE")
             if f"PARALLELISM_CONFIG_{name}" in environ
         }
-    return plan_from_accelerate_config(config, extras)
+    try:
+        return plan_from_accelerate_config(config, extras)
+    except PlanError as error:
+        raise PlanError(f"the settings `accelerate launch` passed in the environment: {error}") from None
 
 
 # Names the recipe of a launch explicitly; read before anything else (see launched_recipe_extras).
@@ -186,12 +205,16 @@ def launched_recipe_extras(parent_pid: int | None = None, environ: Mapping[str, 
     named = environ.get(RECIPE_VARIABLE)
     if named:
         path = Path(named)
-        if not path.is_file():
-            raise PlanError(f"{RECIPE_VARIABLE}={named!r} names no file; set it to the recipe given to accelerate launch.")
-        return _header_extras(path.read_text(), path)
+        where = f"{RECIPE_VARIABLE}={_shown_path(path)}"
+        text = read_untrusted_text(path, where, missing=f"{where} names no file; set it to the recipe given to "
+                                                        f"accelerate launch.")
+        return _header_extras(text, where)
     found, path = _recipe_of_parent(parent_pid)
     if found:
-        return _header_extras(path.read_text(), path) if path is not None else {}
+        if path is None:
+            return {}
+        where = f"recipe {_shown_path(path)}"
+        return _header_extras(read_untrusted_text(path, where, missing=f"{where} does not exist."), where)
     # `accelerate launch` exports these (ACCELERATE_DYNAMO_BACKEND on every path but DeepSpeed's
     # own launcher, which exports ACCELERATE_USE_DEEPSPEED); a user exporting a setting does not.
     if "ACCELERATE_DYNAMO_BACKEND" in environ or "ACCELERATE_USE_DEEPSPEED" in environ:
@@ -209,7 +232,8 @@ def _recipe_of_parent(parent_pid: int | None) -> tuple[bool, Path | None]:
     """(found, recipe path) from the parent ``accelerate launch``; found is False when that cannot be told."""
     parent = Path(f"/proc/{parent_pid or os.getppid()}")
     try:
-        arguments = (parent / "cmdline").read_bytes().decode().split("\0")
+        # File names need not be UTF-8; fsdecode keeps their bytes as the OS does.
+        arguments = [os.fsdecode(argument) for argument in (parent / "cmdline").read_bytes().split(b"\0")]
         cwd = (parent / "cwd").resolve()
     except OSError:
         return False, None
@@ -224,13 +248,15 @@ def _recipe_of_parent(parent_pid: int | None) -> tuple[bool, Path | None]:
             value = argument.split("=", 1)[1]
         if value:
             path = Path(value) if Path(value).is_absolute() else cwd / value
-            return True, path if path.is_file() else None
+            # Anything there is read (and refused if it is no plain file); nothing there: no recipe.
+            return True, path if os.path.lexists(path) else None
     from accelerate.commands.config import default_config_file  # what `accelerate launch` reads without one
 
     return True, Path(default_config_file) if Path(default_config_file).is_file() else None
 
 
 def _deepspeed_config_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Accelerate's DeepSpeed variables as the typed deepspeed_config section a recipe file holds."""
     names = {
         "ACCELERATE_DEEPSPEED_ZERO_STAGE": "zero_stage",
         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
@@ -239,7 +265,22 @@ def _deepspeed_config_from_environment(environ: Mapping[str, str]) -> dict[str, 
         "ACCELERATE_GRADIENT_CLIPPING": "gradient_clipping",
         "ACCELERATE_DEEPSPEED_CONFIG_FILE": "deepspeed_config_file",
     }
-    return {key: environ[variable] for variable, key in names.items() if variable in environ}
+    numbers = ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+               "ACCELERATE_GRADIENT_CLIPPING")
+    return {key: _environment_number(environ, variable) if variable in numbers else environ[variable]
+            for variable, key in names.items() if variable in environ}
+
+
+def _environment_number(environ: Mapping[str, str], variable: str) -> Any:
+    """An environment variable as the int or float a recipe file would hold; other text (such as
+    "none" or "auto") is kept as it is, for the key's own check to take or refuse."""
+    text = environ[variable]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _accelerate_config(plan: Plan, num_processes: int, num_machines: int) -> dict[str, Any]:
@@ -291,146 +332,225 @@ def _has_accelerate_key(plan: Plan, option: str) -> bool:
 
 def _zero_plan(section: Mapping[str, Any], options: dict[str, Any], base_dir: Path | None) -> Plan:
     section = dict(section)
-    if section.get("deepspeed_config_file"):
-        file_plan = plan_from_deepspeed_json(_resolve(section.pop("deepspeed_config_file"), base_dir))
+    for key in section:
+        if key not in ("zero_stage", "offload_optimizer_device", "offload_param_device", "gradient_accumulation_steps",
+                       "gradient_clipping", "deepspeed_config_file", *_DEEPSPEED_LAUNCH_KEYS):
+            raise PlanError(f"key deepspeed_config.{shown_key(key)} is not one meshplan honours.")
+    config_file = section.pop("deepspeed_config_file", None)
+    if config_file is not None:
+        file_plan = plan_from_deepspeed_json(_resolve(config_file, base_dir))
         leftover = sorted(set(section) - set(_DEEPSPEED_LAUNCH_KEYS))
         if leftover:
-            raise PlanError(f"recipe keys deepspeed_config.{leftover[0]} and deepspeed_config_file contradict: "
+            raise PlanError(f"keys deepspeed_config.{leftover[0]} and deepspeed_config_file contradict: "
                             f"with a DeepSpeed config file, set {leftover[0]} in that file.")
         file_options = dict(file_plan.options)
         for name in set(file_options) & set(options):
             if file_options[name] != options[name]:
-                raise PlanError(f"recipe key {name}={options[name]!r} contradicts {file_options[name]!r} in "
+                raise PlanError(f"key {name}={shown(options[name])} contradicts {shown(file_options[name])} in "
                                 f"deepspeed_config_file; set it in one place.")
         return Plan.build("zero", zero_stage=file_plan.zero_stage, offload_optimizer=file_plan.offload_optimizer,
                           offload_parameters=file_plan.offload_parameters, options={**file_options, **options})
-    for key in section:
-        if key not in ("zero_stage", "offload_optimizer_device", "offload_param_device", "gradient_accumulation_steps",
-                       "gradient_clipping", *_DEEPSPEED_LAUNCH_KEYS):
-            raise PlanError(f"recipe key deepspeed_config.{key} is not one meshplan honours.")
     for name in ("gradient_accumulation_steps", "gradient_clipping"):
         if name in section and section[name] not in (None, "none", "auto"):
-            options[name] = _number(section[name], f"deepspeed_config.{name}")
+            options[name] = _number(section[name], f"deepspeed_config.{name}",
+                                    integer=name == "gradient_accumulation_steps")
     return Plan.build(
         "zero", zero_stage=_integer(section.get("zero_stage", 2), "deepspeed_config.zero_stage"),
-        offload_optimizer=_offload(section.get("offload_optimizer_device"), "offload_optimizer_device"),
-        offload_parameters=_offload(section.get("offload_param_device"), "offload_param_device"),
+        offload_optimizer=_offload(section.get("offload_optimizer_device"),
+                                   "deepspeed_config.offload_optimizer_device"),
+        offload_parameters=_offload(section.get("offload_param_device"), "deepspeed_config.offload_param_device"),
         options=options,
     )
 
 
 def plan_from_deepspeed_json(path: Path) -> Plan:
-    """The ZeRO Plan of a DeepSpeed JSON config file; refuses sections meshplan cannot honour."""
-    if not path.is_file():
-        raise PlanError(f"recipe key deepspeed_config.deepspeed_config_file={str(path)!r} names no file.")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise PlanError(f"DeepSpeed config {str(path)!r} is not valid JSON: {error}") from None
+    """The ZeRO Plan of a DeepSpeed JSON config file; refuses sections meshplan cannot honour.
+
+    The file is untrusted like a recipe: bounded in size, nesting and number of values, with
+    every value meshplan reads checked by type.
+    """
+    where = f"DeepSpeed config {_shown_path(path)}"
+    text = read_untrusted_text(path, where, missing=f"key deepspeed_config.deepspeed_config_file={_shown_path(path)} "
+                                                    f"names no file.")
+    config = _load_json(text, where)
     if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
-        raise PlanError(f"DeepSpeed config {str(path)!r} must be a JSON object with a zero_optimization object.")
+        raise PlanError(f"{where} must be a JSON object with a zero_optimization object.")
+    try:
+        return _zero_plan_of_deepspeed(config)
+    except PlanError as error:
+        raise PlanError(f"{where}: {error}") from None
+
+
+def _zero_plan_of_deepspeed(config: dict[str, Any]) -> Plan:
+    """The ZeRO Plan of a parsed DeepSpeed config (checked for size, not yet for types)."""
     # "auto" (the HF templates' placeholder) means: not set here.
     zero = {key: value for key, value in config.pop("zero_optimization", {}).items() if value != "auto"}
     options: dict[str, Any] = {}
     for key in ("optimizer", "scheduler"):
         if key in config:
-            raise PlanError(f"DeepSpeed config key {key!r} in {str(path)!r} is not honoured: meshplan steps the "
-                            f"optimizer and scheduler your code builds. Remove {key!r}.")
+            raise PlanError(f"key {key!r} is not honoured: meshplan steps the optimizer and scheduler your code "
+                            f"builds. Remove {key!r}.")
     for key, value in config.items():
         if key in ("gradient_accumulation_steps", "gradient_clipping") and value != "auto":
             options[key] = value
-        elif key in ("bf16", "fp16") and isinstance(value, dict) and value.get("enabled") is True:
-            options["mixed_precision"] = key
+        elif key in ("bf16", "fp16"):
+            if not isinstance(value, dict):
+                raise PlanError(f"key {key}={shown(value)} must be an object such as {{\"enabled\": true}}.")
+            if value.get("enabled") is True:
+                options["mixed_precision"] = key
         elif key not in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-                         "gradient_clipping", "bf16", "fp16", "zero_allow_untested_optimizer",
-                         "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown"):
-            raise PlanError(f"DeepSpeed config key {key!r} in {str(path)!r} is not one meshplan honours.")
-    offload_optimizer_section = zero.pop("offload_optimizer", None) or {}
-    offload_param_section = zero.pop("offload_param", None) or {}
-    offload_optimizer = _offload(offload_optimizer_section.get("device"), "offload_optimizer.device")
-    pin_memory = offload_optimizer_section.get("pin_memory") or offload_param_section.get("pin_memory")
+                         "gradient_clipping", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+                         "steps_per_print", "wall_clock_breakdown"):
+            raise PlanError(f"key {shown(key)} is not one meshplan honours.")
+    offload_optimizer_section = _object(zero.pop("offload_optimizer", None), "zero_optimization.offload_optimizer")
+    offload_param_section = _object(zero.pop("offload_param", None), "zero_optimization.offload_param")
+    offload_optimizer = _offload(offload_optimizer_section.get("device"), "zero_optimization.offload_optimizer.device")
+    offload_parameters = _offload(offload_param_section.get("device"), "zero_optimization.offload_param.device")
+    pin_memory = False
+    for name, section in (("offload_optimizer", offload_optimizer_section), ("offload_param", offload_param_section)):
+        value = section.get("pin_memory") or False  # null or absent: DeepSpeed's default, false
+        if not isinstance(value, bool):
+            raise PlanError(f"key zero_optimization.{name}.pin_memory={shown(value)} must be true or false.")
+        pin_memory = pin_memory or value
     stage = zero.pop("stage", 0)
     for key, value in zero.items():
-        options[key] = value
+        options[key] = value  # Plan checks each name and type (keys of a JSON object are strings)
     if pin_memory:
         options["pin_memory"] = True
     return Plan.build("zero", zero_stage=stage, offload_optimizer=offload_optimizer,
-                      offload_parameters=_offload(offload_param_section.get("device"), "offload_param.device"),
-                      options=options)
+                      offload_parameters=offload_parameters, options=options)
 
 
 def _refuse_unsupported_sections(config: Mapping[str, Any]) -> None:
     for key in ("fsdp_config", "megatron_lm_config", "fp8_config"):
         if _mapping(config, key):
-            raise PlanError(f"recipe key {key!r} asks for a layout meshplan does not run; use DDP, ZeRO or TP.")
+            raise PlanError(f"key {key!r} asks for a layout meshplan does not run; use DDP, ZeRO or TP.")
+
+
+def _distributed_type(value: Any) -> str:
+    if isinstance(value, bool):
+        # YAML 1.1 reads unquoted NO, no, off (and YES, on) as booleans; Accelerate's writer quotes 'NO'.
+        raise PlanError(f"key distributed_type is the YAML boolean {str(value).lower()} (an unquoted NO, no or off "
+                        f"reads as false): quote it, distributed_type: 'NO'.")
+    if not isinstance(value, str) or value not in _LAYOUT_TYPES:
+        raise PlanError(
+            f"key distributed_type={shown(value)} is not a layout meshplan runs; valid values are "
+            f"{', '.join(_LAYOUT_TYPES)} (with parallelism_config for tensor parallelism)."
+        )
+    return value
+
+
+def _mixed_precision(value: Any) -> str | None:
+    if isinstance(value, bool):
+        raise PlanError(f"key mixed_precision is the YAML boolean {str(value).lower()} (an unquoted no or off reads "
+                        f"as false): quote it, mixed_precision: 'no'.")
+    if value is not None and (not isinstance(value, str) or value not in MIXED_PRECISIONS):
+        raise PlanError(f"key mixed_precision={shown(value)} is not honoured; valid values are "
+                        f"{', '.join(MIXED_PRECISIONS)}.")
+    return value
+
+
+def _process_count(value: Any) -> int | None:
+    """num_processes; None where Accelerate leaves it to the launcher (-1, its default, or null)."""
+    if value is None or type(value) is int and value == -1:
+        return None
+    if type(value) is not int or value < 1:
+        raise PlanError(f"key num_processes={shown(value)} must be a positive integer (or -1: set by "
+                        f"`accelerate launch --num_processes`).")
+    return value
+
+
+def _machine_count(value: Any) -> int:
+    """num_machines; null is Accelerate's default, 1."""
+    if value is None:
+        return 1
+    if type(value) is not int or value < 1:
+        raise PlanError(f"key num_machines={shown(value)} must be a positive integer.")
+    return value
 
 
 def _tp_size(section: Mapping[str, Any]) -> int:
     for key, value in section.items():
+        if not isinstance(key, str):
+            raise PlanError(f"key parallelism_config.{shown(key)} is not one meshplan honours.")
         short = key.removeprefix("parallelism_config_")
         if short == "tp_size":
             continue
-        if short in ("dp_replicate_size", "dp_shard_size", "cp_size", "sp_size") and int(value) > 1:
-            raise PlanError(f"recipe key parallelism_config.{key}={value!r} is not honoured: meshplan's data-parallel "
-                            f"dimension is the processes left over by tp_size.")
-        if short not in ("dp_replicate_size", "dp_shard_size", "cp_size", "sp_size", "cp_backend", "sp_backend"):
-            raise PlanError(f"recipe key parallelism_config.{key} is not one meshplan honours.")
+        if short in ("dp_replicate_size", "dp_shard_size", "cp_size", "sp_size"):
+            if _integer(value, f"parallelism_config.{key}") > 1:
+                raise PlanError(f"key parallelism_config.{key}={value!r} is not honoured: meshplan's data-parallel "
+                                f"dimension is the processes left over by tp_size.")
+        elif short not in ("cp_backend", "sp_backend"):
+            raise PlanError(f"key parallelism_config.{shown_key(key)} is not one meshplan honours.")
     value = section.get("parallelism_config_tp_size", section.get("tp_size", 1))
     return _integer(value, "parallelism_config.parallelism_config_tp_size")
 
 
 def _offload(device: Any, key: str) -> bool:
-    if device not in _OFFLOAD_DEVICES:
-        raise PlanError(f"recipe key {key}={device!r} is not honoured; valid devices are 'none' and 'cpu'.")
+    if not (device is None or isinstance(device, str)) or device not in _OFFLOAD_DEVICES:
+        raise PlanError(f"key {key}={shown(device)} is not honoured; valid devices are 'none' and 'cpu'.")
     return _OFFLOAD_DEVICES[device]
 
 
 def _integer(value: Any, key: str) -> int:
-    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-        raise PlanError(f"recipe key {key}={value!r} must be an integer.")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise PlanError(f"recipe key {key}={value!r} must be an integer.") from None
+    if type(value) is not int:  # not a bool, a float or a string: what Accelerate itself writes
+        raise PlanError(f"key {key}={shown(value)} must be an integer.")
+    return value
+
+
+def _number(value: Any, key: str, integer: bool = False) -> int | float:
+    if integer:
+        return _integer(value, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"key {key}={shown(value)} must be a number.")
+    return value
 
 
 def _mapping(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = config.get(key) or {}
     if not isinstance(value, Mapping):
-        raise PlanError(f"recipe key {key} must be a mapping of keys, not {type(value).__name__}.")
+        raise PlanError(f"key {key} must be a mapping of keys, not {type(value).__name__}.")
     return dict(value)
 
 
-def _number(value: Any, key: str) -> int | float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise PlanError(f"recipe key {key}={value!r} must be a number.") from None
-    return int(number) if number.is_integer() and "gradient_accumulation" in key else number
+def _object(value: Any, key: str) -> dict[str, Any]:
+    """A DeepSpeed section that must be a JSON object; null or absent is an empty one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PlanError(f"key {key}={shown(value)} must be an object.")
+    return value
 
 
-def _resolve(path: str, base_dir: Path | None) -> Path:
+def _resolve(path: Any, base_dir: Path | None) -> Path:
+    if not isinstance(path, str):
+        raise PlanError(f"key deepspeed_config.deepspeed_config_file={shown(path)} must be a file name.")
     candidate = Path(path)
-    if not candidate.is_absolute() and base_dir is not None and not candidate.exists():
+    # os.path.exists is False for any name it cannot stat (too long, a NUL in it); the reader says why.
+    if not candidate.is_absolute() and base_dir is not None and not os.path.exists(candidate):
         candidate = base_dir / candidate
     return candidate
+
+
+def _shown_path(path: Path) -> str:
+    return shown(str(path))
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + " ".join(str(getattr(error, "problem", None) or error).split())
+    problem = " ".join(str(getattr(error, "problem", None) or error).split())
+    return where + (problem if len(problem) <= 120 else problem[:117] + "...")
 
 
-def _header_extras(text: str, path: Path) -> dict[str, Any]:
+def _header_extras(text: str, where: str) -> dict[str, Any]:
+    """The '# meshplan: {...}' header's options, checked for size; the Plan checks their names and types."""
     for line in text.splitlines():
         if line.startswith(HEADER):
-            try:
-                extras = json.loads(line[len(HEADER):])
-            except json.JSONDecodeError as error:
-                raise PlanError(f"recipe {str(path)!r}: the '{HEADER.strip()}' line is not valid JSON: {error}") from None
+            header = f"{where}: the '{HEADER.strip()}' line"
+            extras = _load_json(line[len(HEADER):], header)
             if not isinstance(extras, dict):
-                raise PlanError(f"recipe {str(path)!r}: the '{HEADER.strip()}' line must hold a JSON object.")
+                raise PlanError(f"{header} must hold a JSON object.")
             return extras
     return {}
 
@@ -442,6 +562,192 @@ def _description(text: str) -> str:
             break
         lines.append(line.lstrip("#").strip())
     return "\n".join(lines).strip()
+
+
+# --- Reading untrusted files: bounded before anything is converted, shown or trusted. ---
+
+# Longest number accepted (in characters): far above any real setting, far below the cost of
+# converting a huge integer (Python refuses those past 4,300 digits with a ValueError).
+_MAX_NUMBER_LENGTH = 100
+
+
+class _Refused(Exception):
+    """A limit passed while parsing; turned into a PlanError that names the file."""
+
+
+def read_untrusted_text(path: Path, where: str, missing: str) -> str:
+    """The UTF-8 text of a recipe-like file that anyone may have written; a PlanError otherwise.
+
+    Only a regular file is read (a FIFO or device is refused without blocking: it is opened
+    non-blocking and checked before any read), and at most MAX_FILE_BYTES of it.
+
+    Args:
+        path: the file.
+        where: how messages name it, e.g. "recipe 'r.yaml'".
+        missing: the whole message when there is no such file.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise PlanError(missing) from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the name
+        raise PlanError(f"{where} cannot be opened: {_reason(error)}.") from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise PlanError(f"{where} is not a regular file (a directory, pipe or device); give a file.")
+        if status.st_size > MAX_FILE_BYTES:
+            raise PlanError(f"{where} is {status.st_size} bytes; the limit is {MAX_FILE_BYTES} bytes.")
+        data = _read_at_most(descriptor, MAX_FILE_BYTES + 1)  # one byte more tells a file that grew
+    except OSError as error:
+        raise PlanError(f"{where} cannot be read: {_reason(error)}.") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_FILE_BYTES:
+        raise PlanError(f"{where} is more than {MAX_FILE_BYTES} bytes; the limit is {MAX_FILE_BYTES} bytes.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PlanError(f"{where} is not UTF-8 text: byte {error.start} is {data[error.start]:#04x}.") from None
+
+
+def _read_at_most(descriptor: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(descriptor, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _reason(error: Exception) -> str:
+    return getattr(error, "strerror", None) or " ".join(str(error).split())[:120]
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that stops composing past MAX_VALUES nodes or MAX_DEPTH levels.
+
+    The pure-Python composer is stopped early, so a crafted file costs at most that many nodes of
+    parsing; aliases are counted once here and at every use by _check_size afterwards.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._nodes += 1
+        self._depth += 1
+        try:
+            if self._nodes > MAX_VALUES:
+                raise _Refused(f"holds more than {MAX_VALUES} YAML values; a recipe holds a few dozen.")
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"nests deeper than {MAX_DEPTH} levels.")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def flatten_mapping(self, node: Any) -> None:
+        # A merge key ("<<: [*a, *a, ...]") copies every pair of every mapping it names: with
+        # 10,000 nodes that is 10^7 pairs, seconds of work from a small file. Accelerate never
+        # writes one, so it is refused rather than bounded.
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise _Refused(f"uses a YAML merge key ('<<') at line {key_node.start_mark.line + 1}, which meshplan "
+                               f"does not read; write the keys out.")
+        super().flatten_mapping(node)
+
+    def construct_yaml_int(self, node: Any) -> int:
+        _check_number_length(self.construct_scalar(node))
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """The YAML document in ``text``, checked by _check_size; a one-line PlanError otherwise."""
+    loader = _BoundedLoader(text)
+    try:
+        value = loader.get_single_data()
+    except _Refused as error:
+        raise PlanError(f"{where} {error}") from None
+    except yaml.YAMLError as error:
+        raise PlanError(f"{where} is not valid YAML: {_yaml_problem(error)}.") from None
+    except RecursionError:
+        raise PlanError(f"{where} nests deeper than {MAX_DEPTH} levels.") from None
+    except (ValueError, OverflowError) as error:  # a scalar YAML resolves but cannot convert, e.g. a date
+        raise PlanError(f"{where} holds a value YAML cannot convert: {_reason(error)}.") from None
+    finally:
+        loader.dispose()
+    _check_size(value, where)
+    return value
+
+
+def _load_json(text: str, where: str) -> Any:
+    """The JSON value in ``text``, without NaN, infinities or huge numbers, checked by _check_size."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_int=_json_int, parse_float=_json_float)
+    except _Refused as error:
+        raise PlanError(f"{where} {error}") from None
+    except RecursionError:
+        raise PlanError(f"{where} nests deeper than {MAX_DEPTH} levels.") from None
+    except ValueError as error:  # json.JSONDecodeError: its message holds a position, never the text
+        raise PlanError(f"{where} is not valid JSON: {_reason(error)}") from None
+    _check_size(value, where)
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Refused(f"holds {name}, which is no number meshplan accepts (JSON has no NaN or Infinity).")
+
+
+def _json_int(text: str) -> int:
+    _check_number_length(text)
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    _check_number_length(text)
+    number = float(text)
+    if not math.isfinite(number):
+        raise _Refused(f"holds the number {shown(text)}, too large for a float.")
+    return number
+
+
+def _check_number_length(text: str) -> None:
+    if len(text) > _MAX_NUMBER_LENGTH:
+        raise _Refused(f"holds a number {len(text)} characters long; the limit is {_MAX_NUMBER_LENGTH}.")
+
+
+def _check_size(value: Any, where: str) -> None:
+    """Refuses a value that nests deeper than MAX_DEPTH or holds more than MAX_VALUES values.
+
+    Every use of a shared (aliased) container counts again, as converting or printing it would
+    expand it; the walk stops as soon as a limit is passed, so its cost is bounded too.
+    """
+    pending = [(value, 1)]
+    seen = 0
+    while pending:
+        item, depth = pending.pop()
+        seen += 1
+        if depth > MAX_DEPTH:
+            raise PlanError(f"{where} nests deeper than {MAX_DEPTH} levels.")
+        if isinstance(item, dict):
+            size = 2 * len(item)
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            size = len(item)
+        else:
+            continue
+        # Everything pending is counted once it is visited: refuse now rather than walk to the limit.
+        if seen + len(pending) + size > MAX_VALUES:
+            raise PlanError(f"{where} holds more than {MAX_VALUES} values (each use of a YAML alias counts); "
+                            f"a recipe holds a few dozen.")
+        children = [part for pair in item.items() for part in pair] if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children)
 
 
 def catalogue() -> dict[str, Recipe]:

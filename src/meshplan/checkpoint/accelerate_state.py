@@ -13,7 +13,8 @@ and ``register_save_state_pre_hook`` hooks are not called; skip consumed batches
 
 from __future__ import annotations
 
-import shutil
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 from meshplan.checkpoint.engines import deepspeed_counters, restore_deepspeed_counters
 from meshplan.checkpoint.random_state import random_states, set_random_states
 from meshplan.checkpoint.sharded import load_training_state, save_training_state
-from meshplan.checkpoint.store import CheckpointError, is_complete, latest_checkpoint, plain_data
+from meshplan.checkpoint.store import CheckpointError, delete_checkpoint, is_complete, latest_checkpoint, plain_data
 from meshplan.plan import Plan
 
 
@@ -97,9 +98,12 @@ class CheckpointingAccelerator(Accelerator):
         folder = Path(self.project_dir) / "checkpoints"
         limit = self.project_configuration.total_limit
         if self.is_main_process and limit is not None:
-            saved = sorted((path for path in folder.glob("checkpoint_*") if is_complete(path)), key=_iteration)
+            saved = sorted((path for path in folder.glob("checkpoint_*") if _iteration(path) >= 0 and is_complete(path)),
+                           key=_iteration)
             for old in saved[: max(0, len(saved) + 1 - limit)]:
-                shutil.rmtree(old)
+                if not delete_checkpoint(old):  # only a folder meshplan wrote is deleted
+                    warnings.warn(f"total_limit: meshplan kept {str(old)!r}, which holds files meshplan does not write.",
+                                  stacklevel=3)
         location = folder / f"checkpoint_{self.save_iteration}"
         if location.exists():
             raise CheckpointError(f"{location} already exists (iteration {self.save_iteration}); set "
@@ -116,4 +120,7 @@ class CheckpointingAccelerator(Accelerator):
 
 
 def _iteration(path: Path) -> int:
-    return int(path.name.rsplit("_", 1)[-1].split(".")[0])
+    """The number of an automatically named checkpoint (``checkpoint_<i>``, or ``.checkpoint_<i>.replaced``
+    while it was being replaced); -1 for any other name, which automatic naming did not write."""
+    match = re.fullmatch(r"\.?checkpoint_(\d+)(\.replaced)?", path.name)
+    return int(match.group(1)) if match else -1

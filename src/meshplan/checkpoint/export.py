@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 from meshplan.checkpoint.sharded import CheckpointReader
-from meshplan.checkpoint.store import CheckpointError, TensorFileWriter, tensor_bytes
+from meshplan.checkpoint.store import CheckpointError, TensorFileWriter, shown, tensor_bytes
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SHOWN_PREFIXES = 5
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -26,25 +28,80 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: 
            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Writes the Hugging Face model in ``checkpoint`` to ``out_dir`` (config.json plus safetensors).
 
+    The model is written into a new hidden folder beside ``out_dir`` (``.NAME.partial-XXXXXXXX``)
+    that is renamed to ``out_dir`` once complete; on any failure, an interrupt included, that
+    folder is removed and ``out_dir`` is left as it was. Nothing that was there before is
+    deleted or written over.
+
     Args:
         checkpoint: a meshplan checkpoint directory (from any strategy, Lightning or Accelerate).
-        out_dir: a new (or empty) directory; ``from_pretrained(out_dir)`` loads the model.
+        out_dir: a new (or empty) directory, not a link (missing parents are created);
+            ``from_pretrained(out_dir)`` loads the model.
         model: which model, when the checkpoint holds several: its prefix, e.g. ``"model"``.
         max_shard_size: the largest safetensors file, in bytes or as "500MB"/"5GB"; a larger model
             is split into ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``.
+
+    Raises:
+        CheckpointError: ``out_dir`` cannot be created, or the checkpoint cannot be read.
+        OSError: writing failed (the partial folder is removed first).
     """
+    out = Path(out_dir).absolute()
+    _check_target(out)  # before any work: reading the checkpoint may take long
+    limit = parse_size(max_shard_size)
     reader = CheckpointReader(checkpoint)
     module_name, pretrained = _pick_model(reader, model)
-    limit = parse_size(max_shard_size)
-    out = Path(out_dir).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not an empty directory; export writes a new one.")
     names = _hf_names(reader, f"{module_name}/{pretrained['prefix']}")
     shards = _split(reader, names, limit)
-    partial = out.parent / f".{out.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = _new_partial(out)
+    try:
+        _write_model(reader, shards, names, pretrained, partial)
+        # rename(2) replaces an empty directory and fails on anything else: a directory that
+        # filled up meanwhile is not replaced.
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # this call's own folder, and only that
+        raise
+    return out
+
+
+def _check_target(out: Path) -> None:
+    """A CheckpointError, before any work, when export may not create ``out``.
+
+    Refused: a link (to a directory or to nothing: export writes a directory of its own, not
+    through a link), a file or anything else that is not a directory, a non-empty directory, and
+    a parent that is not a directory or cannot be written. Missing parents are created.
+    """
+    if out.is_symlink():
+        raise CheckpointError(f"{shown(str(out))} is a symbolic link; export creates a new directory of its own: "
+                              f"give a path that does not exist.")
+    if os.path.lexists(out) and not out.is_dir():
+        raise CheckpointError(f"{shown(str(out))} already exists and is not a directory; export writes a new one.")
+    if out.is_dir() and any(out.iterdir()):
+        raise CheckpointError(f"{shown(str(out))} already exists and is not an empty directory; export writes a new one.")
+    # Missing parents are created, as save_pretrained does; the nearest existing one must be a writable directory.
+    existing = next(folder for folder in out.parents if os.path.lexists(folder))
+    if not existing.is_dir():
+        raise CheckpointError(f"{shown(str(out))} cannot be created: {shown(str(existing))} is not a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{shown(str(out))} cannot be created: this user cannot write to {shown(str(existing))}.")
+
+
+def _new_partial(out: Path) -> Path:
+    """A new hidden folder beside ``out`` to write into; its name is new, so nothing there before is touched."""
+    for _ in range(100):
+        partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+        try:
+            partial.mkdir()  # exclusive: fails if the name exists; honours the umask, unlike mkdtemp
+        except FileExistsError:
+            continue
+        return partial
+    raise CheckpointError(f"no new partial folder name for {shown(str(out))} in 100 tries; remove the old ones.")
+
+
+def _write_model(reader: CheckpointReader, shards: list[list[tuple[str, str]]], names: list[tuple[str, str]],
+                 pretrained: dict[str, Any], partial: Path) -> None:
+    """The safetensors files, the index of a sharded model, and config.json, into ``partial``."""
     weight_map = {}
     for index, shard in enumerate(shards, start=1):
         file = "model.safetensors" if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
@@ -57,10 +114,6 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: 
     config = dict(pretrained["config"])
     config["architectures"] = config.get("architectures") or [pretrained["class"]]
     (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    if out.exists():
-        out.rmdir()
-    os.rename(partial, out)
-    return out
 
 
 def _pick_model(reader: CheckpointReader, wanted: str | None) -> tuple[str, dict[str, Any]]:
@@ -69,10 +122,12 @@ def _pick_model(reader: CheckpointReader, wanted: str | None) -> tuple[str, dict
         prefix = wanted.rstrip(".") + "." if wanted else ""
         found = [(module, entry) for module, entry in found if entry["prefix"] == prefix]
     if len(found) != 1:
-        where = ", ".join(repr(entry["prefix"].rstrip(".")) for _, entry in found) or "none"
+        # The prefixes come from the manifest: a few of them, each cut short, are shown.
+        where = ", ".join(shown(entry["prefix"].rstrip(".")) for _, entry in found[:_SHOWN_PREFIXES]) or "none"
+        more = ", ..." if len(found) > _SHOWN_PREFIXES else ""
         raise CheckpointError(
-            f"checkpoint {reader.path} holds {len(found)} Hugging Face models matching model={wanted!r} "
-            f"(prefixes: {where}); name one with model=PREFIX (--model PREFIX)."
+            f"checkpoint {shown(str(reader.path))} holds {len(found)} Hugging Face models matching model={shown(wanted)} "
+            f"(prefixes: {where}{more}); name one with model=PREFIX (--model PREFIX)."
         )
     return found[0]
 
@@ -91,13 +146,15 @@ def _hf_names(reader: CheckpointReader, prefix: str) -> list[tuple[str, str]]:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a string such as "500MB", "5GB", "2GiB"."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
-    if not match or match.group(2) not in _UNITS:
-        raise CheckpointError(f"max_shard_size={size!r} is not a size such as 500MB or 5GB.")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    """Bytes in ``size``: a positive int, or a string such as "500MB", "5GB", "2GiB"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = float(size) if size.bit_length() < 64 else float("inf")
+    else:
+        match = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        value = float(match.group(1)) * _UNITS[match.group(2)] if match and match.group(2) in _UNITS else 0.0
+    if not 1 <= value < 2**63:
+        raise CheckpointError(f"max_shard_size={shown(size)} is not a size such as 500MB or 5GB.")
+    return int(value)
 
 
 def _split(reader: CheckpointReader, names: list[tuple[str, str]], limit: int) -> list[list[tuple[str, str]]]:

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 
 from meshplan.checkpoint.engines import (
@@ -30,12 +29,16 @@ from meshplan.checkpoint.store import (
     check_replaceable,
     check_safe_object,
     check_storable,
+    is_finite_number,
+    is_number,
     load_safe_object,
+    open_tensor_files,
     partial_path,
     prepare_partial,
     publish,
     read_manifest,
     save_safe_object,
+    shown,
     tensor_bytes,
 )
 
@@ -204,27 +207,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _open_tensors(path: Path) -> Any:
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {error}.") from None
-
-
 class CheckpointReader:
-    """Reads the tensors of a complete checkpoint by name, whole or a slice at a time."""
+    """Reads the tensors of a complete checkpoint by name, whole or a slice at a time.
+
+    Construction checks the manifest and every tensor file's header (store.read_manifest,
+    store.open_tensor_files): a checkpoint that does not check out is a CheckpointError before
+    anything is read, and afterwards every read stays inside the files the manifest lists.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self._files: dict[str, TensorFileReader] = {}
-        self._mapped: dict[str, Any] = {}  # safetensors' own reader, for slices
-        for file in sorted(set(self.manifest["tensors"].values())):
-            self._files[file] = TensorFileReader(self.path / file)
-        held = {file: set(reader.names()) for file, reader in self._files.items()}
-        missing = [key for key, file in self.manifest["tensors"].items() if key not in held[file]]
-        if missing:
-            raise CheckpointError(f"checkpoint {self.path} is torn: its files lack {', '.join(missing[:5])}.")
+        self._files: dict[str, TensorFileReader] = open_tensor_files(self.path, self.manifest)
         self._shapes = {key: self._files[file].shape(key) for key, file in self.manifest["tensors"].items()}
         self._by_owner: dict[str, dict[str, str]] = {}  # "optimizer/parameter" -> {state name: key}
         for key in self._shapes:
@@ -251,23 +245,28 @@ class CheckpointReader:
         """Part of a stored tensor, read without reading the rest."""
         if not index:
             return self.tensor(key)
-        file = self.manifest["tensors"][key]
-        if file not in self._mapped:
-            self._mapped[file] = _open_tensors(self.path / file)
-        return self._mapped[file].get_slice(key)[index]
+        return self._files[self.manifest["tensors"][key]].slice(key, index)
 
     def states_of(self, owner: str) -> dict[str, str]:
         """``{name: key}`` for the stored keys ``owner/name``: the optimizer states of one parameter."""
         return self._by_owner.get(owner, {})
 
     def state(self) -> dict[str, Any]:
-        """The front end's own state, read without unpickling code."""
-        return load_safe_object(self.path / STATE_FILE)
+        """The front end's own state (a dict), read without unpickling code."""
+        if STATE_FILE not in self.manifest["files"]:
+            raise CheckpointError(f"checkpoint {self.path} holds no {STATE_FILE}: its manifest does not list one.")
+        return self._state_dict(STATE_FILE)
 
     def rank_state(self, rank: int) -> dict[str, Any] | None:
-        """The per-process state saved by ``rank``, or None when that rank did not exist then."""
-        path = self.path / f"rank-{rank:05d}.pt"
-        return load_safe_object(path) if path.is_file() else None
+        """The per-process state (a dict) saved by ``rank``, or None when that rank did not exist then."""
+        name = f"rank-{rank:05d}.pt"
+        return self._state_dict(name) if name in self.manifest["files"] else None
+
+    def _state_dict(self, name: str) -> dict[str, Any]:
+        state = load_safe_object(self.path, name, self.manifest["files"][name])
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {self.path}: {name} holds {type(state).__name__}, not the dict meshplan saves.")
+        return state
 
 
 def load_training_state(path: str | os.PathLike, models: dict[str, nn.Module], optimizers: dict[str, Any]) -> CheckpointReader:
@@ -290,6 +289,10 @@ def load_training_state(path: str | os.PathLike, models: dict[str, nn.Module], o
             keys[id(tensor)] = stored
             targets.append((stored, tensor))
     _check_targets(reader, targets)
+    hyperparameters = {}
+    for name, optimizer in optimizers.items():  # every check before anything is changed
+        _check_optimizer(reader, name, innermost_optimizer(optimizer), keys)
+        hyperparameters[name] = _checked_hyperparameters(reader, name, innermost_optimizer(optimizer))
     zero3 = _zero3_optimizers(tensor for _, tensor in targets)
     for optimizer in zero3:  # persistent (always gathered) parameters are released first...
         optimizer.checkpoint_event_prologue()
@@ -299,9 +302,8 @@ def load_training_state(path: str | os.PathLike, models: dict[str, nn.Module], o
         optimizer.checkpoint_event_epilogue()
     for name, optimizer in optimizers.items():
         inner = innermost_optimizer(optimizer)
-        _check_optimizer(reader, name, inner, keys)
         load_optimizer_state(inner, keys, name, reader)
-        _set_hyperparameters(inner, reader.manifest["optimizers"][name])
+        _set_hyperparameters(inner, hyperparameters[name])
     _barrier()
     return reader
 
@@ -327,7 +329,7 @@ def _check_targets(reader: CheckpointReader, targets: list[tuple[str, torch.Tens
             f"checkpoint {reader.path} has no tensor for {len(missing)} of the model's tensors: "
             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}."
         )
-    wrong = [f"{key} {reader.shape(key)} (the model has {_global_shape(t)})" for key, t in targets
+    wrong = [f"{key} {shown(reader.shape(key))} (the model has {_global_shape(t)})" for key, t in targets
              if reader.shape(key) != _global_shape(t)]
     if wrong:
         raise CheckpointError(f"checkpoint {reader.path} holds tensors of other shapes: {'; '.join(wrong[:5])}.")
@@ -338,25 +340,92 @@ def _check_optimizer(reader: CheckpointReader, name: str, optimizer: Any, keys: 
     if saved is None:
         raise CheckpointError(
             f"checkpoint {reader.path} holds no state for optimizer {name!r} (it holds "
-            f"{sorted(reader.manifest['optimizers']) or 'the model weights only'})."
+            f"{shown(sorted(reader.manifest['optimizers'])) if reader.manifest['optimizers'] else 'the model weights only'})."
         )
     current = {key for group in _param_groups(optimizer, keys) for key in group["params"]}
     stored = {key for group in saved for key in group["params"]}
     if current != stored:
         differing = sorted(current ^ stored)
         raise CheckpointError(
-            f"optimizer {name!r} holds other parameters than the checkpoint's ({', '.join(differing[:5])}); "
+            f"optimizer {name!r} holds other parameters than the checkpoint's ({', '.join(map(shown, differing[:5]))}); "
             f"build the optimizer as it was when the checkpoint was saved."
         )
 
 
-def _set_hyperparameters(optimizer: Any, saved: list[dict[str, Any]]) -> None:
-    for group, stored in zip(optimizer.param_groups, saved):
-        for name, value in stored["hyperparameters"].items():
+# Hyperparameters torch's LR schedulers add to a param group when they are created (every
+# scheduler: initial_lr; OneCycleLR: max_lr, min_lr, max_momentum, base_momentum; SWALR:
+# swa_lr). A checkpoint saved with a scheduler holds them even when this run creates its
+# scheduler after loading, or has none; refusing them would refuse a valid resume, so they are
+# accepted where the group lacks them, as finite numbers only.
+_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"})
+
+
+def _checked_hyperparameters(reader: CheckpointReader, name: str, optimizer: Any) -> list[dict[str, Any]]:
+    """The stored hyperparameters of each of ``optimizer``'s param groups, each checked against the group.
+
+    Only names the group has (or a scheduler's, above), never ``params``, each of a type the group's
+    own value has; a CheckpointError naming the optimizer, group and name otherwise.
+    """
+    saved = reader.manifest["optimizers"][name]
+    if len(saved) != len(optimizer.param_groups):
+        raise CheckpointError(f"checkpoint {reader.path}: optimizer {name!r} was saved with {len(saved)} param groups; "
+                              f"this one has {len(optimizer.param_groups)}. Build it as it was when the checkpoint was saved.")
+    for index, (group, stored) in enumerate(zip(optimizer.param_groups, saved)):
+        for key, value in stored["hyperparameters"].items():
+            problem = _hyperparameter_problem(key, value, group)
+            if problem is not None:
+                raise CheckpointError(f"checkpoint {reader.path}: optimizer {name!r} param group {index} hyperparameter "
+                                      f"{shown(key)} {problem}.")
+    return [stored["hyperparameters"] for stored in saved]
+
+
+def _hyperparameter_problem(key: str, value: Any, group: dict[str, Any]) -> str | None:
+    """What is wrong with setting ``group[key] = value`` from a checkpoint, or None."""
+    if key == "params":
+        return "is the group's parameter list, which a checkpoint may not set"
+    if key not in group:
+        if key in _SCHEDULER_KEYS:
+            return None if is_finite_number(value) else f"is {shown(value)}, not a finite number"
+        return "is not one of this optimizer's hyperparameters"
+    return _value_problem(value, group[key])
+
+
+def _value_problem(value: Any, current: Any) -> str | None:
+    """What is wrong with ``value`` (from JSON) in place of ``current``, or None."""
+    if isinstance(current, bool) or current is None:
+        # None marks an unset flag (foreach, fused): a bool may set it.
+        allowed = isinstance(value, bool) or (current is None and value is None)
+        wanted = "a bool or null" if current is None else "a bool"
+        return None if allowed else f"is {shown(value)}, not {wanted} as the optimizer's is"
+    if torch.is_tensor(current):
+        if current.numel() != 1:
+            return f"is held in a tensor of {current.numel()} elements, which meshplan does not restore"
+        if not current.is_floating_point() and not (type(value) is int and -2**63 <= value < 2**63):
+            return f"is {shown(value)}, not an integer as the optimizer's is"
+        current = current.item()
+    if is_number(current):
+        if not is_number(value):
+            return f"is {shown(value)}, not a number as the optimizer's is"
+        finite = is_finite_number(current)
+        return None if is_finite_number(value) or not finite else f"is {shown(value)}, not a finite number"
+    if isinstance(current, (tuple, list)):
+        if not isinstance(value, list) or len(value) != len(current):
+            return f"is {shown(value)}, not a list of {len(current)} values as the optimizer's is"
+        problems = [_value_problem(item, now) for item, now in zip(value, current)]
+        return next((f"[{i}] {p}" for i, p in enumerate(problems) if p is not None), None)
+    if isinstance(current, str):
+        return None if isinstance(value, str) else f"is {shown(value)}, not a string as the optimizer's is"
+    return f"is of a type ({type(current).__name__}) meshplan does not restore"
+
+
+def _set_hyperparameters(optimizer: Any, checked: list[dict[str, Any]]) -> None:
+    """Sets the hyperparameters ``_checked_hyperparameters`` returned."""
+    for group, stored in zip(optimizer.param_groups, checked):
+        for name, value in stored.items():
             current = group.get(name)
-            if isinstance(current, tuple) and isinstance(value, list):
-                value = tuple(value)
             if torch.is_tensor(current):
                 current.fill_(value)
+            elif isinstance(current, tuple):
+                group[name] = tuple(value)
             else:
                 group[name] = value

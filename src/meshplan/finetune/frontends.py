@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from meshplan.checkpoint import latest_checkpoint, save_pretrained
+from meshplan.checkpoint.store import delete_checkpoint
 from meshplan.finetune.data import StepSampler
 from meshplan.finetune.evaluate import accuracy
 from meshplan.finetune.job import FinetuneJob, Prepared
@@ -194,14 +195,16 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
 
 
 def _save_only_latest(accelerator: Any, job: FinetuneJob, step: int) -> None:
-    """save_state to ``checkpoints/step=N``, then (rank 0) delete the checkpoints before it."""
-    import shutil
+    """save_state to ``checkpoints/step=N``, then (rank 0) delete the meshplan checkpoints before it.
 
+    Only what ``delete_checkpoint`` recognises as a meshplan checkpoint is deleted: anything
+    else named ``step=*`` there (a user's file or folder) is left as it is.
+    """
     latest = Path(accelerator.save_state(str(job.checkpoints / f"step={step}")))
     if accelerator.is_main_process:
         for older in job.checkpoints.glob("step=*"):
             if older != latest:
-                shutil.rmtree(older)
+                delete_checkpoint(older)  # False, and nothing deleted, for anything but a meshplan checkpoint
 
 
 def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:

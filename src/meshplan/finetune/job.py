@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from meshplan.finetune.data import find_columns, label_names, load_splits
 from meshplan.finetune.errors import FinetuneError
+from meshplan.finetune.output import JOB_FORMAT
 from meshplan.models import minilm_path
 from meshplan.plan import Plan
 from meshplan.recipes import CATALOGUE_DIR, read_recipe
@@ -57,13 +59,29 @@ class FinetuneJob:
     seed: int = 0
 
     def to_json(self, path: Path) -> None:
-        """Writes the job for the workers."""
-        path.write_text(json.dumps(dataclasses.asdict(self)))
+        """Writes the job for the workers, marked as meshplan's, replacing any earlier one in one step.
+
+        The text goes to a new file of its own that is then renamed over ``path``: a link found
+        at ``path`` is replaced, never written through.
+        """
+        text = json.dumps({"format": JOB_FORMAT, **dataclasses.asdict(self)})
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        staged = Path(name)
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(text)
+            os.chmod(staged, 0o666 & ~_umask())  # mkstemp makes it private; a job file is as readable as any
+            os.replace(staged, path)
+        except BaseException:
+            staged.unlink(missing_ok=True)  # the staged file is this call's own
+            raise
 
     @classmethod
     def from_json(cls, path: str) -> "FinetuneJob":
         """Reads a job written by ``to_json``."""
-        return cls(**json.loads(Path(path).read_text()))
+        fields = json.loads(Path(path).read_text())
+        fields.pop("format", None)
+        return cls(**fields)
 
     @property
     def plan(self) -> Plan:
@@ -190,3 +208,10 @@ class Prepared:
             job.model, local_files_only=True, num_labels=len(names), ignore_mismatched_sizes=True,
             id2label=dict(enumerate(names)), label2id={name: index for index, name in enumerate(names)},
         )
+
+
+def _umask() -> int:
+    """The process's file creation mask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

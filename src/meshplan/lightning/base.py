@@ -86,15 +86,18 @@ class PlanStrategyMixin:
         """Nothing to do: ``load_checkpoint`` has loaded the optimizer state."""
 
     def remove_checkpoint(self, filepath: Any) -> None:
-        """Deletes a checkpoint directory (rank 0), as ModelCheckpoint asks for old ones."""
-        import shutil
+        """Deletes a checkpoint directory (rank 0), as ModelCheckpoint asks for old ones.
+
+        Only a folder meshplan wrote is deleted (``delete_checkpoint``); anything else at that path
+        is kept, with a warning: a training run does not stop over it.
+        """
+        from meshplan.checkpoint.store import delete_checkpoint
 
         if self.is_global_zero:
             path = Path(filepath)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+            if not delete_checkpoint(path) and os.path.lexists(path):
+                warnings.warn(f"meshplan kept {str(path)!r} instead of removing it: it is not a meshplan checkpoint "
+                              f"directory (only those are deleted).", stacklevel=2)
 
     def _validate_layout(self) -> None:
         """Checks the layout against the world size and the Trainer before any process group exists."""

@@ -1,0 +1,829 @@
+"""Checkpoints from elsewhere: meshplan trusts none of a checkpoint's bytes (issue 16).
+
+A real checkpoint of a tiny Llama (tied embeddings, so its manifest has an alias) with AdamW
+after one step is written in this process. Each test alters a copy as an attacker or a torn
+disk would: meshplan must refuse it with a one-line CheckpointError that names the entry, read
+nothing outside the checkpoint folder, allocate nothing the files do not hold, and never hang.
+A seeded fuzz test then mutates manifests, headers and files at random.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import struct
+import time
+import warnings
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import meshplan
+from meshplan.checkpoint import CheckpointError, CheckpointReader, export, latest_checkpoint, load_training_state
+from meshplan.checkpoint import save_training_state
+from meshplan.checkpoint.accelerate_state import _iteration
+from meshplan.checkpoint.store import MANIFEST, TensorFileReader, delete_checkpoint
+from meshplan.cli import main
+
+TENSORS = "tensors-00000-of-00001.safetensors"
+EMBED = "model/model.embed_tokens.weight"
+NORM = "model/model.norm.weight"  # 32 float32 values: 128 bytes
+TIED = "model/lm_head.weight"  # an alias of EMBED
+PATTERN = bytes([0xA5, 0x5A, 0xC3, 0x3C]) * 4  # fills every data byte of the sentinel outside the checkpoint
+SECRET_SIZE = 123457  # the size of a file outside the checkpoint that no message may reveal
+FUZZ_CASES = 1000
+FUZZ_SEED = 16
+
+
+class Hung(BaseException):
+    """Raised by the deadline; a BaseException, so code that catches OSError cannot swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Fails what runs inside if it takes longer than ``seconds`` (a blocked open of a FIFO, say).
+
+    pytest-timeout may have its own timer running: it is put back afterwards.
+    """
+    def hang(signum: int, frame: Any) -> None:
+        raise Hung(f"still running after {seconds} s")
+
+    previous_handler = signal.signal(signal.SIGALRM, hang)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if previous_delay > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(previous_delay - (time.monotonic() - started), 0.01), previous_interval)
+
+
+# ---------------------------------------------------------------- a real checkpoint, and files outside it
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+                                        tie_word_embeddings=True))
+
+
+def _trained(scheduler: bool = False) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
+    model = _tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if scheduler:
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return model, optimizer
+
+
+def _save(path: Path, scheduler: bool = False) -> Path:
+    model, optimizer = _trained(scheduler)
+    return save_training_state(path, {"model": model}, {"optimizer": optimizer}, {"global_step": 1},
+                               rank_state={"cpu_rng": torch.get_rng_state()}, manifest={"front_end": "test", "step": 1})
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint every test copies; never altered."""
+    return _save(tmp_path_factory.mktemp("pristine") / "step=1.ckpt")
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory: pytest.TempPathFactory, pristine: Path) -> Path:
+    """A folder outside every checkpoint: ``sentinel.safetensors`` has the checkpoint's own header (and
+    size) but every data byte from PATTERN; ``secret`` has SECRET_SIZE bytes."""
+    folder = tmp_path_factory.mktemp("outside")
+    raw = (pristine / TENSORS).read_bytes()
+    data_start = 8 + struct.unpack("<Q", raw[:8])[0]
+    data_length = len(raw) - data_start
+    pattern = (PATTERN * (data_length // len(PATTERN) + 1))[:data_length]
+    (folder / "sentinel.safetensors").write_bytes(raw[:data_start] + pattern)
+    assert (folder / "sentinel.safetensors").stat().st_size == (pristine / TENSORS).stat().st_size
+    (folder / "secret").write_bytes(b"s" * SECRET_SIZE)
+    return folder
+
+
+@pytest.fixture
+def checkpoint(pristine: Path, tmp_path: Path) -> Path:
+    """A copy of the pristine checkpoint for one test to alter."""
+    path = tmp_path / "step=1.ckpt"
+    shutil.copytree(pristine, path)
+    return path
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def _edit_manifest(path: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
+    manifest = _manifest(path)
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _resize(path: Path, name: str) -> None:
+    """Makes the manifest agree with the size a file now has, as a careful attacker would."""
+    size = os.lstat(path / name).st_size
+    _edit_manifest(path, lambda manifest: manifest["files"].__setitem__(name, size))
+
+
+def _read_tensor_file(path: Path) -> tuple[dict[str, Any], bytes]:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def _write_tensor_file(path: Path, header: Any, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _edit_header(path: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
+    header, data = _read_tensor_file(path / TENSORS)
+    edited = edit(header)
+    _write_tensor_file(path / TENSORS, header if edited is None else edited, data)
+    _resize(path, TENSORS)
+
+
+def _refused(path: Path, *fragments: str) -> str:
+    """The one-line CheckpointError opening ``path`` raises; it names the checkpoint and each fragment."""
+    with _deadline(10), pytest.raises(CheckpointError) as raised:
+        CheckpointReader(path)
+    message = str(raised.value)
+    assert "\n" not in message and str(path) in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def _export_refused(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
+    """``meshplan export`` of ``path``: exit code 2, one line on stderr, no output directory left."""
+    out = tmp_path / "exported"
+    with _deadline(10):
+        assert main(["export", str(path), str(out)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and error.startswith("meshplan export: "), error
+    for fragment in fragments:
+        assert fragment in error, error
+    assert not out.exists() and not list(tmp_path.glob(".exported*"))
+
+
+def _data_bounds(path: Path, key: str) -> list[int]:
+    header, _ = _read_tensor_file(path / TENSORS)
+    return header[key]["data_offsets"]
+
+
+# ---------------------------------------------------------------- 1. nothing read outside the checkpoint
+
+
+@pytest.mark.parametrize("where", ["absolute path", "parent path", "file not in files"])
+def test_tensor_map_names_only_files_the_manifest_lists(where: str, checkpoint: Path, outside: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(outside / "sentinel.safetensors", checkpoint / "unlisted.safetensors")
+    target = {"absolute path": str(outside / "sentinel.safetensors"),
+              "parent path": os.path.relpath(outside / "sentinel.safetensors", checkpoint),
+              "file not in files": "unlisted.safetensors"}[where]
+    _edit_manifest(checkpoint, lambda manifest: manifest["tensors"].__setitem__(EMBED, target))
+    _refused(checkpoint, f"tensors['{EMBED}']", "not a file of the manifest's files")
+    _export_refused(checkpoint, tmp_path, capsys, f"tensors['{EMBED}']")
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../step=0.ckpt/state.pt", "..", ".", "", "sub/state.pt",
+                                  "sub\\state.pt", "state.pt\0"])
+def test_files_lists_only_plain_names_inside_the_checkpoint(name: str, checkpoint: Path) -> None:
+    _edit_manifest(checkpoint, lambda manifest: manifest["files"].__setitem__(name, 10))
+    _refused(checkpoint, f"manifest entry files[{name!r}]", "is not a plain file name inside the checkpoint")
+
+
+def test_a_tensor_file_that_is_a_link_is_refused_without_following_it(checkpoint: Path, outside: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    (checkpoint / TENSORS).unlink()
+    (checkpoint / TENSORS).symlink_to(outside / "sentinel.safetensors")  # of the very size the manifest says
+    _refused(checkpoint, TENSORS, "is a symbolic link")
+    _export_refused(checkpoint, tmp_path, capsys, "is a symbolic link")
+
+
+def test_a_listed_link_is_never_stat_ed_through(checkpoint: Path, outside: Path) -> None:
+    (checkpoint / "state.pt").unlink()
+    (checkpoint / "state.pt").symlink_to(outside / "secret")
+    message = _refused(checkpoint, "state.pt is a symbolic link")
+    assert str(SECRET_SIZE) not in message and "bytes" not in message
+
+
+def test_a_file_swapped_for_a_link_after_the_checks_is_not_followed(checkpoint: Path, outside: Path) -> None:
+    reader = CheckpointReader(checkpoint)
+    expected = reader.tensor(EMBED)
+    (checkpoint / TENSORS).unlink()
+    (checkpoint / TENSORS).symlink_to(outside / "sentinel.safetensors")
+    (checkpoint / "state.pt").unlink()
+    (checkpoint / "state.pt").symlink_to(outside / "secret")
+    for read in (lambda: reader.tensor(EMBED), lambda: reader.slice(EMBED, (slice(0, 2),)), reader.state):
+        with pytest.raises(CheckpointError, match="symbolic link, never followed"):
+            read()
+    assert expected.shape == (64, 32)
+
+
+def test_a_checkpoint_reached_through_a_link_the_user_gave_is_read(checkpoint: Path, tmp_path: Path) -> None:
+    link = tmp_path / "latest"
+    link.symlink_to(checkpoint)
+    assert torch.equal(CheckpointReader(link).tensor(EMBED), CheckpointReader(checkpoint).tensor(EMBED))
+
+
+def test_slices_match_the_whole_tensor(checkpoint: Path) -> None:
+    reader = CheckpointReader(checkpoint)
+    whole = reader.tensor(EMBED)
+    assert torch.equal(reader.slice(EMBED, (slice(3, 9), slice(8, 24))), whole[3:9, 8:24])
+    assert torch.equal(reader.slice(EMBED, (slice(0, 64),)), whole)
+
+
+@pytest.mark.parametrize("target", ["model/no-such-tensor", f"../other.ckpt/{EMBED}", TENSORS, 3, None])
+def test_aliases_name_only_tensors_of_the_same_checkpoint(target: Any, checkpoint: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    _edit_manifest(checkpoint, lambda manifest: manifest["aliases"].__setitem__(TIED, target))
+    _refused(checkpoint, f"aliases['{TIED}']", "not a tensor of this checkpoint")
+    _export_refused(checkpoint, tmp_path, capsys, f"aliases['{TIED}']")
+
+
+def test_optimizer_params_name_only_tensors_of_the_checkpoint(checkpoint: Path) -> None:
+    _edit_manifest(checkpoint, lambda manifest: manifest["optimizers"]["optimizer"][0]["params"].append("../x"))
+    _refused(checkpoint, "optimizers['optimizer'][0]['params']", "'../x', not a tensor of this checkpoint")
+
+
+# ---------------------------------------------------------------- 2 and 3. headers as strict as safetensors'
+
+
+def test_an_empty_data_range_with_a_shape_is_refused_not_exported_as_heap(checkpoint: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    _edit_header(checkpoint, lambda header: header[NORM].update(shape=[100000], data_offsets=[0, 0]))
+    _refused(checkpoint, f"tensor '{NORM}' of shape [100000] and dtype F32 does not fill its 0 bytes")
+    _export_refused(checkpoint, tmp_path, capsys, NORM)
+
+
+def test_a_tensor_of_no_elements_reads_as_an_empty_tensor(checkpoint: Path) -> None:
+    _, data = _read_tensor_file(checkpoint / TENSORS)
+    _edit_header(checkpoint, lambda header: header.update(
+        {"model/empty": {"dtype": "F32", "shape": [0, 32], "data_offsets": [len(data), len(data)]}}))
+    _edit_manifest(checkpoint, lambda manifest: manifest["tensors"].update({"model/empty": TENSORS}))
+    assert CheckpointReader(checkpoint).tensor("model/empty").shape == (0, 32)
+
+
+def _set_entry(key: str, **fields: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda header: header[key].update(fields)
+
+
+HEADER_CASES = {
+    "negative start": (_set_entry(NORM, data_offsets=[-8, 120]), "data_offsets [-8, 120], not [start, end]"),
+    "start after end": (_set_entry(NORM, data_offsets=[128, 0]), "data_offsets [128, 0], not [start, end]"),
+    "end past the data": (_set_entry(NORM, data_offsets=[0, 10**9]), "not [start, end] with 0 <= start <= end <="),
+    "shape not matching the bytes": (_set_entry(NORM, shape=[31]), "of shape [31] and dtype F32 does not fill its 128 bytes"),
+    "huge shape": (_set_entry(NORM, shape=[2**40, 2**40]), "does not fill its 128 bytes"),
+    "huge shape, no bytes": (_set_entry(NORM, shape=[2**62, 2**62], data_offsets=[0, 0]), "does not fill its 0 bytes"),
+    "unknown dtype": (_set_entry(NORM, dtype="C64"), "has dtype 'C64', not one of F64"),
+    "dtype not a string": (_set_entry(NORM, dtype=["F32"]), "has dtype ['F32']"),
+    "bool in shape": (_set_entry(NORM, shape=[True, 32]), "has shape [True, 32], not a list of non-negative integers"),
+    "float in shape": (_set_entry(NORM, shape=[32.0]), "has shape [32.0]"),
+    "negative size in shape": (_set_entry(NORM, shape=[-32]), "has shape [-32]"),
+    "three offsets": (_set_entry(NORM, data_offsets=[0, 64, 128]), "data_offsets [0, 64, 128]"),
+    "entry not an object": (lambda header: header.__setitem__(NORM, [1, 2]), f"tensor '{NORM}' is described by [1, 2]"),
+    "metadata not strings": (lambda header: header.__setitem__("__metadata__", {"format": 1}), "__metadata__ {'format': 1}"),
+    "header a list": (lambda header: [header], "its header is a JSON list, not an object"),
+    "overlapping tensors": (lambda header: header.update(copy=dict(header[NORM])), "tensors must be contiguous"),
+    "gap": (lambda header: header.__delitem__(NORM), "tensors must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_CASES)
+def test_tensor_headers_are_checked_as_strictly_as_safetensors_does(case: str, checkpoint: Path) -> None:
+    edit, fragment = HEADER_CASES[case]
+    if case == "gap" and _data_bounds(checkpoint, NORM)[1] == len(_read_tensor_file(checkpoint / TENSORS)[1]):
+        pytest.fail("the norm weight must not be the last tensor in the file for this case")
+    _edit_header(checkpoint, edit)
+    _refused(checkpoint, f"tensor file {TENSORS} is refused", fragment)
+
+
+def _with_nan(raw: bytes) -> bytes:
+    """The file with ``NaN`` (not JSON) in its header and the header length kept right."""
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = raw[8:8 + length].replace(b'"shape"', b'"x":NaN,"shape"', 1)
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + raw[8 + length:]
+
+
+RAW_CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "header length of 2**63": (lambda raw: struct.pack("<Q", 2**63) + raw[8:], "header length 9223372036854775808 exceeds"),
+    "header length past the file": (lambda raw: struct.pack("<Q", len(raw)) + raw[8:], "exceeds"),
+    "file of 5 bytes": (lambda raw: raw[:5], "fewer than the 8 of a header length"),
+    "header not UTF-8": (lambda raw: raw[:8] + b"\xff" + raw[9:], "its header is not UTF-8 JSON"),
+    "NaN in the header": (_with_nan, "its header is not UTF-8 JSON"),
+    "data appended": (lambda raw: raw + bytes(8), "its tensors end at data byte"),
+}
+
+
+@pytest.mark.parametrize("case", RAW_CASES)
+def test_tensor_file_bytes_are_checked_before_anything_is_allocated(case: str, checkpoint: Path) -> None:
+    edit, fragment = RAW_CASES[case]
+    (checkpoint / TENSORS).write_bytes(edit((checkpoint / TENSORS).read_bytes()))
+    _resize(checkpoint, TENSORS)
+    _refused(checkpoint, f"tensor file {TENSORS} is refused", fragment)
+
+
+def test_a_header_longer_than_safetensors_allows_is_refused(checkpoint: Path) -> None:
+    with open(checkpoint / TENSORS, "r+b") as file:
+        file.write(struct.pack("<Q", 100_000_001))
+        file.truncate(100_000_100)  # sparse: the header length fits in the file
+    _resize(checkpoint, TENSORS)
+    _refused(checkpoint, "header length 100000001 exceeds 100000000 bytes")
+
+
+def test_header_refusals_go_through_the_export_command(checkpoint: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    raw = (checkpoint / TENSORS).read_bytes()
+    (checkpoint / TENSORS).write_bytes(struct.pack("<Q", 2**63) + raw[8:])
+    _export_refused(checkpoint, tmp_path, capsys, "header length")
+
+
+@pytest.mark.parametrize("name", [TENSORS, "state.pt", MANIFEST])
+def test_a_fifo_in_place_of_a_file_is_refused_without_hanging(name: str, checkpoint: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    size = _manifest(checkpoint)["files"][TENSORS]
+    (checkpoint / name).unlink()
+    os.mkfifo(checkpoint / name)
+    _refused(checkpoint, name, "not a regular file")
+    _export_refused(checkpoint, tmp_path, capsys, "not a regular file")
+    with _deadline(5), warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert latest_checkpoint(tmp_path) is None
+    if name == TENSORS:  # the reader's own open, as if the FIFO appeared after the manifest was checked
+        with _deadline(5), pytest.raises(CheckpointError, match="is not a regular file"):
+            TensorFileReader(checkpoint, TENSORS, size)
+
+
+def test_a_directory_in_place_of_a_file_is_refused(checkpoint: Path) -> None:
+    (checkpoint / "rank-00000.pt").unlink()
+    (checkpoint / "rank-00000.pt").mkdir()
+    _refused(checkpoint, "rank-00000.pt is not a regular file")
+
+
+def test_state_files_load_only_as_uncompressed_torch_archives(checkpoint: Path) -> None:
+    state = checkpoint / "state.pt"
+    with zipfile.ZipFile(state) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(state, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in records:
+            archive.writestr(name, data)
+    _resize(checkpoint, "state.pt")
+    with pytest.raises(CheckpointError, match="state.pt holds compressed records"):
+        CheckpointReader(checkpoint).state()
+    state.write_bytes(pickle.dumps({"global_step": 1}))
+    _resize(checkpoint, "state.pt")
+    with pytest.raises(CheckpointError, match="state.pt is not an archive written by torch.save.*never unpickles"):
+        CheckpointReader(checkpoint).state()
+
+
+def test_state_files_are_read_only_when_listed(checkpoint: Path) -> None:
+    _edit_manifest(checkpoint, lambda manifest: [manifest["files"].pop(name) for name in ("state.pt", "rank-00000.pt")])
+    reader = CheckpointReader(checkpoint)
+    with pytest.raises(CheckpointError, match="holds no state.pt"):
+        reader.state()
+    assert reader.rank_state(0) is None
+
+
+# ---------------------------------------------------------------- 4. latest_checkpoint skips what it cannot read
+
+BROKEN_MANIFESTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "no-saved-at": lambda manifest: manifest.pop("saved_at"),
+    "no-files": lambda manifest: manifest.pop("files"),
+    "files-as-a-list": lambda manifest: manifest.__setitem__("files", list(manifest["files"])),
+    "step-as-a-string": lambda manifest: manifest.__setitem__("step", "9"),
+    "step-as-a-float": lambda manifest: manifest.__setitem__("step", 9.5),
+    "step-as-a-bool": lambda manifest: manifest.__setitem__("step", True),
+    "saved-at-nan": lambda manifest: manifest.__setitem__("saved_at", float("nan")),
+    "tensors-as-a-list": lambda manifest: manifest.__setitem__("tensors", list(manifest["tensors"])),
+    "size-as-a-string": lambda manifest: manifest["files"].__setitem__("state.pt", "1261"),
+    "models-as-a-string": lambda manifest: manifest.__setitem__("models", "llama"),
+    "version-true": lambda manifest: manifest.__setitem__("version", True),
+}
+
+
+def test_latest_checkpoint_skips_what_it_cannot_read_and_says_why(pristine: Path, tmp_path: Path) -> None:
+    shutil.copytree(pristine, tmp_path / "step=1.ckpt")
+    broken = []
+    for label, edit in BROKEN_MANIFESTS.items():  # all of them newer than the good one
+        path = tmp_path / f"step=9-{label}.ckpt"
+        shutil.copytree(pristine, path)
+        _edit_manifest(path, lambda manifest: (manifest.__setitem__("step", 9), edit(manifest)))
+        broken.append(path)
+    header_broken = tmp_path / "step=9-header.ckpt"
+    shutil.copytree(pristine, header_broken)
+    _edit_manifest(header_broken, lambda manifest: manifest.__setitem__("step", 9))
+    _edit_header(header_broken, _set_entry(NORM, dtype="C64"))
+    broken.append(header_broken)
+    not_a_manifest = tmp_path / "step=9-not-json.ckpt"
+    shutil.copytree(pristine, not_a_manifest)
+    (not_a_manifest / MANIFEST).write_text("[")
+    broken.append(not_a_manifest)
+    (tmp_path / "lightning_logs").mkdir()  # no manifest: not a checkpoint, passed over in silence
+    shutil.copytree(pristine, tmp_path / ".step=10.ckpt.partial")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert latest_checkpoint(tmp_path) == str(tmp_path / "step=1.ckpt")
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == len(broken), messages
+    for path in broken:
+        assert sum(f"latest_checkpoint skips {path}: " in message for message in messages) == 1, (path, messages)
+    assert all("\n" not in message for message in messages)
+
+
+def test_latest_checkpoint_orders_by_step_then_time(pristine: Path, tmp_path: Path) -> None:
+    for name, step, saved_at in (("a", 3, 100.0), ("b", 3, 200), ("c", 2, 900.0)):
+        shutil.copytree(pristine, tmp_path / name)
+        _edit_manifest(tmp_path / name, lambda manifest: manifest.update(step=step, saved_at=saved_at))
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "b")
+
+
+# ---------------------------------------------------------------- 5. optimizer hyperparameters
+
+
+def _group(manifest: dict[str, Any]) -> dict[str, Any]:
+    return manifest["optimizers"]["optimizer"][0]["hyperparameters"]
+
+
+HYPERPARAMETER_CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
+    "params": (lambda m: _group(m).__setitem__("params", [EMBED]), "'params' is the group's parameter list"),
+    "string lr": (lambda m: _group(m).__setitem__("lr", "0.1"), "'lr' is '0.1', not a number"),
+    "nan lr": (lambda m: _group(m).__setitem__("lr", float("nan")), "'lr' is nan, not a finite number"),
+    "huge integer lr": (lambda m: _group(m).__setitem__("lr", 10**400), "not a finite number"),
+    "bool lr": (lambda m: _group(m).__setitem__("lr", True), "'lr' is True, not a number"),
+    "unknown key": (lambda m: _group(m).__setitem__("momentum_hack", 1.0), "'momentum_hack' is not one of this optimizer's"),
+    "three betas": (lambda m: _group(m).__setitem__("betas", [0.9, 0.99, 0.5]), "not a list of 2 values"),
+    "string beta": (lambda m: _group(m).__setitem__("betas", ["0.9", 0.999]), "'betas' [0] is '0.9', not a number"),
+    "number for a bool": (lambda m: _group(m).__setitem__("amsgrad", 1), "'amsgrad' is 1, not a bool"),
+    "null for a number": (lambda m: _group(m).__setitem__("eps", None), "'eps' is None, not a number"),
+    "string for a flag": (lambda m: _group(m).__setitem__("foreach", "yes"), "'foreach' is 'yes', not a bool or null"),
+    "nan initial_lr": (lambda m: _group(m).__setitem__("initial_lr", float("nan")), "'initial_lr' is nan, not a finite"),
+}
+
+
+@pytest.mark.parametrize("case", HYPERPARAMETER_CASES)
+def test_hyperparameters_are_checked_against_the_optimizer_before_anything_is_loaded(case: str, checkpoint: Path) -> None:
+    edit, fragment = HYPERPARAMETER_CASES[case]
+    _edit_manifest(checkpoint, edit)
+    model = _tiny_llama()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(CheckpointError) as raised:
+        load_training_state(checkpoint, {"model": model}, {"optimizer": optimizer})
+    message = str(raised.value)
+    assert "\n" not in message and fragment in message, message
+    assert "optimizer 'optimizer' param group 0 hyperparameter" in message, message
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert not optimizer.state and optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_a_checkpoint_with_more_param_groups_is_refused(checkpoint: Path) -> None:
+    def add_group(manifest: dict[str, Any]) -> None:
+        manifest["optimizers"]["optimizer"].append({"hyperparameters": {"lr": 1.0}, "params": []})
+    _edit_manifest(checkpoint, add_group)
+    model = _tiny_llama()
+    with pytest.raises(CheckpointError, match="optimizer 'optimizer' was saved with 2 param groups; this one has 1"):
+        load_training_state(checkpoint, {"model": model}, {"optimizer": torch.optim.AdamW(model.parameters())})
+
+
+@pytest.mark.parametrize("with_scheduler", [True, False])
+def test_a_checkpoint_saved_with_a_scheduler_resumes_with_or_without_one_yet(with_scheduler: bool, tmp_path: Path) -> None:
+    # A scheduler adds initial_lr to each param group; a script may create it after loading.
+    path = _save(tmp_path / "scheduled.ckpt", scheduler=True)
+    assert _group(_manifest(path))["initial_lr"] == 1e-3
+    model = _tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.25)
+    if with_scheduler:
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    load_training_state(path, {"model": model}, {"optimizer": optimizer})
+    assert optimizer.param_groups[0]["initial_lr"] == 1e-3 and optimizer.param_groups[0]["lr"] == 5e-4
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+# ---------------------------------------------------------------- 6. deleting only what meshplan wrote
+
+
+def test_delete_checkpoint_deletes_only_folders_meshplan_wrote(pristine: Path, tmp_path: Path) -> None:
+    def copy_of(name: str, *extra: str) -> Path:
+        path = tmp_path / name
+        shutil.copytree(pristine, path)
+        for file in extra:
+            (path / file).write_text("mine")
+        return path
+
+    assert delete_checkpoint(copy_of("step=1.ckpt")) and not (tmp_path / "step=1.ckpt").exists()
+    torn = copy_of("torn.ckpt")
+    (torn / TENSORS).unlink()
+    assert delete_checkpoint(torn) and not torn.exists()
+    kept = [copy_of("with-notes.ckpt", "notes.txt")]
+    target = copy_of("target.ckpt")
+    (tmp_path / "link.ckpt").symlink_to(target)
+    kept += [tmp_path / "link.ckpt", target]
+    assert not delete_checkpoint(tmp_path / "link.ckpt")
+    no_manifest = copy_of("no-manifest.ckpt")
+    (no_manifest / MANIFEST).unlink()
+    other_format = copy_of("other-format.ckpt")
+    (other_format / MANIFEST).write_text(json.dumps({"format": "someone-else"}))
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "state.pt").write_text("mine")
+    (tmp_path / "file.ckpt").write_text("mine")
+    kept += [no_manifest, other_format, user, tmp_path / "file.ckpt"]
+    for path in kept[:1] + kept[3:]:
+        assert not delete_checkpoint(path), path
+    assert all(os.path.lexists(path) for path in kept) and (kept[0] / "notes.txt").read_text() == "mine"
+    assert not delete_checkpoint(tmp_path / "missing")
+    partial = copy_of(".step=2.ckpt.partial")
+    (partial / MANIFEST).unlink()
+    (tmp_path / ".step=3.ckpt.replaced").mkdir()
+    foreign_partial = copy_of(".step=4.ckpt.partial", "notes.txt")
+    assert delete_checkpoint(partial) and delete_checkpoint(tmp_path / ".step=3.ckpt.replaced")
+    assert not delete_checkpoint(foreign_partial) and (foreign_partial / "notes.txt").exists()
+
+
+def test_a_leftover_partial_folder_with_user_files_stops_the_save(tmp_path: Path) -> None:
+    partial = tmp_path / ".step=2.ckpt.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"\.step=2\.ckpt\.partial is in the way of saving .*notes\.txt.*remove it"):
+        _save(tmp_path / "step=2.ckpt")
+    assert (partial / "notes.txt").read_text() == "mine" and not (tmp_path / "step=2.ckpt").exists()
+    (partial / "notes.txt").unlink()
+    (partial / TENSORS).write_bytes(b"torn")  # what a save that died leaves: deleted by the next save
+    assert _save(tmp_path / "step=2.ckpt").is_dir() and not partial.exists()
+
+
+def test_saving_over_a_checkpoint_that_holds_user_files_is_refused(pristine: Path, tmp_path: Path) -> None:
+    final = tmp_path / "step=1.ckpt"
+    shutil.copytree(pristine, final)
+    (final / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        _save(final)
+    assert (final / "notes.txt").read_text() == "mine"
+    (final / "notes.txt").unlink()
+    assert _save(final) == final and not (tmp_path / ".step=1.ckpt.replaced").exists()
+
+
+def test_lightning_remove_checkpoint_keeps_what_is_not_a_checkpoint(pristine: Path, tmp_path: Path) -> None:
+    strategy = meshplan.DDP()
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match="meshplan kept .*user.* it is not a meshplan checkpoint"):
+        strategy.remove_checkpoint(user)
+    assert (user / "notes.txt").read_text() == "mine"
+    checkpoint = tmp_path / "step=1.ckpt"
+    shutil.copytree(pristine, checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy.remove_checkpoint(checkpoint)
+        strategy.remove_checkpoint(tmp_path / "already-gone.ckpt")
+    assert not checkpoint.exists()
+
+
+def test_accelerate_numbering_ignores_names_it_did_not_write() -> None:
+    assert _iteration(Path("checkpoint_12")) == 12 and _iteration(Path(".checkpoint_3.replaced")) == 3
+    assert _iteration(Path("checkpoint_abc")) == -1 and _iteration(Path("checkpoint_1.5")) == -1
+
+
+def test_accelerate_total_limit_deletes_only_its_own_checkpoints(pristine: Path, tmp_path: Path) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    folder = tmp_path / "checkpoints"
+    for name in ("checkpoint_0", "checkpoint_1", "checkpoint_abc"):
+        shutil.copytree(pristine, folder / name)
+    (folder / "checkpoint_0" / "notes.txt").write_text("mine")
+    project = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=1, iteration=2)
+    accelerator = meshplan.accelerator(meshplan.DDP(), project_config=project)  # one process, no launcher
+    try:
+        with pytest.warns(UserWarning, match="total_limit: meshplan kept .*checkpoint_0"):
+            assert accelerator._save_location(None) == folder / "checkpoint_2"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert sorted(path.name for path in folder.iterdir()) == ["checkpoint_0", "checkpoint_abc"]
+    assert (folder / "checkpoint_0" / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- fuzz: random mutations of a real checkpoint
+
+
+def _positions(node: Any) -> list[tuple[Any, Any]]:
+    """(container, key or index) of every value inside ``node``."""
+    found = []
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, child in list(children):
+        found.append((node, key))
+        found += _positions(child)
+    return found
+
+
+def _manifest_values(outside: Path, size: int) -> list[Any]:
+    sentinel = str(outside / "sentinel.safetensors")
+    return [None, True, False, 0, -1, 1, 7, 2**63, 10**30, 1.5, float("nan"), float("inf"), "", ".", "..", "x" * 300,
+            sentinel, "../" + os.path.relpath(sentinel, "/"), "sentinel-link.safetensors", TENSORS, "state.pt",
+            "rank-00000.pt", MANIFEST, EMBED, TIED, NORM, "optimizer/" + EMBED + "/exp_avg", [], {}, [1, 2], [EMBED],
+            {"a": 1}, {"sentinel-link.safetensors": size}, {TENSORS: size}, {"prefix": "", "class": "X", "config": {}}]
+
+
+def _header_values(data_length: int) -> list[Any]:
+    return [-8, -1, 0, 1, 4, 2**31, 2**63, 2**64, data_length, data_length + 8, [0, 0], [-8, 120], [128, 0],
+            [0, data_length], [100000], [2**40, 2**40], [True, 32], [32.0], [0, 32], [], "F16", "I32", "BF16", "F64",
+            "U8", "BOOL", "C64", None, {}, "x", {"a": 1}, [1, 2, 3]]
+
+
+def _mutate_tree(rng: random.Random, tree: Any, values: list[Any]) -> str:
+    container, key = rng.choice(_positions(tree))
+    operation = rng.choice(["replace", "replace", "replace", "delete", "rename", "tweak"])
+    if operation == "delete":
+        del container[key]
+        return f"deleted [{key!r}]"
+    if operation == "rename" and isinstance(container, dict):
+        new = rng.choice([value for value in values if isinstance(value, str)])
+        container[new] = container.pop(key)
+        return f"renamed [{key!r}] to {new!r}"
+    if operation == "tweak" and type(container[key]) is int:
+        container[key] += rng.choice([-8, -1, 1, 4, 8, 2**32])
+        return f"tweaked [{key!r}] to {container[key]}"
+    container[key] = copy.deepcopy(rng.choice(values))
+    return f"set [{key!r}] to {container[key]!r:.60}"
+
+
+def _mutate_manifest(rng: random.Random, path: Path, outside: Path) -> str:
+    manifest = _manifest(path)
+    values = _manifest_values(outside, manifest["files"][TENSORS])
+    what = "manifest: " + "; ".join(_mutate_tree(rng, manifest, values) for _ in range(rng.choice([1, 1, 2, 3])))
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    return what
+
+
+def _redirect(rng: random.Random, path: Path, outside: Path) -> str:
+    """The attack itself: the sentinel listed in files under some name, with its true size, and tensors pointed at it."""
+    sentinel = outside / "sentinel.safetensors"
+    climbing = "../" * 12 + str(sentinel)[1:]
+    name = rng.choice([str(sentinel), os.path.relpath(sentinel, path), "sentinel-link.safetensors", climbing])
+    manifest = _manifest(path)
+    manifest["files"][name] = sentinel.stat().st_size
+    keys = rng.sample(sorted(manifest["tensors"]), rng.choice([1, 5, len(manifest["tensors"])]))
+    manifest["tensors"].update({key: name for key in keys})
+    if rng.random() < 0.5:
+        manifest["files"].pop(TENSORS)
+        manifest["tensors"] = {key: name for key in manifest["tensors"]}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    return f"redirect to {name!r}"
+
+
+def _mutate_header(rng: random.Random, path: Path, outside: Path) -> str:
+    header, data = _read_tensor_file(path / TENSORS)
+    what = "header: " + "; ".join(_mutate_tree(rng, header, _header_values(len(data))) for _ in range(rng.choice([1, 1, 2])))
+    _write_tensor_file(path / TENSORS, header, data)
+    if rng.random() < 0.85:
+        _resize(path, TENSORS)
+    return what
+
+
+def _mutate_header_bytes(rng: random.Random, path: Path, outside: Path) -> str:
+    raw = bytearray((path / TENSORS).read_bytes())
+    (length,) = struct.unpack("<Q", raw[:8])
+    choice = rng.randrange(4)
+    if choice == 0:
+        position = rng.randrange(8 + length)
+        raw[position] = rng.randrange(256)
+        what = f"byte {position} set to {raw[position]}"
+    elif choice == 1:
+        new = rng.choice([0, 1, 2, length - 1, length + 1, length + 8, len(raw), 2**63, 2**64 - 1, 100_000_001])
+        raw[:8] = struct.pack("<Q", new)
+        what = f"header length {new}"
+    elif choice == 2:
+        cut = rng.randrange(len(raw))
+        del raw[cut:]
+        what = f"cut at {cut}"
+    else:
+        raw += bytes(rng.randrange(1, 64))
+        what = "bytes appended"
+    (path / TENSORS).write_bytes(bytes(raw))
+    if rng.random() < 0.85:
+        _resize(path, TENSORS)
+    return "header bytes: " + what
+
+
+def _mutate_files(rng: random.Random, path: Path, outside: Path) -> str:
+    name = rng.choice([TENSORS, "state.pt", "rank-00000.pt", MANIFEST])
+    kind = rng.choice(["link to the sentinel", "link to the secret", "fifo", "directory", "pickle"])
+    manifest_copy = (path / MANIFEST).read_bytes()
+    (path / name).unlink()
+    if kind == "link to the sentinel":
+        (path / name).symlink_to(outside / "sentinel.safetensors")
+    elif kind == "link to the secret":
+        (path / name).symlink_to(outside / "secret")
+    elif kind == "fifo":
+        os.mkfifo(path / name)
+    elif kind == "directory":
+        (path / name).mkdir()
+    else:
+        (path / name).write_bytes(manifest_copy if name == MANIFEST else pickle.dumps({"global_step": 1}))
+        if name != MANIFEST:
+            _resize(path, name)
+    return f"files: {name} made a {kind}"
+
+
+MUTATIONS = [_mutate_manifest] * 4 + [_mutate_header] * 3 + [_mutate_header_bytes] * 2 + [_mutate_files, _redirect]
+
+
+def _same(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Bit for bit (NaN included) the same tensor."""
+    return (actual.dtype == expected.dtype and actual.shape == expected.shape
+            and torch.equal(actual.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)))
+
+
+def _file_contents(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of the manifest as safetensors' own reader reads it from the checkpoint's files."""
+    contents = {}
+    for file in set(manifest["tensors"].values()):
+        with safe_open(str(path / file), framework="pt") as opened:
+            contents.update({key: opened.get_tensor(key) for key, held_in in manifest["tensors"].items() if held_in == file})
+    return contents
+
+
+def _try_case(path: Path, out: Path, model: LlamaForCausalLM, initial: dict[str, torch.Tensor]) -> str:
+    """Reads, exports and loads the checkpoint at ``path``; a CheckpointError at any stage is a clean refusal.
+
+    What is read must be what the checkpoint's own files hold; any other exception propagates.
+    """
+    try:
+        reader = CheckpointReader(path)
+    except CheckpointError:
+        return "refused when opened"
+    expected = _file_contents(path, reader.manifest)
+    for key in reader.keys():
+        assert _same(reader.tensor(key), expected[key]), key
+    for read in (reader.state, lambda: reader.rank_state(0)):
+        with contextlib.suppress(CheckpointError):
+            read()
+    try:
+        export(path, out)
+    except CheckpointError:
+        pass
+    else:
+        for file in out.iterdir():
+            assert PATTERN not in file.read_bytes(), file
+    model.load_state_dict(initial)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    try:
+        load_training_state(path, {"model": model}, {"optimizer": optimizer})
+    except CheckpointError:
+        return "refused when loaded"
+    aliases, seen = reader.manifest["aliases"], set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:  # a tied weight is loaded once, under its first name
+            seen.add(id(tensor))
+            key = aliases.get(f"model/{name}", f"model/{name}")
+            assert _same(tensor.detach(), expected[key].to(tensor.dtype)), name
+    return "loaded"
+
+
+def test_fuzzed_checkpoints_load_exactly_or_are_refused(pristine: Path, outside: Path, tmp_path: Path) -> None:
+    rng = random.Random(FUZZ_SEED)
+    model = _tiny_llama()
+    initial = copy.deepcopy(model.state_dict())
+    outcomes: Counter[str] = Counter()
+    started = time.monotonic()
+    for case in range(FUZZ_CASES):
+        folder = tmp_path / f"case-{case}"
+        path = folder / "step=1.ckpt"
+        shutil.copytree(pristine, path)
+        (path / "sentinel-link.safetensors").symlink_to(outside / "sentinel.safetensors")
+        what = rng.choice(MUTATIONS)(rng, path, outside)
+        try:
+            with _deadline(5):
+                outcomes[_try_case(path, folder / "exported", model, initial)] += 1
+        except (Exception, Hung) as error:  # noqa: BLE001 - reported with the mutation that caused it
+            pytest.fail(f"fuzz case {case} ({what}): {type(error).__name__}: {error}")
+        shutil.rmtree(folder)
+    seconds = time.monotonic() - started
+    print(f"fuzz: {sum(outcomes.values())} mutations tried in {seconds:.1f} s: {dict(outcomes)}")
+    assert sum(outcomes.values()) >= FUZZ_CASES
+    assert outcomes["loaded"] > 0 and outcomes["refused when opened"] > 0
