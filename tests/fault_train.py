@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import meshplan  # noqa: E402
 import resume  # noqa: E402
-from meshplan.checkpoint.store import TensorFileWriter  # noqa: E402
+from meshplan.checkpoint.tensor_files import TensorFileWriter  # noqa: E402
 
 LAYOUTS = {"ddp": meshplan.DDP, "zero2": lambda: meshplan.ZeRO(stage=2), "tp": lambda: meshplan.TensorParallel(tp_size=2)}
 KILLED_AT_STEP = 3

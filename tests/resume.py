@@ -81,7 +81,7 @@ def weight_error(weights: dict[str, torch.Tensor], reference: dict[str, torch.Te
 
 def _save_with_failing_writes(run: dict[str, Any], nodes_and_devices: tuple[int, int], folder: Path) -> dict[str, Any]:
     """Trains one step, then saves while every tensor write of one rank fails as on a full disk."""
-    from meshplan.checkpoint.store import TensorFileWriter
+    from meshplan.checkpoint.tensor_files import TensorFileWriter
 
     _, _, trainer = fit(run["plan"], run["model"], nodes_and_devices, steps=1)
     write = TensorFileWriter.write

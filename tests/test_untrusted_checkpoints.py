@@ -4,13 +4,18 @@ A real checkpoint of a tiny Llama (tied embeddings, so its manifest has an alias
 after one step is written in this process. Each test alters a copy as an attacker or a torn
 disk would: meshplan must refuse it with a one-line CheckpointError that names the entry, read
 nothing outside the checkpoint folder, allocate nothing the files do not hold, and never hang.
-A seeded fuzz test then mutates manifests, headers and files at random.
+What state.pt and rank-*.pt hold is crafted too (torch.save of plain data): the Lightning and
+Accelerate loaders, run in this process as a Trainer or a script calls them, must refuse it
+before anything is loaded. A seeded fuzz test then mutates manifests, headers, files and the
+state files' contents at random.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import io
 import json
 import os
 import pickle
@@ -25,8 +30,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import lightning
+import lightning.pytorch as pl
+import numpy
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -34,7 +43,12 @@ import meshplan
 from meshplan.checkpoint import CheckpointError, CheckpointReader, export, latest_checkpoint, load_training_state
 from meshplan.checkpoint import save_training_state
 from meshplan.checkpoint.accelerate_state import _iteration
-from meshplan.checkpoint.store import MANIFEST, TensorFileReader, delete_checkpoint
+from meshplan.checkpoint.lightning_state import check_lightning_state
+from meshplan.checkpoint.manifest import MANIFEST
+from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
+from meshplan.checkpoint.state_checks import like_problem
+from meshplan.checkpoint.store import delete_checkpoint, plain_data
+from meshplan.checkpoint.tensor_files import TensorFileReader
 from meshplan.cli import main
 
 TENSORS = "tensors-00000-of-00001.safetensors"
@@ -45,6 +59,13 @@ PATTERN = bytes([0xA5, 0x5A, 0xC3, 0x3C]) * 4  # fills every data byte of the se
 SECRET_SIZE = 123457  # the size of a file outside the checkpoint that no message may reveal
 FUZZ_CASES = 1000
 FUZZ_SEED = 16
+RANK_FILE = "rank-00000.pt"
+LOOPS = ("fit_loop", "validate_loop", "test_loop", "predict_loop")
+COUNTERS = {"global_steps": 1, "global_samples": 2, "micro_steps": 1, "skipped_steps": 0}
+# Lightning's own state as Lightning saves it (the parts that are not tensors).
+LIGHTNING_STATE = {"epoch": 0, "global_step": 1, "pytorch-lightning_version": lightning.__version__,
+                   "loops": {loop: {"state_dict": {}} for loop in LOOPS}, "callbacks": {"ModelCheckpoint{}": {"best_k_models": {}}},
+                   "lr_schedulers": [{"base_lrs": [1e-3], "last_epoch": 1}], "meshplan_deepspeed_counters": COUNTERS}
 
 
 class Hung(BaseException):
@@ -96,8 +117,8 @@ def _trained(scheduler: bool = False) -> tuple[LlamaForCausalLM, torch.optim.Opt
 
 def _save(path: Path, scheduler: bool = False) -> Path:
     model, optimizer = _trained(scheduler)
-    return save_training_state(path, {"model": model}, {"optimizer": optimizer}, {"global_step": 1},
-                               rank_state={"cpu_rng": torch.get_rng_state()}, manifest={"front_end": "test", "step": 1})
+    return save_training_state(path, {"model": model}, {"optimizer": optimizer}, LIGHTNING_STATE,
+                               rank_state=random_states(), manifest={"front_end": "test", "step": 1})
 
 
 @pytest.fixture(scope="module")
@@ -628,6 +649,361 @@ def test_accelerate_total_limit_deletes_only_its_own_checkpoints(pristine: Path,
     assert (folder / "checkpoint_0" / "notes.txt").read_text() == "mine"
 
 
+# ---------------------------------------------------------------- 7. what state.pt and rank-*.pt hold
+
+
+def _edit_state_file(path: Path, name: str, edit: Callable[[Any], Any]) -> None:
+    """Rewrites the state file ``name`` with torch.save of plain data, and lists its new size, as an attacker would."""
+    data = torch.load(path / name, weights_only=True)
+    edited = edit(data)
+    torch.save(data if edited is None else edited, path / name)
+    _resize(path, name)
+
+
+def _set(place: str, value: Any) -> Callable[[Any], Any]:
+    """An edit that sets ``data[key1][key2]...`` (``place``: keys separated by "/", digits for indexes) to ``value``."""
+    keys = [int(key) if key.isdigit() else key for key in place.split("/")]
+
+    def edit(data: Any) -> Any:
+        return _replaced(data, keys, value)
+    return edit
+
+
+def _replaced(node: Any, keys: list[Any], value: Any) -> Any:
+    """``node`` with the value at ``keys`` replaced (tuples rebuilt), or deleted when ``value`` is DELETE."""
+    key, rest = keys[0], keys[1:]
+    copied = dict(node) if isinstance(node, dict) else list(node)
+    if rest:
+        copied[key] = _replaced(node[key], rest, value)
+    elif value is DELETE:
+        del copied[key]
+    else:
+        copied[key] = value
+    return tuple(copied) if isinstance(node, tuple) else copied
+
+
+DELETE = object()
+
+
+@contextlib.contextmanager
+def _generators_kept() -> Iterator[None]:
+    """Puts this process's random number generators back as they were afterwards."""
+    python, numpy_state, cpu = random.getstate(), numpy.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        numpy.random.set_state(numpy_state)
+        torch.set_rng_state(cpu)
+
+
+def _generators() -> tuple[Any, ...]:
+    return random.getstate(), numpy.random.get_state()[1].tolist(), torch.get_rng_state().tolist()
+
+
+def _refused_state(load: Callable[[Path], Any], path: Path, file: str, *fragments: str) -> str:
+    """The one-line CheckpointError ``load(path)`` raises, naming the checkpoint, the file and each fragment."""
+    with _deadline(10), pytest.raises(CheckpointError) as raised:
+        load(path)
+    message = str(raised.value)
+    assert "\n" not in message and len(message) < 400 and f"checkpoint {path}: {file}" in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def _bytes_set(start: int, value: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    def edit(state: torch.Tensor) -> torch.Tensor:
+        state = state.clone()
+        state[start:start + len(value)] = torch.frombuffer(bytearray(value), dtype=torch.uint8)
+        return state
+    return edit
+
+
+# Each case: the edit of rank-00000.pt, and what the message must say.
+RANK_CASES: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "torch state of floats": (lambda s: _set("torch", s["torch"].float())(s), "entry torch is a cpu torch.float32 tensor"),
+    "torch state cut short": (lambda s: _set("torch", s["torch"][:100])(s), "not a CPU torch.uint8 tensor of 5056 bytes"),
+    # torch's mt19937 state: seed (8 bytes), left (4), seeded (4), next (8), then the words.
+    "torch position past the words": (lambda s: _set("torch", _bytes_set(16, struct.pack("<Q", 10**6))(s["torch"]))(s),
+                                      "entry torch is refused by the generator ('Invalid mt19937 state')"),
+    "torch state missing": (_set("torch", DELETE), "entry torch is missing"),
+    "python version 2": (_set("python/0", 2), "entry python[0] is 2, not 3"),
+    "python state of 624 words": (lambda s: _set("python/1", s["python"][1][:624])(s), "...), not 624 32-bit words"),
+    "python word of 33 bits": (_set("python/1/0", 2**32), "not 624 32-bit words and a position of at most 624"),
+    "python position past the words": (_set("python/1/624", 625), "entry python[1]"),
+    "python gauss a string": (_set("python/2", "0.5"), "entry python[2] is '0.5', not a float or None"),
+    "python state a string": (_set("python", "x" * 10**6), "entry python is 'xxxxxxx"),
+    "numpy another generator": (_set("numpy/0", "PCG64"), "entry numpy[0] is 'PCG64', not 'MT19937'"),
+    "numpy keys of int64": (lambda s: _set("numpy/1", s["numpy"][1].long())(s), "entry numpy[1] is a cpu torch.int64 tensor"),
+    "numpy position past the keys": (_set("numpy/2", 625), "entry numpy[2] is 625, not a position from 0 to 624"),
+    "numpy has_gauss of 2": (_set("numpy/3", 2), "entry numpy[3] is 2, not 0 or 1"),
+    "numpy gauss a list": (_set("numpy/4", [0.5]), "entry numpy[4] is [0.5], not a float"),
+    "cuda state a list": (_set("cuda", [1, 2]), "entry cuda is [1, 2], not a CPU torch.uint8 tensor"),
+    "a list, not a dict": (lambda s: [s], "rank-00000.pt holds list, not the dict meshplan saves"),
+}
+
+
+class _LightningModule(pl.LightningModule):
+    """The tiny Llama, as a script's LightningModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _tiny_llama()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@dataclasses.dataclass
+class _Lightning:
+    strategy: Any
+    module: _LightningModule
+    saved: Path  # a checkpoint the strategy wrote; never altered
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.clone() for name, tensor in self.module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> _Lightning:
+    """meshplan.DDP as a Trainer sets it up to fit (one process, no process group), and a checkpoint it saved.
+
+    ``strategy.load_checkpoint`` is what ``trainer.fit(ckpt_path=...)`` calls; afterwards the
+    module's weights differ from the checkpoint's, so a load that went ahead would show.
+    """
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=meshplan.DDP(), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    module = _LightningModule()
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    trainer.state.fn = TrainerFn.FITTING
+    trainer.strategy.optimizers = [module.configure_optimizers()]
+    state = {**LIGHTNING_STATE, "optimizer_states": [{}], "state_dict": {}}  # the tensors' parts are saved as tensors
+    saved = tmp_path_factory.mktemp("lightning") / "last.ckpt"
+    trainer.strategy.save_checkpoint(state, saved)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(1.0)
+    return _Lightning(trainer.strategy, module, saved)
+
+
+def test_a_lightning_checkpoint_loads_its_state_and_generators(lightning_run: _Lightning, tmp_path: Path) -> None:
+    with _generators_kept():
+        state = lightning_run.strategy.load_checkpoint(lightning_run.saved)
+        draws = torch.rand(3), random.random(), numpy.random.rand()
+        lightning_run.strategy.load_checkpoint(lightning_run.saved)
+        assert torch.equal(torch.rand(3), draws[0]) and (random.random(), numpy.random.rand()) == draws[1:]
+    assert state["global_step"] == 1 and state["meshplan_deepspeed_counters"] == COUNTERS
+    with torch.no_grad():
+        for parameter in lightning_run.module.parameters():
+            parameter.add_(1.0)
+
+
+LIGHTNING_CASES: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "version not a string": (_set("pytorch-lightning_version", 2.6), "entry pytorch-lightning_version is 2.6, not a str"),
+    "version older than 2.0": (_set("pytorch-lightning_version", "1.5.0"),
+                               "is '1.5.0', not a Lightning version of at least 2.0.0"),
+    "version not a version": (_set("pytorch-lightning_version", "x" * 10**6), "not a Lightning version"),
+    "version missing": (_set("pytorch-lightning_version", DELETE), "is None, not a str"),
+    "negative global_step": (_set("global_step", -1), "entry global_step is -1, not a non-negative integer"),
+    "global_step a string": (_set("global_step", "1"), "entry global_step is '1', not a non-negative integer"),
+    "epoch a float": (_set("epoch", 1.5), "entry epoch is 1.5, not a non-negative integer"),
+    "epoch a bool": (_set("epoch", True), "entry epoch is True, not a non-negative integer"),
+    "loops a list": (_set("loops", []), "entry loops is [], not a dict"),
+    "fit loop missing": (_set("loops/fit_loop", DELETE), "entry loops['fit_loop'] is None, not a dict"),
+    "test loop a number": (_set("loops/test_loop", 3), "entry loops['test_loop'] is 3, not a dict"),
+    "callback state a number": (_set("callbacks/ModelCheckpoint{}", 5), "entry callbacks['ModelCheckpoint{}'] is 5, not a dict"),
+    "callbacks a list": (_set("callbacks", [{}]), "entry callbacks is [{}], not a dict"),
+    "schedulers a dict": (_set("lr_schedulers", {}), "entry lr_schedulers is {}, not a list"),
+    "scheduler state a string": (_set("lr_schedulers/0", "x"), "entry lr_schedulers[0] is 'x', not a dict"),
+    "precision plugin state a list": (_set("Precision", [1]), "entry Precision is [1], not a dict"),
+    "counters naming another attribute": (_set("meshplan_deepspeed_counters/optimizer", 0),
+                                          "entry meshplan_deepspeed_counters is {"),
+    "negative counter": (_set("meshplan_deepspeed_counters/micro_steps", -1),
+                         "entry meshplan_deepspeed_counters['micro_steps'] is -1, not a non-negative integer"),
+}
+
+
+@pytest.mark.parametrize("case", LIGHTNING_CASES)
+def test_lightning_state_is_checked_before_anything_is_loaded(case: str, lightning_run: _Lightning, tmp_path: Path) -> None:
+    edit, fragment = LIGHTNING_CASES[case]
+    path = tmp_path / "last.ckpt"
+    shutil.copytree(lightning_run.saved, path)
+    _edit_state_file(path, "state.pt", edit)
+    before, generators = lightning_run.weights(), _generators()
+    _refused_state(lightning_run.strategy.load_checkpoint, path, "state.pt entry ", fragment)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in lightning_run.module.state_dict().items())
+    assert _generators() == generators
+
+
+@pytest.mark.parametrize("case", RANK_CASES)
+def test_generator_states_are_checked_before_anything_is_loaded(case: str, lightning_run: _Lightning, tmp_path: Path) -> None:
+    edit, fragment = RANK_CASES[case]
+    path = tmp_path / "last.ckpt"
+    shutil.copytree(lightning_run.saved, path)
+    _edit_state_file(path, RANK_FILE, edit)
+    before, generators = lightning_run.weights(), _generators()
+    _refused_state(lightning_run.strategy.load_checkpoint, path, RANK_FILE, fragment)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in lightning_run.module.state_dict().items())
+    assert _generators() == generators
+
+
+class _Registered:
+    """An object a script registers for checkpointing (a counter of its own)."""
+
+    def __init__(self) -> None:
+        self.count = 3
+
+    def state_dict(self) -> dict[str, int]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.count = state["count"]
+
+
+@dataclasses.dataclass
+class _Accelerate:
+    accelerator: Any
+    model: Any
+    scheduler: Any
+    registered: _Registered
+    saved: Path  # a checkpoint save_state wrote; never altered
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return ({name: tensor.clone() for name, tensor in self.model.state_dict().items()}, self.scheduler.state_dict(),
+                self.registered.count, self.accelerator.step, _generators())
+
+
+@pytest.fixture(scope="module")
+def accelerate_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Accelerate]:
+    """meshplan.accelerator (one process, no launcher) with a model, an AdamW, a LambdaLR and a registered object,
+    and a checkpoint its save_state wrote; afterwards the weights, the step and the object's count all differ."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator = meshplan.accelerator(meshplan.DDP())
+    try:
+        model = _tiny_llama()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        registered = _Registered()
+        accelerator.register_for_checkpointing(registered)
+        saved = Path(accelerator.save_state(str(tmp_path_factory.mktemp("accelerate") / "checkpoint")))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)
+        accelerator.step, registered.count = 7, 8
+        yield _Accelerate(accelerator, model, scheduler, registered, saved)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def test_an_accelerate_checkpoint_loads_its_state(accelerate_run: _Accelerate, tmp_path: Path) -> None:
+    with _generators_kept():
+        accelerate_run.accelerator.load_state(str(accelerate_run.saved))
+    assert accelerate_run.accelerator.step == 0 and accelerate_run.registered.count == 3
+    assert accelerate_run.scheduler.state_dict()["_last_lr"] == [5e-4]
+    with torch.no_grad():
+        for parameter in accelerate_run.model.parameters():
+            parameter.add_(1.0)
+    accelerate_run.accelerator.step, accelerate_run.registered.count = 7, 8
+
+
+ACCELERATE_CASES: dict[str, tuple[str, Callable[[Any], Any], str]] = {
+    "step missing": ("state.pt", _set("step", DELETE), "state.pt entry step is missing"),
+    "negative step": ("state.pt", _set("step", -3), "state.pt entry step is -3, not a non-negative integer"),
+    "schedulers a dict": ("state.pt", _set("schedulers", {}), "state.pt entry schedulers is {}, not a list"),
+    "scheduler state a list": ("state.pt", _set("schedulers/0", [1]),
+                               "entry schedulers[0] is [1], not a dict as the scheduler's is"),
+    "scheduler entry it lacks": ("state.pt", _set("schedulers/0/optimizer", 1),
+                                 "entry schedulers[0]['optimizer'] is not an entry the scheduler has"),
+    "scheduler lr a string": ("state.pt", _set("schedulers/0/base_lrs/0", "0.1"),
+                              "entry schedulers[0]['base_lrs'][0] is '0.1', not a number as the scheduler's is"),
+    "scheduler lrs of another count": ("state.pt", _set("schedulers/0/base_lrs", [1e-3, 1e-3]),
+                                       "entry schedulers[0]['base_lrs'] is [0.001, 0.001], not a list of 1 values"),
+    "scheduler epoch nan": ("state.pt", _set("schedulers/0/last_epoch", float("nan")),
+                            "entry schedulers[0]['last_epoch'] is nan, not a finite number"),
+    "registered state a number": ("state.pt", _set("custom_objects/0", 5), "entry custom_objects[0] is 5, not a dict"),
+    "counters of another name": ("state.pt", _set("deepspeed_counters", {"train_batch_size": 1}),
+                                 "entry deepspeed_counters is {'train_batch_size': 1}, not a dict of global_steps"),
+    "generator state of another dtype": (RANK_FILE, lambda s: _set("torch", s["torch"].to(torch.int32))(s),
+                                         "rank-00000.pt entry torch is a cpu torch.int32 tensor"),
+}
+
+
+@pytest.mark.parametrize("case", ACCELERATE_CASES)
+def test_accelerate_state_is_checked_before_anything_is_loaded(case: str, accelerate_run: _Accelerate, tmp_path: Path) -> None:
+    file, edit, fragment = ACCELERATE_CASES[case]
+    path = tmp_path / "checkpoint"
+    shutil.copytree(accelerate_run.saved, path)
+    _edit_state_file(path, file, edit)
+    before = accelerate_run.snapshot()
+    _refused_state(lambda location: accelerate_run.accelerator.load_state(str(location)), path, file, fragment)
+    after = accelerate_run.snapshot()
+    assert all(torch.equal(tensor, before[0][name]) for name, tensor in after[0].items())
+    assert after[1:] == before[1:]
+
+
+def test_finetune_keeps_a_step_folder_it_did_not_write_and_says_so(accelerate_run: _Accelerate, tmp_path: Path) -> None:
+    from meshplan.finetune.frontends import _save_only_latest
+    from meshplan.finetune.job import FinetuneJob
+
+    job = FinetuneJob(model="model", data="reviews", recipe="ddp", framework="accelerate", devices=1, max_steps=2,
+                      output=str(tmp_path))
+    shutil.copytree(accelerate_run.saved, job.checkpoints / "step=1")
+    (job.checkpoints / "step=0").mkdir()
+    (job.checkpoints / "step=0" / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match=r"meshplan kept .*step=0.* it is not a meshplan checkpoint") as caught:
+        _save_only_latest(accelerate_run.accelerator, job, 2)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert sorted(path.name for path in job.checkpoints.iterdir()) == ["step=0", "step=2"]
+    assert (job.checkpoints / "step=0" / "notes.txt").read_text() == "mine"
+
+
+def _scheduler(make: Callable[[torch.optim.Optimizer], Any], steps: int) -> Any:
+    """A scheduler made by ``make`` that has stepped ``steps`` times."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
+    scheduler = make(optimizer)
+    for step in range(steps):
+        optimizer.step()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(1.0 / (step + 1))
+        else:
+            scheduler.step()
+    return scheduler
+
+
+def _as_saved(state: dict[str, Any]) -> Any:
+    """``state`` as it comes back from state.pt."""
+    buffer = io.BytesIO()
+    torch.save(plain_data(state), buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+
+SCHEDULERS = {
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.9 ** step),
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, 2),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 4]),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 1.0, total_steps=20),
+    "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.01, 0.1),
+    "CosineAnnealingWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, 3),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)], milestones=[3]),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_torch_schedulers_states_after_training_fit_a_fresh_scheduler(name: str) -> None:
+    # The check must not refuse a valid resume: the state of a scheduler that has stepped, loaded
+    # as state.pt loads it, is accepted by the same scheduler freshly made.
+    fresh = _scheduler(SCHEDULERS[name], 0).state_dict()
+    assert like_problem(_as_saved(_scheduler(SCHEDULERS[name], 5).state_dict()), fresh, "the scheduler") is None
+    assert like_problem({**fresh, "optimizer": 1}, fresh, "the scheduler") == "['optimizer'] is not an entry the scheduler has"
+
+
 # ---------------------------------------------------------------- fuzz: random mutations of a real checkpoint
 
 
@@ -750,7 +1126,50 @@ def _mutate_files(rng: random.Random, path: Path, outside: Path) -> str:
     return f"files: {name} made a {kind}"
 
 
+def _random_place(rng: random.Random, data: Any) -> list[Any]:
+    """The keys of some value inside ``data``: one level down, then deeper with probability 0.6 a level."""
+    place: list[Any] = []
+    node = data
+    while isinstance(node, (dict, list, tuple)) and len(node) > 0 and (not place or rng.random() < 0.6):
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        place.append(key)
+        node = node[key]
+    return place
+
+
+def _state_values(rng: random.Random, current: Any) -> list[Any]:
+    """Values to put in place of ``current`` in a state file: of other types, and near misses of its own."""
+    values = [DELETE, None, True, -1, 0, 2**32, 2**64, 1.5, float("nan"), "x", "1.0", [], {}, [1], (1, 2), torch.zeros(3)]
+    if type(current) is int:
+        values += [current + 1, current - 1, -current - 1, current + 2**32]
+    if isinstance(current, (tuple, list)) and current:
+        values += [current[:-1], tuple(current) + (0,)]
+    if isinstance(current, dict):
+        values += [{}, {**current, "x": 1}]
+    if torch.is_tensor(current) and current.dim() == 1 and len(current):
+        corrupted = current.clone()
+        if current.dtype == torch.uint8:  # torch's generator: its seed, position and flags lead the bytes
+            corrupted[rng.randrange(min(32, len(current)))] = rng.randrange(256)
+        values += [current.float(), current[:len(current) // 2], torch.cat([current, current]), current.long(), corrupted]
+    return values
+
+
+def _mutate_state_file(rng: random.Random, path: Path, outside: Path) -> str:
+    """Some value inside state.pt or rank-00000.pt replaced or deleted; the file rewritten by torch.save and listed."""
+    name = rng.choice(["state.pt", RANK_FILE])
+    data = torch.load(path / name, weights_only=True)
+    place = _random_place(rng, data)
+    current = data
+    for key in place:
+        current = current[key]
+    value = rng.choice(_state_values(rng, current))
+    torch.save(_replaced(data, place, value), path / name)
+    _resize(path, name)
+    return f"{name}: {place} set to {'nothing' if value is DELETE else repr(value):.60}"
+
+
 MUTATIONS = [_mutate_manifest] * 4 + [_mutate_header] * 3 + [_mutate_header_bytes] * 2 + [_mutate_files, _redirect]
+MUTATIONS += [_mutate_state_file] * 3
 
 
 def _same(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -805,6 +1224,20 @@ def _try_case(path: Path, out: Path, model: LlamaForCausalLM, initial: dict[str,
     return "loaded"
 
 
+def _try_state_files(path: Path) -> str:
+    """What the front ends check before they load anything (Lightning's state, the generator states); a
+    CheckpointError is a clean refusal, and states that pass must be taken by the generators."""
+    reader = CheckpointReader(path)  # only a state file was changed: the rest checks out
+    try:
+        check_lightning_state(reader.path, reader.state())
+        generators = saved_random_states(reader, 0)
+    except CheckpointError:
+        return "state refused"
+    with _generators_kept():
+        set_random_states(generators)
+    return "state loaded"
+
+
 def test_fuzzed_checkpoints_load_exactly_or_are_refused(pristine: Path, outside: Path, tmp_path: Path) -> None:
     rng = random.Random(FUZZ_SEED)
     model = _tiny_llama()
@@ -816,10 +1249,14 @@ def test_fuzzed_checkpoints_load_exactly_or_are_refused(pristine: Path, outside:
         path = folder / "step=1.ckpt"
         shutil.copytree(pristine, path)
         (path / "sentinel-link.safetensors").symlink_to(outside / "sentinel.safetensors")
-        what = rng.choice(MUTATIONS)(rng, path, outside)
+        mutation = rng.choice(MUTATIONS)
+        what = mutation(rng, path, outside)
         try:
             with _deadline(5):
-                outcomes[_try_case(path, folder / "exported", model, initial)] += 1
+                if mutation is _mutate_state_file:
+                    outcomes[_try_state_files(path)] += 1
+                else:
+                    outcomes[_try_case(path, folder / "exported", model, initial)] += 1
         except (Exception, Hung) as error:  # noqa: BLE001 - reported with the mutation that caused it
             pytest.fail(f"fuzz case {case} ({what}): {type(error).__name__}: {error}")
         shutil.rmtree(folder)
@@ -827,3 +1264,4 @@ def test_fuzzed_checkpoints_load_exactly_or_are_refused(pristine: Path, outside:
     print(f"fuzz: {sum(outcomes.values())} mutations tried in {seconds:.1f} s: {dict(outcomes)}")
     assert sum(outcomes.values()) >= FUZZ_CASES
     assert outcomes["loaded"] > 0 and outcomes["refused when opened"] > 0
+    assert outcomes["state loaded"] > 0 and outcomes["state refused"] > 0

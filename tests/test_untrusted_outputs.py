@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from meshplan.checkpoint import CheckpointError, export, save_training_state
-from meshplan.checkpoint.store import TensorFileWriter
+from meshplan.checkpoint.tensor_files import TensorFileWriter
 from meshplan.cli import main
 from meshplan.finetune.errors import FinetuneError
 from meshplan.finetune.job import FinetuneJob
@@ -153,16 +153,19 @@ def test_a_directory_holding_only_a_finetune_log_is_accepted(tmp_path: Path) -> 
     assert check_output(str(tmp_path / "out")) == (tmp_path / "out").resolve()
 
 
-def test_a_link_in_place_of_a_file_a_run_writes_is_refused_even_with_overwrite(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["metrics.json", "config.json", "model.safetensors", "tokenizer.json"])
+def test_a_link_in_place_of_a_file_a_run_writes_is_refused_even_with_overwrite(name: str, tmp_path: Path) -> None:
+    # job.json and metrics.json are meshplan's; config.json, the weights and the tokenizer are save_pretrained's.
     output = tmp_path / "run"
     _previous_output(output)
     elsewhere = tmp_path / "elsewhere.json"
     elsewhere.write_text("not meshplan's")
-    (output / "metrics.json").unlink()
-    (output / "metrics.json").symlink_to(elsewhere)
+    (output / name).unlink(missing_ok=True)
+    (output / name).symlink_to(elsewhere)
     for overwrite in (False, True):
-        with pytest.raises(FinetuneError, match="holds a symbolic link metrics.json"):
+        with pytest.raises(FinetuneError, match=f"holds a symbolic link '{name}'"):
             check_output(str(output), overwrite=overwrite)
+    assert elsewhere.read_text() == "not meshplan's"
 
 
 def test_the_job_file_replaces_a_link_instead_of_writing_through_it(tmp_path: Path) -> None:

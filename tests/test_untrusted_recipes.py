@@ -19,7 +19,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 import meshplan
 from meshplan import DDP, PlanError, ZeRO
-from meshplan.plan import shown
+from meshplan.errors import shown
 from meshplan.recipes import (
     CATALOGUE_DIR, MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES, RECIPE_VARIABLE, launched_recipe_extras, read_recipe,
 )

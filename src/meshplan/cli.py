@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from meshplan.errors import shown
 from meshplan.finetune.output import LOG_NAME
-from meshplan.plan import shown
 
 if TYPE_CHECKING:
     from meshplan.finetune.job import FinetuneJob

@@ -1,4 +1,16 @@
-"""The one error type meshplan raises for an invalid layout."""
+"""The errors meshplan raises, and how their messages show the values they name.
+
+Values in error messages often come from files meshplan did not write (recipes, checkpoints),
+so every value shown is cut to about SHOWN_LENGTH characters, at a bounded cost, and keeps the
+message on one line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import reprlib
+from typing import Any
 
 
 class PlanError(ValueError):
@@ -7,3 +19,43 @@ class PlanError(ValueError):
     The message names the offending field, the value it was given and what would be valid, so
     that a user can fix the layout without reading meshplan's source.
     """
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written: incomplete, torn, unsafe, or not meshplan's.
+
+    The message is one line that names the checkpoint, the file or entry and what is wrong.
+    """
+
+
+# Values in error messages come from users' files too: each is cut to about this many characters.
+SHOWN_LENGTH = 80
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, SHOWN_LENGTH, SHOWN_LENGTH
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to about SHOWN_LENGTH characters with "...".
+
+    Bounded in cost as well as length: only the first few items of the first few levels of a
+    container are looked at, and an integer too long for ``repr`` is described by its size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # a long integer nested in a container; a repr that recurses
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH - 3] + "..."
+
+
+def shown_key(key: Any) -> str:
+    """A key, option, file or tensor name for an error message: as it is when a short printable string, else ``shown``."""
+    return key if isinstance(key, str) and len(key) <= SHOWN_LENGTH and key.isprintable() else shown(key)
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path the user gave, for an error message: as it is (so it can be copied) when printable, else its repr."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)

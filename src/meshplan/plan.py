@@ -8,11 +8,10 @@ reaches a process group.
 from __future__ import annotations
 
 import math
-import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from meshplan.errors import PlanError
+from meshplan.errors import PlanError, shown, shown_key
 from meshplan.tp.apply import STYLES as TP_STYLES
 
 STRATEGIES = ("ddp", "zero", "tp")
@@ -68,33 +67,6 @@ _OPTIONS = {
 ZERO_SECTION_OPTIONS = tuple(
     name for name, option in _OPTIONS.items() if option.strategies == ("zero",) and name != "pin_memory"
 )
-
-
-# Values in error messages come from users' files too: each is cut to about this many characters.
-SHOWN_LENGTH = 80
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, SHOWN_LENGTH, SHOWN_LENGTH
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
-
-
-def shown(value: Any) -> str:
-    """``repr(value)`` for an error message, cut to about SHOWN_LENGTH characters with "...".
-
-    Bounded in cost as well as length: only the first few items of the first few levels of a
-    container are looked at, and an integer too long for ``repr`` is described by its size.
-    """
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
-        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
-    try:
-        text = _REPR.repr(value)
-    except (ValueError, RecursionError):  # a long integer nested in a container; a repr that recurses
-        text = f"<a {type(value).__name__}>"
-    return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH - 3] + "..."
-
-
-def shown_key(key: Any) -> str:
-    """A key or option name for an error message: as it is when a short printable string, else ``shown``."""
-    return key if isinstance(key, str) and len(key) <= SHOWN_LENGTH and key.isprintable() else shown(key)
 
 
 def _freeze_mapping(mapping: Mapping[str, Any] | None, field: str) -> tuple[tuple[str, Any], ...] | None:

@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from meshplan.errors import PlanError
-from meshplan.plan import MIXED_PRECISIONS, Plan, shown, shown_key
+from meshplan.errors import PlanError, shown, shown_key
+from meshplan.plan import MIXED_PRECISIONS, Plan
 
 HEADER = "# meshplan: "
 # The catalogue ships inside the package; the repository's recipes/ points here.

@@ -8,9 +8,10 @@
 """
 
 from meshplan.checkpoint.export import export
+from meshplan.checkpoint.manifest import is_complete, latest_checkpoint, read_manifest
 from meshplan.checkpoint.pretrained import consolidated_state_dict, save_pretrained
 from meshplan.checkpoint.sharded import CheckpointReader, load_training_state, save_training_state
-from meshplan.checkpoint.store import CheckpointError, is_complete, latest_checkpoint, read_manifest
+from meshplan.errors import CheckpointError
 
 __all__ = [
     "CheckpointError", "CheckpointReader", "consolidated_state_dict", "export", "is_complete", "latest_checkpoint",

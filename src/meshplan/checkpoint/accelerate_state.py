@@ -20,11 +20,18 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from meshplan.checkpoint.engines import deepspeed_counters, restore_deepspeed_counters
-from meshplan.checkpoint.random_state import random_states, set_random_states
-from meshplan.checkpoint.sharded import load_training_state, save_training_state
-from meshplan.checkpoint.store import CheckpointError, delete_checkpoint, is_complete, latest_checkpoint, plain_data
+from meshplan.checkpoint.engines import deepspeed_counters, deepspeed_counters_problem, restore_deepspeed_counters
+from meshplan.checkpoint.manifest import is_complete, latest_checkpoint
+from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
+from meshplan.checkpoint.sharded import STATE_FILE, CheckpointReader, load_training_state, save_training_state
+from meshplan.checkpoint.state_checks import count_problem, kind_problem, like_problem, state_error
+from meshplan.checkpoint.store import delete_checkpoint, plain_data
+from meshplan.errors import CheckpointError, shown_path
 from meshplan.plan import Plan
+
+
+# What save_state writes into state.pt, and load_state reads back.
+_STATE_KEYS = ("step", "schedulers", "custom_objects", "grad_scaler", "deepspeed_counters")
 
 
 class CheckpointingAccelerator(Accelerator):
@@ -54,15 +61,18 @@ class CheckpointingAccelerator(Accelerator):
         return str(location)
 
     def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
-        """Loads a checkpoint saved under any meshplan layout (the latest one when automatically named). Collective."""
+        """Loads a checkpoint saved under any meshplan layout (the latest one when automatically named). Collective.
+
+        The saved state (step, schedulers, registered objects, scaler, counters) and this
+        process's generator states are checked before anything is loaded: a crafted entry is a
+        CheckpointError naming it, and the model, optimizers and schedulers are left as they were.
+        """
         location = input_dir or self._latest_saved()
-        reader = load_training_state(location, self._named_models(), self._named_optimizers())
+        reader = CheckpointReader(location)
         state = reader.state()
-        if len(state["schedulers"]) != len(self._schedulers) or len(state["custom_objects"]) != len(self._custom_objects):
-            raise CheckpointError(
-                f"checkpoint {location} holds {len(state['schedulers'])} schedulers and {len(state['custom_objects'])} "
-                f"registered objects; this script prepared {len(self._schedulers)} and registered {len(self._custom_objects)}."
-            )
+        self._check_state(reader.path, state)
+        generators = saved_random_states(reader, self.process_index)
+        load_training_state(reader, self._named_models(), self._named_optimizers())
         for scheduler, saved in zip(self._schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         for obj, saved in zip(self._custom_objects, state["custom_objects"]):
@@ -76,9 +86,39 @@ class CheckpointingAccelerator(Accelerator):
         engine = self._deepspeed_engine()
         if engine is not None:
             restore_deepspeed_counters(engine, state["deepspeed_counters"], self.step)
-        random_states = reader.rank_state(self.process_index)
-        if random_states is not None:  # a checkpoint from fewer processes has none for this one
-            set_random_states(random_states)
+        if generators is not None:  # a checkpoint from fewer processes has none for this one
+            set_random_states(generators)
+
+    def _check_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Refuses the saved state unless every entry ``load_state`` reads fits what this script prepared.
+
+        A scheduler's or the scaler's state may hold only entries the live one has, each of the
+        same kind (torch's ``load_state_dict`` copies any key in as an attribute); a registered
+        object's is a dict where its own ``state_dict()`` is; what it holds is the object's to read.
+        """
+        def refuse(entry: str, problem: str | None) -> None:
+            if problem is not None:
+                raise state_error(checkpoint, STATE_FILE, entry, problem)
+
+        for key in _STATE_KEYS:
+            refuse(key, None if key in state else "is missing")
+        refuse("step", count_problem(state["step"]))
+        refuse("schedulers", kind_problem(state["schedulers"], list))
+        refuse("custom_objects", kind_problem(state["custom_objects"], list))
+        if len(state["schedulers"]) != len(self._schedulers) or len(state["custom_objects"]) != len(self._custom_objects):
+            raise CheckpointError(
+                f"checkpoint {shown_path(checkpoint)} holds {len(state['schedulers'])} schedulers and "
+                f"{len(state['custom_objects'])} registered objects; this script prepared {len(self._schedulers)} and "
+                f"registered {len(self._custom_objects)}."
+            )
+        for index, (scheduler, saved) in enumerate(zip(self._schedulers, state["schedulers"])):
+            refuse(f"schedulers[{index}]", like_problem(saved, scheduler.state_dict(), "the scheduler"))
+        for index, (obj, saved) in enumerate(zip(self._custom_objects, state["custom_objects"])):
+            if isinstance(obj.state_dict(), dict):
+                refuse(f"custom_objects[{index}]", kind_problem(saved, dict))
+        if self.scaler is not None and state["grad_scaler"] is not None:
+            refuse("grad_scaler", _scaler_problem(state["grad_scaler"], self.scaler.state_dict()))
+        refuse("deepspeed_counters", deepspeed_counters_problem(state["deepspeed_counters"]))
 
     def _named_models(self) -> dict[str, Any]:
         return {f"model_{index}": self.unwrap_model(model) for index, model in enumerate(self._models)}
@@ -117,6 +157,19 @@ class CheckpointingAccelerator(Accelerator):
         if latest is None:
             raise CheckpointError(f"no complete checkpoint in {Path(self.project_dir) / 'checkpoints'}.")
         return latest
+
+
+def _scaler_problem(saved: Any, current: dict[str, Any]) -> str | None:
+    """What is wrong with ``saved`` for the gradient scaler whose state is ``current``, or None.
+
+    An enabled scaler's ``load_state_dict`` reads every entry of its own state (a disabled one,
+    whose state is empty, reads nothing): none may be missing.
+    """
+    if not current:
+        return None
+    problem = like_problem(saved, current, "the scaler")
+    missing = [key for key in current if key not in saved] if problem is None else []
+    return f"[{missing[0]!r}] is missing" if missing else problem
 
 
 def _iteration(path: Path) -> int:

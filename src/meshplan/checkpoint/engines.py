@@ -15,6 +15,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from meshplan.checkpoint.state_checks import count_problem, is_count
+from meshplan.errors import shown
+
 
 @dataclass
 class Entry:
@@ -306,8 +309,27 @@ def deepspeed_counters(engine: Any) -> dict[str, int]:
     return {name: int(getattr(engine, name)) for name in _DEEPSPEED_COUNTERS}
 
 
+def deepspeed_counters_problem(saved: Any) -> str | None:
+    """What is wrong with ``saved`` (from a checkpoint) for ``restore_deepspeed_counters``, or None.
+
+    None (a checkpoint of another layout) or exactly the counters, each a non-negative integer:
+    each name becomes an attribute of the engine, so no other name may come from a checkpoint.
+    """
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or set(saved) != set(_DEEPSPEED_COUNTERS):
+        return f"is {shown(saved)}, not a dict of {', '.join(_DEEPSPEED_COUNTERS)}"
+    for name in _DEEPSPEED_COUNTERS:
+        if not is_count(saved[name]):
+            return f"[{name!r}] {count_problem(saved[name])}"
+    return None
+
+
 def restore_deepspeed_counters(engine: Any, saved: dict[str, int] | None, steps: int) -> None:
-    """Sets the engine's counters: the saved ones, or (a checkpoint of another layout) those of ``steps`` steps."""
+    """Sets the engine's counters: the saved ones, or (a checkpoint of another layout) those of ``steps`` steps.
+
+    ``saved`` must have passed ``deepspeed_counters_problem``.
+    """
     counters = saved or {"global_steps": steps, "global_samples": steps * engine.train_batch_size(),
                          "micro_steps": steps * engine.gradient_accumulation_steps(), "skipped_steps": 0}
     for name, value in counters.items():

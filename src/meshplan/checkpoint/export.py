@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from meshplan.checkpoint.sharded import CheckpointReader
-from meshplan.checkpoint.store import CheckpointError, TensorFileWriter, shown, tensor_bytes
+from meshplan.checkpoint.tensor_files import TensorFileWriter, tensor_bytes
+from meshplan.errors import CheckpointError, shown
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SHOWN_PREFIXES = 5

@@ -3,21 +3,26 @@
 ``trainer.save_checkpoint``, ``ModelCheckpoint`` and ``fit(ckpt_path=...)`` work as usual; the
 checkpoint is a directory of whole tensors that any meshplan strategy, on any number of
 processes, can resume from. Lightning's own state (loops, callbacks, schedulers) is kept as
-plain data next to the tensors and read back with ``weights_only=True``; each process's random
-number generators are saved too, so dropout continues as in the uninterrupted run.
+plain data next to the tensors and read back with ``weights_only=True``, then checked by type
+before anything is loaded (``check_lightning_state``); each process's random number generators
+are saved too, so dropout continues as in the uninterrupted run.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from packaging.version import InvalidVersion, Version
 
-from meshplan.checkpoint.engines import deepspeed_counters, restore_deepspeed_counters
-from meshplan.checkpoint.random_state import random_states, set_random_states
-from meshplan.checkpoint.sharded import load_training_state, save_training_state
+from meshplan.checkpoint.engines import deepspeed_counters, deepspeed_counters_problem, restore_deepspeed_counters
+from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
+from meshplan.checkpoint.sharded import STATE_FILE, CheckpointReader, load_training_state, save_training_state
+from meshplan.checkpoint.state_checks import count_problem, kind_problem, state_error
 from meshplan.checkpoint.store import plain_data
+from meshplan.errors import shown, shown_key
 
 # The parts of Lightning's checkpoint dict that the tensors replace.
 _TENSOR_PARTS = ("state_dict", "optimizer_states")
@@ -37,18 +42,79 @@ def save_lightning_checkpoint(strategy: Any, checkpoint: dict[str, Any], filepat
 
 
 def load_lightning_checkpoint(strategy: Any, filepath: Any) -> dict[str, Any]:
-    """Loads weights and optimizer state into the set-up strategy; returns Lightning's state. Collective."""
+    """Loads weights and optimizer state into the set-up strategy; returns Lightning's state. Collective.
+
+    Lightning's state and this process's generator states are checked before anything is loaded:
+    a crafted entry is a CheckpointError naming it, and the model is left as it was.
+    """
     fitting = strategy.lightning_module.trainer.state.fn == TrainerFn.FITTING
-    # Validating or testing from a checkpoint needs the weights only (even if optimizers linger from a fit).
-    reader = load_training_state(filepath, {"module": strategy.lightning_module}, _optimizers(strategy) if fitting else {})
+    reader = CheckpointReader(filepath)
     state = reader.state()
-    saved_random_states = reader.rank_state(strategy.global_rank)
-    if saved_random_states is not None:  # a checkpoint from fewer processes has none for this one
-        set_random_states(saved_random_states)
+    check_lightning_state(reader.path, state, _dict_entries(strategy))
+    generators = saved_random_states(reader, strategy.global_rank)
+    # Validating or testing from a checkpoint needs the weights only (even if optimizers linger from a fit).
+    load_training_state(reader, {"module": strategy.lightning_module}, _optimizers(strategy) if fitting else {})
+    if generators is not None:  # a checkpoint from fewer processes has none for this one
+        set_random_states(generators)
     engine = _deepspeed_engine(strategy)
     if engine is not None:
-        restore_deepspeed_counters(engine, state.get("meshplan_deepspeed_counters"), int(state.get("global_step", 0)))
+        restore_deepspeed_counters(engine, state.get("meshplan_deepspeed_counters"), state.get("global_step", 0))
     return state
+
+
+# Lightning writes every loop's state; a checkpoint older than Lightning 2.0 would be migrated by
+# Lightning, editing loop states in place, and no meshplan checkpoint is that old.
+_LOOPS = ("fit_loop", "validate_loop", "test_loop", "predict_loop")
+_OLDEST_VERSION = Version("2.0.0")
+_VERSION_KEY = "pytorch-lightning_version"
+
+
+def check_lightning_state(checkpoint: Path, state: dict[str, Any], dict_entries: Iterable[str] = ()) -> None:
+    """Refuses Lightning's state (``state.pt``) if an entry that meshplan or Lightning reads has the wrong type.
+
+    Counters are non-negative integers, the loops, callbacks and scheduler states (and the
+    ``dict_entries``: the precision plugin's and the datamodule's) are dicts; what they hold is
+    Lightning's to read. A CheckpointError names the checkpoint and the entry.
+    """
+    def refuse(entry: str, problem: str | None) -> None:
+        if problem is not None:
+            raise state_error(checkpoint, STATE_FILE, entry, problem)
+
+    version = state.get(_VERSION_KEY)
+    refuse(_VERSION_KEY, kind_problem(version, str) or _version_problem(version))
+    for name in ("epoch", "global_step"):
+        if name in state:
+            refuse(name, count_problem(state[name]))
+    refuse("meshplan_deepspeed_counters", deepspeed_counters_problem(state.get("meshplan_deepspeed_counters")))
+    if state.get("loops") is not None:
+        refuse("loops", kind_problem(state["loops"], dict))
+        for loop in _LOOPS:
+            refuse(f"loops[{loop!r}]", kind_problem(state["loops"].get(loop), dict))
+    if state.get("callbacks") is not None:
+        refuse("callbacks", kind_problem(state["callbacks"], dict))
+        for key, callback_state in state["callbacks"].items():
+            refuse(f"callbacks[{shown(key)}]", kind_problem(callback_state, dict))
+    if "lr_schedulers" in state:
+        refuse("lr_schedulers", kind_problem(state["lr_schedulers"], list))
+        for index, scheduler_state in enumerate(state["lr_schedulers"]):
+            refuse(f"lr_schedulers[{index}]", kind_problem(scheduler_state, dict))
+    for key in dict_entries:
+        if key in state:
+            refuse(shown_key(key), kind_problem(state[key], dict))
+
+
+def _version_problem(version: str) -> str | None:
+    try:
+        too_old = len(version) > 64 or Version(version) < _OLDEST_VERSION
+    except InvalidVersion:
+        too_old = True
+    return f"is {shown(version)}, not a Lightning version of at least {_OLDEST_VERSION}" if too_old else None
+
+
+def _dict_entries(strategy: Any) -> list[str]:
+    """The entries of Lightning's state that its precision plugin and the datamodule load as dicts."""
+    owners = [strategy.precision_plugin, strategy.lightning_module.trainer.datamodule]
+    return [type(owner).__qualname__ for owner in owners if owner is not None] + ["native_amp_scaling_state"]
 
 
 def _deepspeed_engine(strategy: Any) -> Any:

@@ -1,7 +1,8 @@
 """Saving and loading a training state (models, optimizers, the front end's own state) in any layout.
 
 ``save_training_state`` and ``load_training_state`` are collective: every rank calls them. They
-are what the Lightning strategies and ``meshplan.accelerator()`` call; the format is in store.py.
+are what the Lightning strategies and ``meshplan.accelerator()`` call; the format is in store.py
+(writing), manifest.py and tensor_files.py.
 """
 
 from __future__ import annotations
@@ -22,27 +23,32 @@ from meshplan.checkpoint.engines import (
     model_entries,
     optimizer_entries,
 )
+from meshplan.checkpoint.manifest import is_finite_number, read_manifest
+from meshplan.checkpoint.state_checks import like_problem
 from meshplan.checkpoint.store import (
-    CheckpointError,
-    TensorFileReader,
-    TensorFileWriter,
     check_replaceable,
     check_safe_object,
-    check_storable,
-    is_finite_number,
-    is_number,
     load_safe_object,
-    open_tensor_files,
     partial_path,
     prepare_partial,
     publish,
-    read_manifest,
     save_safe_object,
-    shown,
+)
+from meshplan.checkpoint.tensor_files import (
+    TensorFileReader,
+    TensorFileWriter,
+    check_storable,
+    open_tensor_files,
     tensor_bytes,
 )
+from meshplan.errors import CheckpointError, shown
 
 STATE_FILE = "state.pt"
+
+
+def rank_file(rank: int) -> str:
+    """The name of the file that holds the per-process state of ``rank``."""
+    return f"rank-{rank:05d}.pt"
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -87,7 +93,7 @@ def save_training_state(path: str | os.PathLike, models: dict[str, nn.Module], o
     written, failure = _write_tensors(partial, entries, rank, world)
     try:
         if rank_state is not None:
-            save_safe_object(rank_state, partial / f"rank-{rank:05d}.pt", "the per-process state")
+            save_safe_object(rank_state, partial / rank_file(rank), "the per-process state")
         if rank == 0:
             save_safe_object(state, partial / STATE_FILE, "the training state")
     except OSError as error:
@@ -210,8 +216,8 @@ def _plain(value: Any) -> Any:
 class CheckpointReader:
     """Reads the tensors of a complete checkpoint by name, whole or a slice at a time.
 
-    Construction checks the manifest and every tensor file's header (store.read_manifest,
-    store.open_tensor_files): a checkpoint that does not check out is a CheckpointError before
+    Construction checks the manifest and every tensor file's header (manifest.read_manifest,
+    tensor_files.open_tensor_files): a checkpoint that does not check out is a CheckpointError before
     anything is read, and afterwards every read stays inside the files the manifest lists.
     """
 
@@ -259,7 +265,7 @@ class CheckpointReader:
 
     def rank_state(self, rank: int) -> dict[str, Any] | None:
         """The per-process state (a dict) saved by ``rank``, or None when that rank did not exist then."""
-        name = f"rank-{rank:05d}.pt"
+        name = rank_file(rank)
         return self._state_dict(name) if name in self.manifest["files"] else None
 
     def _state_dict(self, name: str) -> dict[str, Any]:
@@ -269,14 +275,15 @@ class CheckpointReader:
         return state
 
 
-def load_training_state(path: str | os.PathLike, models: dict[str, nn.Module], optimizers: dict[str, Any]) -> CheckpointReader:
+def load_training_state(path: str | os.PathLike | CheckpointReader, models: dict[str, nn.Module],
+                        optimizers: dict[str, Any]) -> CheckpointReader:
     """Loads models and optimizers from a checkpoint written in any layout into this one.
 
     Every name is checked before anything is changed: a model tensor missing from the checkpoint
-    (or present with another shape) is a CheckpointError naming it. Returns the reader, for the
-    front end's own state.
+    (or present with another shape) is a CheckpointError naming it. ``path`` may be a reader the
+    front end opened to check its own state first. Returns the reader, for the front end's own state.
     """
-    reader = CheckpointReader(path)
+    reader = path if isinstance(path, CheckpointReader) else CheckpointReader(path)
     aliases = reader.manifest.get("aliases", {})
     targets = []
     keys: dict[int, str] = {}
@@ -387,35 +394,7 @@ def _hyperparameter_problem(key: str, value: Any, group: dict[str, Any]) -> str 
         if key in _SCHEDULER_KEYS:
             return None if is_finite_number(value) else f"is {shown(value)}, not a finite number"
         return "is not one of this optimizer's hyperparameters"
-    return _value_problem(value, group[key])
-
-
-def _value_problem(value: Any, current: Any) -> str | None:
-    """What is wrong with ``value`` (from JSON) in place of ``current``, or None."""
-    if isinstance(current, bool) or current is None:
-        # None marks an unset flag (foreach, fused): a bool may set it.
-        allowed = isinstance(value, bool) or (current is None and value is None)
-        wanted = "a bool or null" if current is None else "a bool"
-        return None if allowed else f"is {shown(value)}, not {wanted} as the optimizer's is"
-    if torch.is_tensor(current):
-        if current.numel() != 1:
-            return f"is held in a tensor of {current.numel()} elements, which meshplan does not restore"
-        if not current.is_floating_point() and not (type(value) is int and -2**63 <= value < 2**63):
-            return f"is {shown(value)}, not an integer as the optimizer's is"
-        current = current.item()
-    if is_number(current):
-        if not is_number(value):
-            return f"is {shown(value)}, not a number as the optimizer's is"
-        finite = is_finite_number(current)
-        return None if is_finite_number(value) or not finite else f"is {shown(value)}, not a finite number"
-    if isinstance(current, (tuple, list)):
-        if not isinstance(value, list) or len(value) != len(current):
-            return f"is {shown(value)}, not a list of {len(current)} values as the optimizer's is"
-        problems = [_value_problem(item, now) for item, now in zip(value, current)]
-        return next((f"[{i}] {p}" for i, p in enumerate(problems) if p is not None), None)
-    if isinstance(current, str):
-        return None if isinstance(value, str) else f"is {shown(value)}, not a string as the optimizer's is"
-    return f"is of a type ({type(current).__name__}) meshplan does not restore"
+    return like_problem(value, group[key], "the optimizer")
 
 
 def _set_hyperparameters(optimizer: Any, checked: list[dict[str, Any]]) -> None:

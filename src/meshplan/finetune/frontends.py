@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,7 +14,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from meshplan.checkpoint import latest_checkpoint, save_pretrained
+from meshplan.checkpoint.manifest import is_finite_number
+from meshplan.checkpoint.state_checks import is_count
 from meshplan.checkpoint.store import delete_checkpoint
+from meshplan.errors import CheckpointError, shown
 from meshplan.finetune.data import StepSampler
 from meshplan.finetune.evaluate import accuracy
 from meshplan.finetune.job import FinetuneJob, Prepared
@@ -141,7 +145,12 @@ class _Progress:
         return {"step": self.step, "accuracy_before": self.accuracy_before}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.accuracy_before = state["step"], state["accuracy_before"]
+        """Takes the step and the accuracy before training from a checkpoint, checked: it may come from anywhere."""
+        step, before = state.get("step"), state.get("accuracy_before")
+        if not is_count(step) or not (before is None or is_finite_number(before)):
+            raise CheckpointError(f"the finetune progress in this checkpoint is {shown(state)}: it needs a step (an integer "
+                                  f">= 0) and accuracy_before (a finite number or None).")
+        self.step, self.accuracy_before = step, before
 
 
 def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
@@ -198,13 +207,14 @@ def _save_only_latest(accelerator: Any, job: FinetuneJob, step: int) -> None:
     """save_state to ``checkpoints/step=N``, then (rank 0) delete the meshplan checkpoints before it.
 
     Only what ``delete_checkpoint`` recognises as a meshplan checkpoint is deleted: anything
-    else named ``step=*`` there (a user's file or folder) is left as it is.
+    else named ``step=*`` there (a user's file or folder) is left as it is, with a warning.
     """
     latest = Path(accelerator.save_state(str(job.checkpoints / f"step={step}")))
     if accelerator.is_main_process:
         for older in job.checkpoints.glob("step=*"):
-            if older != latest:
-                delete_checkpoint(older)  # False, and nothing deleted, for anything but a meshplan checkpoint
+            if older != latest and not delete_checkpoint(older) and os.path.lexists(older):
+                warnings.warn(f"meshplan kept {str(older)!r} instead of removing it: it is not a meshplan checkpoint "
+                              f"directory (only those are deleted).", stacklevel=2)
 
 
 def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:

@@ -20,14 +20,12 @@ import re
 import stat
 from pathlib import Path
 
+from meshplan.errors import shown
 from meshplan.finetune.errors import FinetuneError
-from meshplan.plan import shown
 
 JOB_FILE = "job.json"
 JOB_FORMAT = "meshplan-finetune-job"  # the "format" of every job.json meshplan writes
 LOG_NAME = "meshplan-finetune.log"
-# What a run writes under these names it writes through them; a link there would send it elsewhere.
-RUN_FILES = (JOB_FILE, LOG_NAME, "metrics.json", "checkpoints", "trainer")
 # A run only appends to its log: a directory holding nothing else loses nothing.
 APPENDED_ONLY = frozenset({LOG_NAME})
 MAX_JOB_FILE = 1 << 20  # a job.json is a few hundred bytes; anything far larger is not one
@@ -40,7 +38,7 @@ def check_output(output: str, *, overwrite: bool = False) -> Path:
     Accepted: a path that does not exist yet (its nearest existing folder writable), an empty
     directory, a previous run's output, or with ``overwrite`` any other writable directory.
     Refused: a file or other non-directory, a link that leads nowhere, a directory that cannot
-    be written, a directory with a link in place of a file a run writes, and (unless
+    be written, a directory holding a symbolic link (a run would write through it), and (unless
     ``overwrite``) a non-empty directory that is not a previous run's output.
     """
     given = Path(output)
@@ -59,7 +57,7 @@ def check_output(output: str, *, overwrite: bool = False) -> Path:
         names = sorted(entry.name for entry in os.scandir(directory))
     except OSError as error:
         raise FinetuneError(f"--output {shown(output)} cannot be read ({_reason(error)}); choose another directory.") from None
-    _check_no_links(directory, output)
+    _check_no_links(directory, names, output)
     if not names or set(names) <= APPENDED_ONLY or is_job_file(directory / JOB_FILE):
         return directory
     if not overwrite:
@@ -117,12 +115,15 @@ def _check_creatable(given: Path, output: str) -> None:
         raise FinetuneError(f"--output {shown(output)} cannot be created: this user cannot write to {shown(str(nearest))}.")
 
 
-def _check_no_links(directory: Path, output: str) -> None:
-    """meshplan creates no links: one in place of a file a run writes would make the run write elsewhere."""
-    for name in RUN_FILES:
-        if (directory / name).is_symlink():
-            raise FinetuneError(f"--output {shown(output)} holds a symbolic link {name}, which a run would write "
-                                f"through; meshplan creates no links there. Remove it or choose another directory.")
+def _check_no_links(directory: Path, names: list[str], output: str) -> None:
+    """meshplan creates no links: one among the files a run writes (job.json, the log, the model's
+    config, weights and tokenizer files, which save_pretrained names) would make the run write
+    elsewhere, so any link at the top of the directory is refused."""
+    links = [name for name in names if (directory / name).is_symlink()]
+    if links:
+        raise FinetuneError(f"--output {shown(output)} holds a symbolic link {shown(links[0])}; a run writes its files "
+                            f"(job.json, metrics.json, the model and tokenizer) there and would write through a link. "
+                            f"meshplan creates no links: remove it or choose another directory.")
 
 
 def _check_nothing_deleted(directory: Path, names: list[str], output: str) -> None:
