@@ -48,7 +48,7 @@ from meshplan.checkpoint.manifest import MANIFEST
 from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
 from meshplan.checkpoint.state_checks import like_problem
 from meshplan.checkpoint.store import delete_checkpoint, plain_data
-from meshplan.checkpoint.tensor_files import TensorFileReader
+from meshplan.checkpoint.tensor_files import TensorFileReader, TensorFileWriter
 from meshplan.cli import main
 
 TENSORS = "tensors-00000-of-00001.safetensors"
@@ -250,17 +250,43 @@ def test_a_listed_link_is_never_stat_ed_through(checkpoint: Path, outside: Path)
     assert str(SECRET_SIZE) not in message and "bytes" not in message
 
 
-def test_a_file_swapped_for_a_link_after_the_checks_is_not_followed(checkpoint: Path, outside: Path) -> None:
-    reader = CheckpointReader(checkpoint)
-    expected = reader.tensor(EMBED)
-    (checkpoint / TENSORS).unlink()
-    (checkpoint / TENSORS).symlink_to(outside / "sentinel.safetensors")
-    (checkpoint / "state.pt").unlink()
-    (checkpoint / "state.pt").symlink_to(outside / "secret")
-    for read in (lambda: reader.tensor(EMBED), lambda: reader.slice(EMBED, (slice(0, 2),)), reader.state):
+@pytest.mark.parametrize("swap", ["link", "regular file of the same size"])
+def test_a_tensor_file_swapped_after_the_checks_is_never_read(swap: str, checkpoint: Path, outside: Path) -> None:
+    # The reader keeps the descriptor whose header it checked: a file put in its place under the
+    # same name (even one of the same size, with the same header) is never read.
+    with CheckpointReader(checkpoint) as reader:
+        expected = _file_contents(checkpoint, reader.manifest)
+        (checkpoint / TENSORS).unlink()
+        if swap == "link":
+            (checkpoint / TENSORS).symlink_to(outside / "sentinel.safetensors")
+        else:
+            shutil.copyfile(outside / "sentinel.safetensors", checkpoint / TENSORS)
+        (checkpoint / "state.pt").unlink()
+        (checkpoint / "state.pt").symlink_to(outside / "secret")
+        assert _same(reader.tensor(EMBED), expected[EMBED]) and _same(reader.tensor(NORM), expected[NORM])
+        assert _same(reader.slice(EMBED, (slice(0, 2),)), expected[EMBED][:2])
         with pytest.raises(CheckpointError, match="symbolic link, never followed"):
-            read()
-    assert expected.shape == (64, 32)
+            reader.state()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_tensor_files_are_closed_when_the_reader_is(checkpoint: Path, tmp_path: Path) -> None:
+    before = _open_descriptors()
+    with CheckpointReader(checkpoint) as reader:
+        reader.slice(EMBED, (slice(0, 2),))
+        assert _open_descriptors() == before + 1  # one per tensor file
+    assert _open_descriptors() == before
+    with pytest.raises(CheckpointError, match=f"tensor file {TENSORS} was closed"):
+        reader.tensor(EMBED)
+    assert reader.state()["global_step"] == 1  # the state files are opened when read
+    export(checkpoint, tmp_path / "exported")
+    model = _tiny_llama()
+    load_training_state(checkpoint, {"model": model}, {"optimizer": torch.optim.AdamW(model.parameters())})
+    assert latest_checkpoint(checkpoint.parent) == str(checkpoint)
+    assert _open_descriptors() == before
 
 
 def test_a_checkpoint_reached_through_a_link_the_user_gave_is_read(checkpoint: Path, tmp_path: Path) -> None:
@@ -274,6 +300,21 @@ def test_slices_match_the_whole_tensor(checkpoint: Path) -> None:
     whole = reader.tensor(EMBED)
     assert torch.equal(reader.slice(EMBED, (slice(3, 9), slice(8, 24))), whole[3:9, 8:24])
     assert torch.equal(reader.slice(EMBED, (slice(0, 64),)), whole)
+
+
+def test_an_alias_may_not_name_a_tensor_the_checkpoint_stores(checkpoint: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # Export would write both under one name: a header whose second entry overwrites the first.
+    _edit_manifest(checkpoint, lambda manifest: manifest["aliases"].__setitem__(NORM, EMBED))
+    _refused(checkpoint, f"aliases['{NORM}'] names a tensor the checkpoint stores itself")
+    _export_refused(checkpoint, tmp_path, capsys, f"aliases['{NORM}']")
+
+
+def test_a_tensor_file_is_never_written_with_one_name_twice(tmp_path: Path) -> None:
+    specs = [("a", (2,), torch.float32), ("b", (1,), torch.float32), ("a", (3,), torch.float32)]
+    with pytest.raises(CheckpointError, match="out.safetensors: tensor a would be written twice"):
+        TensorFileWriter(tmp_path / "out.safetensors", specs)
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize("target", ["model/no-such-tensor", f"../other.ckpt/{EMBED}", TENSORS, 3, None])
@@ -494,7 +535,15 @@ HYPERPARAMETER_CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "nan lr": (lambda m: _group(m).__setitem__("lr", float("nan")), "'lr' is nan, not a finite number"),
     "huge integer lr": (lambda m: _group(m).__setitem__("lr", 10**400), "not a finite number"),
     "bool lr": (lambda m: _group(m).__setitem__("lr", True), "'lr' is True, not a number"),
-    "unknown key": (lambda m: _group(m).__setitem__("momentum_hack", 1.0), "'momentum_hack' is not one of this optimizer's"),
+    "unknown key with a list": (lambda m: _group(m).__setitem__("momentum_hack", [1.0]),
+                                "'momentum_hack' is [1.0], not a plain value, and not one of this optimizer's"),
+    "unknown key with a long string": (lambda m: _group(m).__setitem__("note", "x" * 100), "'note' is 'xxx"),
+    "negative lr": (lambda m: _group(m).__setitem__("lr", -0.1), "'lr' is -0.1, below 0"),
+    "negative eps": (lambda m: _group(m).__setitem__("eps", -1e-8), "'eps' is -1e-08, below 0"),
+    "negative weight_decay": (lambda m: _group(m).__setitem__("weight_decay", -1), "'weight_decay' is -1, below 0"),
+    "beta of 1": (lambda m: _group(m).__setitem__("betas", [1, 0.999]), "'betas' is [1, 0.999], not in [0, 1)"),
+    "negative beta": (lambda m: _group(m).__setitem__("betas", [0.9, -0.5]), "not in [0, 1)"),
+    "negative initial_lr": (lambda m: _group(m).__setitem__("initial_lr", -1.0), "'initial_lr' is -1.0, below 0"),
     "three betas": (lambda m: _group(m).__setitem__("betas", [0.9, 0.99, 0.5]), "not a list of 2 values"),
     "string beta": (lambda m: _group(m).__setitem__("betas", ["0.9", 0.999]), "'betas' [0] is '0.9', not a number"),
     "number for a bool": (lambda m: _group(m).__setitem__("amsgrad", 1), "'amsgrad' is 1, not a bool"),
@@ -541,6 +590,125 @@ def test_a_checkpoint_saved_with_a_scheduler_resumes_with_or_without_one_yet(wit
     load_training_state(path, {"model": model}, {"optimizer": optimizer})
     assert optimizer.param_groups[0]["initial_lr"] == 1e-3 and optimizer.param_groups[0]["lr"] == 5e-4
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_implementation_flags_stay_as_this_run_built_them(checkpoint: Path) -> None:
+    # Saved with torch's defaults (foreach None); resumed with foreach=False, or from a run that
+    # used fused kernels: how this run computes is its own choice.
+    assert _group(_manifest(checkpoint))["foreach"] is None
+    _edit_manifest(checkpoint, lambda manifest: _group(manifest).update(fused=True, amsgrad=None, lr=2e-3))
+    model = _tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    load_training_state(checkpoint, {"model": model}, {"optimizer": optimizer})
+    group = optimizer.param_groups[0]
+    assert group["foreach"] is False and group["fused"] is None and group["amsgrad"] is False and group["lr"] == 2e-3
+    _step(model, optimizer)
+
+
+def test_hyperparameters_this_torch_lacks_are_skipped_with_one_warning(checkpoint: Path) -> None:
+    # A checkpoint written by a newer torch, whose AdamW has more hyperparameters (as 2.13's has
+    # decoupled_weight_decay, which older ones lack).
+    _edit_manifest(checkpoint, lambda manifest: _group(manifest).update(new_flag=True, new_knob=0.5, mode="fast", unset=None))
+    model = _tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning) as warned:
+        load_training_state(checkpoint, {"model": model}, {"optimizer": optimizer})
+    messages = [str(warning.message) for warning in warned if "hyperparameters" in str(warning.message)]
+    assert len(messages) == 1 and all(name in messages[0] for name in ("new_flag", "new_knob", "mode", "unset"))
+    assert not {"new_flag", "new_knob", "mode", "unset"} & set(optimizer.param_groups[0])
+    _step(model, optimizer)
+
+
+# ---------------------------------------------------------------- 5b. optimizer state
+
+
+def _step(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer) -> None:
+    """One training step on a tiny input: what a resumed run does next."""
+    tokens = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(2))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
+def _state_keys(manifest: dict[str, Any], name: str) -> list[str]:
+    return [key for key in manifest["tensors"] if key.startswith("optimizer/") and key.endswith("/" + name)]
+
+
+def _drop_state(name: str, every: bool) -> Callable[[dict[str, Any]], None]:
+    def drop(manifest: dict[str, Any]) -> None:
+        for key in _state_keys(manifest, name)[:None if every else 1]:
+            del manifest["tensors"][key]
+    return drop
+
+
+def _set_step(value: float) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        header, data = _read_tensor_file(path / TENSORS)
+        start, end = header[f"optimizer/{NORM}/step"]["data_offsets"]
+        _write_tensor_file(path / TENSORS, header, data[:start] + struct.pack("<f", value) + data[end:])
+        _resize(path, TENSORS)
+    return edit
+
+
+def _add_scalar_state(key: str) -> Callable[[Path], None]:
+    """A float32 scalar ``key`` appended to the tensor file and listed in the manifest."""
+    def edit(path: Path) -> None:
+        header, data = _read_tensor_file(path / TENSORS)
+        header[key] = {"dtype": "F32", "shape": [], "data_offsets": [len(data), len(data) + 4]}
+        _write_tensor_file(path / TENSORS, header, data + struct.pack("<f", 1.0))
+        _resize(path, TENSORS)
+        _edit_manifest(path, lambda manifest: manifest["tensors"].__setitem__(key, TENSORS))
+    return edit
+
+
+OPTIMIZER_STATE_CASES: dict[str, tuple[Callable[[Path], Any], bool, str]] = {
+    # case: (edit, load into an optimizer that has stepped, what the message says)
+    "state of another shape": (lambda path: _edit_header(path, lambda header: header[f"optimizer/{NORM}/exp_avg"].update(
+        shape=[8, 4])), False, f"state optimizer/{NORM}/exp_avg has shape [8, 4], neither its parameter's [32] nor"),
+    "a state name missing for one parameter": (lambda path: _edit_manifest(path, _drop_state("exp_avg", every=False)),
+                                               False, "has ['exp_avg_sq', 'step']; every parameter of a group has the same"),
+    "an extra state name for one parameter": (_add_scalar_state(f"optimizer/{NORM}/hack"), False,
+                                              "has state ['exp_avg', 'exp_avg_sq', 'hack', 'step']"),
+    "no step, into an optimizer that keeps one": (lambda path: _edit_manifest(path, _drop_state("step", every=True)),
+                                                  True, "the stored state has no 'step', which this optimizer keeps"),
+    "amsgrad without max_exp_avg_sq": (lambda path: _edit_manifest(path, lambda m: _group(m).__setitem__("amsgrad", True)),
+                                       False, "amsgrad is on, but the stored state has no 'max_exp_avg_sq'"),
+    "a negative step": (_set_step(-1.0), False, f"state optimizer/{NORM}/step is -1.0, not a step count of at least 0"),
+    "a step that is not a scalar": (lambda path: _edit_header(path, lambda header: header.update({
+        f"optimizer/{NORM}/step": header[f"optimizer/{NORM}/exp_avg"], f"optimizer/{NORM}/exp_avg": header[f"optimizer/{NORM}/step"],
+    })), False, f"state optimizer/{NORM}/step has shape [32], not a scalar's []"),
+}
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_STATE_CASES)
+def test_optimizer_state_is_checked_before_anything_is_loaded(case: str, checkpoint: Path) -> None:
+    edit, stepped, fragment = OPTIMIZER_STATE_CASES[case]
+    edit(checkpoint)
+    model, optimizer = _trained() if stepped else (_tiny_llama(), None)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state_before = {name: sorted(state) for name, state in enumerate(optimizer.state.values())}
+    with pytest.raises(CheckpointError) as raised:
+        load_training_state(checkpoint, {"model": model}, {"optimizer": optimizer})
+    message = str(raised.value)
+    assert "\n" not in message and str(checkpoint) in message and "optimizer 'optimizer' param group 0" in message, message
+    assert fragment in message, message
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert {name: sorted(state) for name, state in enumerate(optimizer.state.values())} == state_before
+
+
+@pytest.mark.parametrize("saved_after_a_step", [True, False])
+@pytest.mark.parametrize("loaded_into", ["a new optimizer", "one that has stepped"])
+def test_optimizer_state_that_fits_loads_and_steps(saved_after_a_step: bool, loaded_into: str, tmp_path: Path) -> None:
+    # A checkpoint saved before the first step holds no optimizer state at all: it loads too.
+    model, optimizer = _trained() if saved_after_a_step else (_tiny_llama(), None)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = save_training_state(tmp_path / "step.ckpt", {"model": model}, {"optimizer": optimizer}, {})
+    model, optimizer = _trained() if loaded_into == "one that has stepped" else (_tiny_llama(), None)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+    load_training_state(path, {"model": model}, {"optimizer": optimizer})
+    assert bool(optimizer.state) == (saved_after_a_step or loaded_into == "one that has stepped")
+    _step(model, optimizer)
 
 
 # ---------------------------------------------------------------- 6. deleting only what meshplan wrote
@@ -622,6 +790,21 @@ def test_lightning_remove_checkpoint_keeps_what_is_not_a_checkpoint(pristine: Pa
         strategy.remove_checkpoint(checkpoint)
         strategy.remove_checkpoint(tmp_path / "already-gone.ckpt")
     assert not checkpoint.exists()
+
+
+def test_lightning_remove_checkpoint_unlinks_a_link_and_keeps_its_target(pristine: Path, tmp_path: Path) -> None:
+    # ModelCheckpoint(save_last="link") makes last.ckpt a link to the newest checkpoint, and removes it to move it.
+    strategy = meshplan.DDP()
+    target = tmp_path / "step=1.ckpt"
+    shutil.copytree(pristine, target)
+    (tmp_path / "last.ckpt").symlink_to(target.name)
+    (tmp_path / "dangling.ckpt").symlink_to("gone.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy.remove_checkpoint(tmp_path / "last.ckpt")
+        strategy.remove_checkpoint(str(tmp_path / "dangling.ckpt"))
+    assert not os.path.lexists(tmp_path / "last.ckpt") and not os.path.lexists(tmp_path / "dangling.ckpt")
+    assert sorted(path.name for path in target.iterdir()) == sorted(path.name for path in pristine.iterdir())
 
 
 def test_accelerate_numbering_ignores_names_it_did_not_write() -> None:
@@ -1209,6 +1392,7 @@ def _try_case(path: Path, out: Path, model: LlamaForCausalLM, initial: dict[str,
     else:
         for file in out.iterdir():
             assert PATTERN not in file.read_bytes(), file
+        _check_export(out, reader.manifest, expected)
     model.load_state_dict(initial)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     try:
@@ -1221,7 +1405,24 @@ def _try_case(path: Path, out: Path, model: LlamaForCausalLM, initial: dict[str,
             seen.add(id(tensor))
             key = aliases.get(f"model/{name}", f"model/{name}")
             assert _same(tensor.detach(), expected[key].to(tensor.dtype)), name
+    _step(model, optimizer)  # what a resumed run does next must work
     return "loaded"
+
+
+def _check_export(out: Path, manifest: dict[str, Any], expected: dict[str, torch.Tensor]) -> None:
+    """The exported model, read back by safetensors' own reader, holds exactly the model's tensors as the
+    checkpoint's files hold them: each stored name once, and each alias whose tensor is outside the model."""
+    [(module, entry)] = [(module, entry) for module, entries in manifest["models"].items() for entry in entries]
+    prefix = f"{module}/{entry['prefix']}"
+    wanted = {key[len(prefix):]: key for key in manifest["tensors"] if key.startswith(prefix)}
+    wanted.update({alias[len(prefix):]: key for alias, key in manifest["aliases"].items()
+                   if alias.startswith(prefix) and not key.startswith(prefix)})
+    exported: dict[str, torch.Tensor] = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as opened:
+            exported.update({name: opened.get_tensor(name) for name in opened.keys()})
+    assert sorted(exported) == sorted(wanted)
+    assert all(_same(tensor, expected[wanted[name]]) for name, tensor in exported.items())
 
 
 def _try_state_files(path: Path) -> str:

@@ -68,11 +68,11 @@ class CheckpointingAccelerator(Accelerator):
         CheckpointError naming it, and the model, optimizers and schedulers are left as they were.
         """
         location = input_dir or self._latest_saved()
-        reader = CheckpointReader(location)
-        state = reader.state()
-        self._check_state(reader.path, state)
-        generators = saved_random_states(reader, self.process_index)
-        load_training_state(reader, self._named_models(), self._named_optimizers())
+        with CheckpointReader(location) as reader:
+            state = reader.state()
+            self._check_state(reader.path, state)
+            generators = saved_random_states(reader, self.process_index)
+            load_training_state(reader, self._named_models(), self._named_optimizers())
         for scheduler, saved in zip(self._schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         for obj, saved in zip(self._custom_objects, state["custom_objects"]):

@@ -49,20 +49,20 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: 
     out = Path(out_dir).absolute()
     _check_target(out)  # before any work: reading the checkpoint may take long
     limit = parse_size(max_shard_size)
-    reader = CheckpointReader(checkpoint)
-    module_name, pretrained = _pick_model(reader, model)
-    names = _hf_names(reader, f"{module_name}/{pretrained['prefix']}")
-    shards = _split(reader, names, limit)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = _new_partial(out)
-    try:
-        _write_model(reader, shards, names, pretrained, partial)
-        # rename(2) replaces an empty directory and fails on anything else: a directory that
-        # filled up meanwhile is not replaced.
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # this call's own folder, and only that
-        raise
+    with CheckpointReader(checkpoint) as reader:
+        module_name, pretrained = _pick_model(reader, model)
+        names = _hf_names(reader, f"{module_name}/{pretrained['prefix']}")
+        shards = _split(reader, names, limit)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = _new_partial(out)
+        try:
+            _write_model(reader, shards, names, pretrained, partial)
+            # rename(2) replaces an empty directory and fails on anything else: a directory that
+            # filled up meanwhile is not replaced.
+            os.rename(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # this call's own folder, and only that
+            raise
     return out
 
 

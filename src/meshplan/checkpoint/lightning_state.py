@@ -48,12 +48,12 @@ def load_lightning_checkpoint(strategy: Any, filepath: Any) -> dict[str, Any]:
     a crafted entry is a CheckpointError naming it, and the model is left as it was.
     """
     fitting = strategy.lightning_module.trainer.state.fn == TrainerFn.FITTING
-    reader = CheckpointReader(filepath)
-    state = reader.state()
-    check_lightning_state(reader.path, state, _dict_entries(strategy))
-    generators = saved_random_states(reader, strategy.global_rank)
-    # Validating or testing from a checkpoint needs the weights only (even if optimizers linger from a fit).
-    load_training_state(reader, {"module": strategy.lightning_module}, _optimizers(strategy) if fitting else {})
+    with CheckpointReader(filepath) as reader:
+        state = reader.state()
+        check_lightning_state(reader.path, state, _dict_entries(strategy))
+        generators = saved_random_states(reader, strategy.global_rank)
+        # Validating or testing from a checkpoint needs the weights only (even if optimizers linger from a fit).
+        load_training_state(reader, {"module": strategy.lightning_module}, _optimizers(strategy) if fitting else {})
     if generators is not None:  # a checkpoint from fewer processes has none for this one
         set_random_states(generators)
     engine = _deepspeed_engine(strategy)

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from meshplan.checkpoint.tensor_files import open_tensor_files, read_exactly
+from meshplan.checkpoint.tensor_files import close_all, open_tensor_files, read_exactly
 from meshplan.errors import CheckpointError, shown, shown_key, shown_path
 
 MANIFEST = "meshplan-checkpoint.json"
@@ -136,6 +136,8 @@ def _check_manifest(path: Path, manifest: Any) -> None:
         if not isinstance(file, str) or file not in files:
             raise _manifest_error(path, f"tensors[{shown(key)}]", f"names {shown(file)}, not a file of the manifest's files")
     for alias, target in _checked_object(path, manifest, "aliases").items():
+        if alias in tensors:  # a second tensor of one name: export would write it twice
+            raise _manifest_error(path, f"aliases[{shown(alias)}]", "names a tensor the checkpoint stores itself")
         if not isinstance(target, str) or target not in tensors:
             raise _manifest_error(path, f"aliases[{shown(alias)}]",
                                   f"names {shown(target)}, not a tensor of this checkpoint")
@@ -230,7 +232,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> str | None:
             continue
         try:
             manifest = read_manifest(path)
-            open_tensor_files(path, manifest)
+            close_all(open_tensor_files(path, manifest).values())  # only checked here
         except CheckpointError as error:
             warnings.warn(f"latest_checkpoint skips {shown_path(path)}: {error}", stacklevel=2)
             continue

@@ -7,7 +7,9 @@ are what the Lightning strategies and ``meshplan.accelerator()`` call; the forma
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,14 @@ from torch import nn
 from meshplan.checkpoint.engines import (
     Entry,
     innermost_optimizer,
+    is_zero_optimizer,
     load_model_tensor,
     load_optimizer_state,
     model_entries,
     optimizer_entries,
+    zero_param_group_members,
 )
-from meshplan.checkpoint.manifest import is_finite_number, read_manifest
+from meshplan.checkpoint.manifest import is_finite_number, is_number, read_manifest
 from meshplan.checkpoint.state_checks import like_problem
 from meshplan.checkpoint.store import (
     check_replaceable,
@@ -38,10 +42,11 @@ from meshplan.checkpoint.tensor_files import (
     TensorFileReader,
     TensorFileWriter,
     check_storable,
+    close_all,
     open_tensor_files,
     tensor_bytes,
 )
-from meshplan.errors import CheckpointError, shown
+from meshplan.errors import SHOWN_LENGTH, CheckpointError, shown, shown_key, shown_path
 
 STATE_FILE = "state.pt"
 
@@ -219,6 +224,9 @@ class CheckpointReader:
     Construction checks the manifest and every tensor file's header (manifest.read_manifest,
     tensor_files.open_tensor_files): a checkpoint that does not check out is a CheckpointError before
     anything is read, and afterwards every read stays inside the files the manifest lists.
+
+    The tensor files stay open, and are read only through the descriptors that were checked, until
+    ``close`` (or the end of a ``with`` block); the state files can still be read after it.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -230,6 +238,16 @@ class CheckpointReader:
         for key in self._shapes:
             owner, _, name = key.rpartition("/")
             self._by_owner.setdefault(owner, {})[name] = key
+
+    def close(self) -> None:
+        """Closes the tensor files (one per rank that wrote them); ``state`` and ``rank_state`` still work."""
+        close_all(self._files.values())
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        self.close()
 
     def keys(self) -> list[str]:
         """Every stored tensor's key, in the order they were saved."""
@@ -280,10 +298,20 @@ def load_training_state(path: str | os.PathLike | CheckpointReader, models: dict
     """Loads models and optimizers from a checkpoint written in any layout into this one.
 
     Every name is checked before anything is changed: a model tensor missing from the checkpoint
-    (or present with another shape) is a CheckpointError naming it. ``path`` may be a reader the
-    front end opened to check its own state first. Returns the reader, for the front end's own state.
+    (or present with another shape), optimizer state that does not fit its parameters, or a
+    hyperparameter the optimizer would refuse is a CheckpointError naming it. ``path`` may be a
+    reader the front end opened to check its own state first (it closes that one). Returns the
+    reader, for the front end's own state; a reader opened here has its tensor files closed.
     """
-    reader = path if isinstance(path, CheckpointReader) else CheckpointReader(path)
+    if isinstance(path, CheckpointReader):
+        _load_training_state(path, models, optimizers)
+        return path
+    with CheckpointReader(path) as reader:
+        _load_training_state(reader, models, optimizers)
+    return reader
+
+
+def _load_training_state(reader: CheckpointReader, models: dict[str, nn.Module], optimizers: dict[str, Any]) -> None:
     aliases = reader.manifest.get("aliases", {})
     targets = []
     keys: dict[int, str] = {}
@@ -298,8 +326,10 @@ def load_training_state(path: str | os.PathLike | CheckpointReader, models: dict
     _check_targets(reader, targets)
     hyperparameters = {}
     for name, optimizer in optimizers.items():  # every check before anything is changed
-        _check_optimizer(reader, name, innermost_optimizer(optimizer), keys)
-        hyperparameters[name] = _checked_hyperparameters(reader, name, innermost_optimizer(optimizer))
+        inner = innermost_optimizer(optimizer)
+        _check_optimizer(reader, name, inner, keys)
+        hyperparameters[name] = _checked_hyperparameters(reader, name, inner)
+        _check_optimizer_state(reader, name, inner, keys, hyperparameters[name])
     zero3 = _zero3_optimizers(tensor for _, tensor in targets)
     for optimizer in zero3:  # persistent (always gathered) parameters are released first...
         optimizer.checkpoint_event_prologue()
@@ -312,7 +342,6 @@ def load_training_state(path: str | os.PathLike | CheckpointReader, models: dict
         load_optimizer_state(inner, keys, name, reader)
         _set_hyperparameters(inner, hyperparameters[name])
     _barrier()
-    return reader
 
 
 def _zero3_optimizers(tensors: Any) -> list[Any]:
@@ -359,6 +388,67 @@ def _check_optimizer(reader: CheckpointReader, name: str, optimizer: Any, keys: 
         )
 
 
+def _check_optimizer_state(reader: CheckpointReader, name: str, optimizer: Any, keys: dict[int, str],
+                           applied: list[dict[str, Any]]) -> None:
+    """Refuses stored optimizer state that the optimizer's next ``step()`` would fail on.
+
+    Every layout stores each state tensor whole: shaped like its parameter (ZeRO's partitions and
+    DTensor shards are gathered before saving), or a scalar (Adam's ``step``). Within a param
+    group every parameter that has state has the same state names (one that never had a gradient
+    has none; a checkpoint saved before the first step has none at all). ``step`` is a scalar of
+    at least 0, and is required where this optimizer already keeps one. AMSGrad (the hyperparameter
+    ``amsgrad`` as it will be set: ``applied``) needs ``max_exp_avg_sq``.
+    """
+    members = zero_param_group_members(optimizer) if is_zero_optimizer(optimizer) else [g["params"] for g in optimizer.param_groups]
+    keeps_step = _keeps_step(optimizer)
+    for index, (group, parameters, hyperparameters) in enumerate(zip(optimizer.param_groups, members, applied)):
+        where = f"checkpoint {shown_path(reader.path)}: optimizer {name!r} param group {index}"
+        first: tuple[str, set[str]] | None = None  # the first parameter with state, and its state names
+        for parameter in parameters:
+            key = keys[id(parameter)]
+            stored = reader.states_of(f"{name}/{key}")
+            if not stored:
+                continue
+            for state_name, state_key in stored.items():
+                problem = _state_problem(reader, state_name, state_key, _global_shape(parameter))
+                if problem is not None:
+                    raise CheckpointError(f"{where}: state {shown_key(state_key)} {problem}.")
+            if first is None:
+                first = (key, set(stored))
+            elif set(stored) != first[1]:
+                raise CheckpointError(f"{where}: parameter {shown_key(key)} has state {shown(sorted(stored))}, parameter "
+                                      f"{shown_key(first[0])} has {shown(sorted(first[1]))}; every parameter of a group "
+                                      f"has the same.")
+        if first is None:
+            continue
+        if keeps_step and "step" not in first[1]:
+            raise CheckpointError(f"{where}: the stored state has no 'step', which this optimizer keeps for every parameter.")
+        if hyperparameters.get("amsgrad", group.get("amsgrad")) is True and "max_exp_avg_sq" not in first[1]:
+            raise CheckpointError(f"{where}: amsgrad is on, but the stored state has no 'max_exp_avg_sq' for it.")
+
+
+def _keeps_step(optimizer: Any) -> bool:
+    """Whether the optimizer's own state (if it has any yet) holds a ``step`` for some parameter."""
+    state = optimizer.optimizer.state if is_zero_optimizer(optimizer) else optimizer.state
+    return any("step" in per_parameter for per_parameter in state.values())
+
+
+def _state_problem(reader: CheckpointReader, state_name: str, key: str, parameter_shape: tuple[int, ...]) -> str | None:
+    """What is wrong with the stored state tensor ``key`` of a parameter of ``parameter_shape``, or None."""
+    shape = reader.shape(key)
+    if shape not in (parameter_shape, ()):
+        return f"has shape {shown(list(shape))}, neither its parameter's {list(parameter_shape)} nor a scalar's []"
+    if reader.dtype(key) == torch.bool:
+        return "is a bool tensor, not numbers"
+    if state_name == "step":
+        if shape != ():
+            return f"has shape {shown(list(shape))}, not a scalar's []"
+        value = reader.tensor(key).item()  # a scalar: cheap to read now
+        if not (math.isfinite(value) and value >= 0):
+            return f"is {shown(value)}, not a step count of at least 0"
+    return None
+
+
 # Hyperparameters torch's LR schedulers add to a param group when they are created (every
 # scheduler: initial_lr; OneCycleLR: max_lr, min_lr, max_momentum, base_momentum; SWALR:
 # swa_lr). A checkpoint saved with a scheduler holds them even when this run creates its
@@ -366,24 +456,61 @@ def _check_optimizer(reader: CheckpointReader, name: str, optimizer: Any, keys: 
 # accepted where the group lacks them, as finite numbers only.
 _SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"})
 
+# Flags that choose how this run's optimizer computes (foreach or fused kernels, CUDA-graph
+# capture, autograd through the step), not what it computes. They depend on this run's devices
+# and torch, and None means "torch picks": the value this run's optimizer was built with is kept,
+# whatever the checkpoint says (a bool or None; anything else is refused as a sign of tampering).
+_IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+# The ranges torch's optimizer constructors check; a value outside them fails the next step() or
+# makes it divide by zero (a beta of 1), so it is refused before anything is loaded.
+_NON_NEGATIVE = frozenset({"lr", "eps", "weight_decay", "momentum", "lr_decay", "initial_accumulator_value",
+                           "momentum_decay", "initial_lr", "max_lr", "min_lr", "swa_lr"})
+_UNIT_INTERVAL = frozenset({"betas"})  # each in [0, 1)
+
 
 def _checked_hyperparameters(reader: CheckpointReader, name: str, optimizer: Any) -> list[dict[str, Any]]:
-    """The stored hyperparameters of each of ``optimizer``'s param groups, each checked against the group.
+    """The hyperparameters to set in each of ``optimizer``'s param groups, each checked against the group.
 
     Only names the group has (or a scheduler's, above), never ``params``, each of a type the group's
-    own value has; a CheckpointError naming the optimizer, group and name otherwise.
+    own value has and in the range torch's optimizers accept; a CheckpointError naming the
+    optimizer, group and name otherwise. Left out (the group keeps its own value): the
+    implementation flags, and None where the group has a bool. A name this torch's optimizer
+    does not have (a checkpoint from a newer torch) is skipped with one warning if its value is a
+    plain scalar, and refused otherwise.
     """
     saved = reader.manifest["optimizers"][name]
     if len(saved) != len(optimizer.param_groups):
         raise CheckpointError(f"checkpoint {reader.path}: optimizer {name!r} was saved with {len(saved)} param groups; "
                               f"this one has {len(optimizer.param_groups)}. Build it as it was when the checkpoint was saved.")
+    applied: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for index, (group, stored) in enumerate(zip(optimizer.param_groups, saved)):
+        kept = {}
         for key, value in stored["hyperparameters"].items():
+            if _is_unknown_scalar(key, value, group):
+                if key not in skipped:
+                    skipped.append(key)
+                continue
             problem = _hyperparameter_problem(key, value, group)
             if problem is not None:
                 raise CheckpointError(f"checkpoint {reader.path}: optimizer {name!r} param group {index} hyperparameter "
                                       f"{shown(key)} {problem}.")
-    return [stored["hyperparameters"] for stored in saved]
+            if key not in _IMPLEMENTATION_FLAGS and value is not None:
+                kept[key] = value
+        applied.append(kept)
+    if skipped:
+        listed = ", ".join(shown_key(key) for key in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        warnings.warn(f"checkpoint {shown_path(reader.path)}: optimizer {name!r} was saved with hyperparameters this "
+                      f"{type(optimizer).__name__} does not have ({listed}); they are ignored.", stacklevel=4)
+    return applied
+
+
+def _is_unknown_scalar(key: str, value: Any, group: dict[str, Any]) -> bool:
+    """A name the group lacks (saved by another torch version) whose value is a plain scalar: skipped, not refused."""
+    if key == "params" or key in group or key in _SCHEDULER_KEYS:
+        return False
+    return value is None or isinstance(value, bool) or is_number(value) or (isinstance(value, str) and len(value) <= SHOWN_LENGTH)
 
 
 def _hyperparameter_problem(key: str, value: Any, group: dict[str, Any]) -> str | None:
@@ -392,9 +519,22 @@ def _hyperparameter_problem(key: str, value: Any, group: dict[str, Any]) -> str 
         return "is the group's parameter list, which a checkpoint may not set"
     if key not in group:
         if key in _SCHEDULER_KEYS:
-            return None if is_finite_number(value) else f"is {shown(value)}, not a finite number"
-        return "is not one of this optimizer's hyperparameters"
-    return like_problem(value, group[key], "the optimizer")
+            return _range_problem(key, value) if is_finite_number(value) else f"is {shown(value)}, not a finite number"
+        return f"is {shown(value)}, not a plain value, and not one of this optimizer's hyperparameters"
+    current = group[key]
+    if value is None and (current is None or isinstance(current, bool)):
+        return None  # an unset flag: the group keeps its own value
+    return like_problem(value, current, "the optimizer") or _range_problem(key, value)
+
+
+def _range_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` (of the right type) for ``key`` in the ranges torch's optimizers check, or None."""
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    if key in _NON_NEGATIVE and any(is_number(number) and number < 0 for number in numbers):
+        return f"is {shown(value)}, below 0, which torch's optimizers refuse"
+    if key in _UNIT_INTERVAL and any(is_number(number) and not 0 <= number < 1 for number in numbers):
+        return f"is {shown(value)}, not in [0, 1) as torch's optimizers require"
+    return None
 
 
 def _set_hyperparameters(optimizer: Any, checked: list[dict[str, Any]]) -> None:

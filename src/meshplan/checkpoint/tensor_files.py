@@ -61,6 +61,12 @@ class TensorFileWriter:
     def __init__(self, path: str | os.PathLike, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: dict[str, str] | None = None) -> None:
         check_storable((name, dtype) for name, _, dtype in specs)
+        names = [name for name, _, _ in specs]
+        if len(set(names)) != len(names):
+            # A second entry of a name would overwrite the first in the header while both tensors'
+            # bytes are written: a file safetensors cannot read.
+            duplicate = next(name for index, name in enumerate(names) if name in names[:index])
+            raise CheckpointError(f"{shown_path(Path(path).name)}: tensor {shown_key(duplicate)} would be written twice.")
         header: dict[str, Any] = {}
         offset = 0
         for name, shape, dtype in specs:
@@ -147,29 +153,57 @@ class TensorFileReader:
     tensor costs the tensor's size, whatever was read before. The header is checked as strictly
     as safetensors checks it before anything else is read, so every tensor's bytes lie inside the
     file and match its shape and dtype; ``size`` is the file's size as the manifest gives it.
+
+    The file stays open until ``close`` (or the end of a ``with`` block): every read goes through
+    the descriptor whose header was checked, so a file swapped in under the same name afterwards,
+    even one of the same size, is never read.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, name: str, size: int) -> None:
         self.checkpoint = Path(checkpoint)
         self.name = name
         self.path = self.checkpoint / name
-        self._size = size
         self._mapped: Any = None  # safetensors' own reader, for slices
-        descriptor = open_member(self.checkpoint, name, size)
+        self._descriptor: int | None = open_member(self.checkpoint, name, size)
         try:
             prefix = bytearray(8)
-            if not read_exactly(descriptor, prefix, 0):
+            if not read_exactly(self._descriptor, prefix, 0):
                 self._refuse(f"it has {size} bytes, fewer than the 8 of a header length")
             (length,) = struct.unpack("<Q", prefix)
             if length > MAX_HEADER_BYTES or length > size - 8:
                 self._refuse(f"its header length {length} exceeds {min(MAX_HEADER_BYTES, size - 8)} bytes")
             raw = bytearray(length)
-            if not read_exactly(descriptor, raw, 8):
+            if not read_exactly(self._descriptor, raw, 8):
                 self._refuse("it is shorter than its header length says, or cannot be read")
-        finally:
+            self._data_start = 8 + length
+            self._entries = self._parse_header(bytes(raw), size - self._data_start)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Closes the file; no tensor can be read afterwards. Closing twice is harmless."""
+        self._mapped = None
+        descriptor, self._descriptor = self._descriptor, None
+        if descriptor is not None:
             os.close(descriptor)
-        self._data_start = 8 + length
-        self._entries = self._parse_header(bytes(raw), size - self._data_start)
+
+    def __enter__(self) -> TensorFileReader:
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A reader dropped without close (an exception between opening and a ``with``) still frees its descriptor.
+        if getattr(self, "_descriptor", None) is not None:
+            self.close()
+
+    def _open_descriptor(self) -> int:
+        if self._descriptor is None:
+            raise CheckpointError(f"checkpoint {shown_path(self.checkpoint)}: tensor file {shown_key(self.name)} "
+                                  f"was closed; open the checkpoint again to read it.")
+        return self._descriptor
 
     def _refuse(self, problem: str) -> NoReturn:
         raise CheckpointError(f"checkpoint {shown_path(self.checkpoint)}: tensor file {shown_key(self.name)} is refused: {problem}.")
@@ -235,20 +269,15 @@ class TensorFileReader:
         if start == end:  # the header was checked: no bytes means no elements
             return torch.zeros(shape, dtype=dtype)
         buffer = bytearray(end - start)
-        descriptor = open_member(self.checkpoint, self.name, self._size)
-        try:
-            complete = read_exactly(descriptor, buffer, self._data_start + start)
-        finally:
-            os.close(descriptor)
-        if not complete:
+        if not read_exactly(self._open_descriptor(), buffer, self._data_start + start):
             self._refuse(f"tensor {shown(name)} cannot be read whole (the file is shorter now, or unreadable)")
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         """Part of a tensor (``index``: one slice per leading dimension), read without reading the rest.
 
-        safetensors' own reader memory-maps the file; it is given the file this reader opened
-        (through /proc/self/fd), so it never follows a name that was swapped for a link since.
+        safetensors' own reader memory-maps the file; it is given the file this reader opened and
+        checked (through /proc/self/fd), so it never follows a name that was swapped since.
         """
         if self._mapped is None:
             self._mapped = self._open_mapped()
@@ -259,14 +288,11 @@ class TensorFileReader:
     def _open_mapped(self) -> Any:
         from safetensors import safe_open
 
-        descriptor = open_member(self.checkpoint, self.name, self._size)
+        path = _descriptor_path(self._open_descriptor())
         try:
-            path = _descriptor_path(descriptor)
             return safe_open(path, framework="pt") if path is not None else False
         except Exception as error:  # safetensors raises its own error types
             self._refuse(f"safetensors cannot read it ({shown(str(error))})")
-        finally:
-            os.close(descriptor)
 
 
 def _no_constant(name: str) -> Any:
@@ -293,13 +319,25 @@ def _bounded_numel(shape: list[int]) -> int | None:
 
 
 def open_tensor_files(checkpoint: Path, manifest: dict[str, Any]) -> dict[str, TensorFileReader]:
-    """A reader for each tensor file of a checked manifest; a CheckpointError if a file lacks a tensor of the manifest."""
-    readers = {file: TensorFileReader(checkpoint, file, manifest["files"][file])
-               for file in sorted(set(manifest["tensors"].values()))}
-    held = {file: set(reader.names()) for file, reader in readers.items()}
-    missing = [key for key, file in manifest["tensors"].items() if key not in held[file]]
-    if missing:
-        listed = ", ".join(shown(key) for key in missing[:3])
-        raise CheckpointError(f"checkpoint {shown_path(checkpoint)} is torn: its tensor files lack {len(missing)} tensors "
-                              f"of its manifest ({listed}{' ...' if len(missing) > 3 else ''}).")
+    """A reader for each tensor file of a checked manifest (open: the caller closes them); a CheckpointError,
+    with every file closed, if a file cannot be read or lacks a tensor of the manifest."""
+    readers: dict[str, TensorFileReader] = {}
+    try:
+        for file in sorted(set(manifest["tensors"].values())):
+            readers[file] = TensorFileReader(checkpoint, file, manifest["files"][file])
+        held = {file: set(reader.names()) for file, reader in readers.items()}
+        missing = [key for key, file in manifest["tensors"].items() if key not in held[file]]
+        if missing:
+            listed = ", ".join(shown(key) for key in missing[:3])
+            raise CheckpointError(f"checkpoint {shown_path(checkpoint)} is torn: its tensor files lack {len(missing)} "
+                                  f"tensors of its manifest ({listed}{' ...' if len(missing) > 3 else ''}).")
+    except BaseException:
+        close_all(readers.values())
+        raise
     return readers
+
+
+def close_all(readers: Iterable[TensorFileReader]) -> None:
+    """Closes every reader."""
+    for reader in readers:
+        reader.close()

@@ -88,13 +88,18 @@ class PlanStrategyMixin:
     def remove_checkpoint(self, filepath: Any) -> None:
         """Deletes a checkpoint directory (rank 0), as ModelCheckpoint asks for old ones.
 
-        Only a folder meshplan wrote is deleted (``delete_checkpoint``); anything else at that path
-        is kept, with a warning: a training run does not stop over it.
+        A symbolic link (ModelCheckpoint's ``save_last="link"`` makes ``last.ckpt`` one) is
+        unlinked: that removes the link only, never what it points to. Otherwise only a folder
+        meshplan wrote is deleted (``delete_checkpoint``); anything else at that path is kept, with
+        a warning: a training run does not stop over it.
         """
         from meshplan.checkpoint.store import delete_checkpoint
 
         if self.is_global_zero:
             path = Path(filepath)
+            if os.path.islink(path):
+                os.unlink(path)
+                return
             if not delete_checkpoint(path) and os.path.lexists(path):
                 warnings.warn(f"meshplan kept {str(path)!r} instead of removing it: it is not a meshplan checkpoint "
                               f"directory (only those are deleted).", stacklevel=2)
