@@ -46,10 +46,11 @@ from meshplan.checkpoint.accelerate_state import _iteration
 from meshplan.checkpoint.lightning_state import check_lightning_state
 from meshplan.checkpoint.manifest import MANIFEST
 from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
-from meshplan.checkpoint.state_checks import like_problem
+from meshplan.checkpoint.state_checks import count_problem, like_problem, scaler_problem
 from meshplan.checkpoint.store import delete_checkpoint, plain_data
 from meshplan.checkpoint.tensor_files import TensorFileReader, TensorFileWriter
 from meshplan.cli import main
+from meshplan.errors import shown
 
 TENSORS = "tensors-00000-of-00001.safetensors"
 EMBED = "model/model.embed_tokens.weight"
@@ -317,6 +318,17 @@ def test_a_tensor_file_is_never_written_with_one_name_twice(tmp_path: Path) -> N
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_a_tensor_file_writer_that_fails_closes_its_file(tmp_path: Path) -> None:
+    writer = TensorFileWriter(tmp_path / "out.safetensors", [("a", (2,), torch.float32), ("b", (1,), torch.float32)])
+    with pytest.raises(CheckpointError, match="expected"):
+        writer.write("b", torch.zeros(1))  # out of order: refused
+    assert writer._file.closed
+    writer = TensorFileWriter(tmp_path / "other.safetensors", [("a", (2,), torch.float32)])
+    with pytest.raises(CheckpointError, match="1 tensors were never written"):
+        writer.close()
+    assert writer._file.closed
+
+
 @pytest.mark.parametrize("target", ["model/no-such-tensor", f"../other.ckpt/{EMBED}", TENSORS, 3, None])
 def test_aliases_name_only_tensors_of_the_same_checkpoint(target: Any, checkpoint: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -515,6 +527,31 @@ def test_latest_checkpoint_skips_what_it_cannot_read_and_says_why(pristine: Path
     assert all("\n" not in message for message in messages)
 
 
+def _list_unencodable_name(path: Path) -> None:
+    """A file name with a lone surrogate in ``files``: JSON writes it as ``\\ud800``, no filesystem can hold it."""
+    _edit_manifest(path, lambda manifest: manifest["files"].__setitem__("\ud800x", 1))
+    assert "\\ud800x" in (path / MANIFEST).read_text()
+
+
+def test_a_file_name_the_filesystem_cannot_hold_is_skipped_by_latest_checkpoint(pristine: Path, tmp_path: Path) -> None:
+    shutil.copytree(pristine, tmp_path / "step=1.ckpt")
+    newer = tmp_path / "step=9.ckpt"
+    shutil.copytree(pristine, newer)
+    _edit_manifest(newer, lambda manifest: manifest.__setitem__("step", 9))
+    _list_unencodable_name(newer)
+    with pytest.warns(UserWarning) as warned:
+        assert latest_checkpoint(tmp_path) == str(tmp_path / "step=1.ckpt")
+    messages = [str(warning.message) for warning in warned]
+    assert len(messages) == 1 and f"latest_checkpoint skips {newer}: " in messages[0] and "\n" not in messages[0], messages
+    assert "files['\\ud800x'] is not a plain file name" in messages[0], messages
+
+
+def test_a_file_name_the_filesystem_cannot_hold_is_refused_by_export(checkpoint: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    _list_unencodable_name(checkpoint)
+    _export_refused(checkpoint, tmp_path, capsys, "is not a plain file name")
+
+
 def test_latest_checkpoint_orders_by_step_then_time(pristine: Path, tmp_path: Path) -> None:
     for name, step, saved_at in (("a", 3, 100.0), ("b", 3, 200), ("c", 2, 900.0)):
         shutil.copytree(pristine, tmp_path / name)
@@ -605,6 +642,32 @@ def test_implementation_flags_stay_as_this_run_built_them(checkpoint: Path) -> N
     _step(model, optimizer)
 
 
+def test_parameter_names_are_metadata_never_set(checkpoint: Path) -> None:
+    # torch 2.6 keeps them in a group built from named_parameters(); this optimizer was not.
+    _edit_manifest(checkpoint, lambda manifest: _group(manifest).__setitem__("param_names", ["a", "b"]))
+    model = _tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_training_state(checkpoint, {"model": model}, {"optimizer": optimizer})
+    assert "param_names" not in optimizer.param_groups[0]
+    _step(model, optimizer)
+
+
+@pytest.mark.parametrize("step", [5, -1, 2.5, "5"])
+def test_a_group_step_is_restored_as_a_count(step: Any, checkpoint: Path) -> None:
+    # DeepSpeed's FusedAdam keeps one step per group, added at its first step.
+    _edit_manifest(checkpoint, lambda manifest: _group(manifest).__setitem__("step", step))
+    model = _tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if step != 5:
+        with pytest.raises(CheckpointError, match=r"param group 0 hyperparameter 'step' is .*, not a non-negative integer"):
+            load_training_state(checkpoint, {"model": model}, {"optimizer": optimizer})
+        return
+    load_training_state(checkpoint, {"model": model}, {"optimizer": optimizer})
+    assert optimizer.param_groups[0]["step"] == 5
+
+
 def test_hyperparameters_this_torch_lacks_are_skipped_with_one_warning(checkpoint: Path) -> None:
     # A checkpoint written by a newer torch, whose AdamW has more hyperparameters (as 2.13's has
     # decoupled_weight_decay, which older ones lack).
@@ -664,9 +727,15 @@ def _add_scalar_state(key: str) -> Callable[[Path], None]:
 OPTIMIZER_STATE_CASES: dict[str, tuple[Callable[[Path], Any], bool, str]] = {
     # case: (edit, load into an optimizer that has stepped, what the message says)
     "state of another shape": (lambda path: _edit_header(path, lambda header: header[f"optimizer/{NORM}/exp_avg"].update(
-        shape=[8, 4])), False, f"state optimizer/{NORM}/exp_avg has shape [8, 4], neither its parameter's [32] nor"),
+        shape=[8, 4])), False, f"state optimizer/{NORM}/exp_avg has shape [8, 4], larger than its parameter's [32]"),
+    # The embedding's state, flattened, given to the norm (and the norm's to the embedding).
+    "state larger than its parameter": (lambda path: _edit_header(path, lambda header: header.update({
+        f"optimizer/{NORM}/exp_avg": {**header[f"optimizer/{EMBED}/exp_avg"], "shape": [2048]},
+        f"optimizer/{EMBED}/exp_avg": header[f"optimizer/{NORM}/exp_avg"],
+    })), False, f"state optimizer/{NORM}/exp_avg has shape [2048], larger than its parameter's [32]"),
     "a state name missing for one parameter": (lambda path: _edit_manifest(path, _drop_state("exp_avg", every=False)),
-                                               False, "has ['exp_avg_sq', 'step']; every parameter of a group has the same"),
+                                               False, "has ['exp_avg_sq', 'step']; every parameter of a group with as many "
+                                                      "dimensions has the same"),
     "an extra state name for one parameter": (_add_scalar_state(f"optimizer/{NORM}/hack"), False,
                                               "has state ['exp_avg', 'exp_avg_sq', 'hack', 'step']"),
     "no step, into an optimizer that keeps one": (lambda path: _edit_manifest(path, _drop_state("step", every=True)),
@@ -709,6 +778,37 @@ def test_optimizer_state_that_fits_loads_and_steps(saved_after_a_step: bool, loa
     load_training_state(path, {"model": model}, {"optimizer": optimizer})
     assert bool(optimizer.state) == (saved_after_a_step or loaded_into == "one that has stepped")
     _step(model, optimizer)
+
+
+def _adafactors() -> dict[str, Callable[[Any], torch.optim.Optimizer]]:
+    """Adafactor as torch and (where installed) transformers make it: state smaller than its
+    parameter (row and column statistics), with other state names for vectors than for matrices."""
+    makers: dict[str, Callable[[Any], torch.optim.Optimizer]] = {}
+    if hasattr(torch.optim, "Adafactor"):
+        makers["torch"] = lambda parameters: torch.optim.Adafactor(parameters, lr=1e-2)
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError:
+        return makers
+    makers["transformers"] = lambda parameters: Adafactor(parameters, lr=1e-3, relative_step=False, scale_parameter=False)
+    makers["transformers, relative step"] = lambda parameters: Adafactor(parameters, lr=None)
+    return makers
+
+
+@pytest.mark.parametrize("name", _adafactors())
+def test_adafactor_state_resumes_as_the_uninterrupted_run(name: str, tmp_path: Path) -> None:
+    make = _adafactors()[name]
+    model = _tiny_llama()
+    optimizer = make(model.parameters())
+    _step(model, optimizer)
+    path = save_training_state(tmp_path / "step.ckpt", {"model": model}, {"optimizer": optimizer}, {})
+    _step(model, optimizer)  # the uninterrupted run
+    resumed = _tiny_llama()
+    resumed_optimizer = make(resumed.parameters())
+    load_training_state(path, {"model": resumed}, {"optimizer": resumed_optimizer})
+    _step(resumed, resumed_optimizer)
+    for (key, expected), actual in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(actual, expected), key
 
 
 # ---------------------------------------------------------------- 6. deleting only what meshplan wrote
@@ -993,6 +1093,7 @@ LIGHTNING_CASES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "global_step a string": (_set("global_step", "1"), "entry global_step is '1', not a non-negative integer"),
     "epoch a float": (_set("epoch", 1.5), "entry epoch is 1.5, not a non-negative integer"),
     "epoch a bool": (_set("epoch", True), "entry epoch is True, not a non-negative integer"),
+    "epoch a tensor": (_set("epoch", torch.zeros(4, 4)), "entry epoch is a torch.float32 tensor of shape [4, 4], not a non-"),
     "loops a list": (_set("loops", []), "entry loops is [], not a dict"),
     "fit loop missing": (_set("loops/fit_loop", DELETE), "entry loops['fit_loop'] is None, not a dict"),
     "test loop a number": (_set("loops/test_loop", 3), "entry loops['test_loop'] is 3, not a dict"),
@@ -1100,7 +1201,7 @@ ACCELERATE_CASES: dict[str, tuple[str, Callable[[Any], Any], str]] = {
     "schedulers a dict": ("state.pt", _set("schedulers", {}), "state.pt entry schedulers is {}, not a list"),
     "scheduler state a list": ("state.pt", _set("schedulers/0", [1]),
                                "entry schedulers[0] is [1], not a dict as the scheduler's is"),
-    "scheduler entry it lacks": ("state.pt", _set("schedulers/0/optimizer", 1),
+    "scheduler entry it lacks": ("state.pt", _set("schedulers/0/optimizer", [1]),
                                  "entry schedulers[0]['optimizer'] is not an entry the scheduler has"),
     "scheduler lr a string": ("state.pt", _set("schedulers/0/base_lrs/0", "0.1"),
                               "entry schedulers[0]['base_lrs'][0] is '0.1', not a number as the scheduler's is"),
@@ -1127,6 +1228,94 @@ def test_accelerate_state_is_checked_before_anything_is_loaded(case: str, accele
     after = accelerate_run.snapshot()
     assert all(torch.equal(tensor, before[0][name]) for name, tensor in after[0].items())
     assert after[1:] == before[1:]
+
+
+def test_accelerate_scheduler_state_from_another_torch_loads_without_its_plain_scalars(accelerate_run: _Accelerate,
+                                                                                        tmp_path: Path) -> None:
+    # torch 2.2 to 2.6 stored 'verbose' in every scheduler's state; this torch's schedulers have none.
+    path = tmp_path / "checkpoint"
+    shutil.copytree(accelerate_run.saved, path)
+    _edit_state_file(path, "state.pt", _set("schedulers/0/verbose", False))
+    with _generators_kept(), pytest.warns(UserWarning) as warned:
+        accelerate_run.accelerator.load_state(str(path))
+    messages = [str(warning.message) for warning in warned if "schedulers[0]: verbose" in str(warning.message)]
+    assert len(messages) == 1 and "\n" not in messages[0] and str(path) in messages[0], [str(w.message) for w in warned]
+    assert "verbose" not in vars(accelerate_run.scheduler) and accelerate_run.scheduler.state_dict()["_last_lr"] == [5e-4]
+    with torch.no_grad():
+        for parameter in accelerate_run.model.parameters():
+            parameter.add_(1.0)
+    accelerate_run.accelerator.step, accelerate_run.registered.count = 7, 8
+
+
+def _step_lr_state() -> dict[str, Any]:
+    """A genuine StepLR's state after two steps."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    return scheduler.state_dict()
+
+
+def test_lightning_scheduler_state_from_another_torch_loses_only_its_plain_scalars(tmp_path: Path) -> None:
+    state = copy.deepcopy(LIGHTNING_STATE)
+    state["lr_schedulers"] = [{**_step_lr_state(), "verbose": False}]
+    with pytest.warns(UserWarning, match=r"lr_schedulers\[0\]: verbose"):
+        check_lightning_state(tmp_path, state, schedulers=[_step_lr_state()])
+    assert state["lr_schedulers"] == [_step_lr_state()]
+
+
+LIGHTNING_SCHEDULER_CASES: dict[str, tuple[Any, str]] = {
+    "an entry it lacks that is not a plain value": ({"optimizer": {"lr": 1.0}}, "lr_schedulers[0]['optimizer'] is not an entry"),
+    "step size a string": ({"step_size": "1"}, "lr_schedulers[0]['step_size'] is '1', not a number as the scheduler's is"),
+    "lrs of another count": ({"base_lrs": [0.1, 0.1]}, "lr_schedulers[0]['base_lrs'] is [0.1, 0.1], not a list of 1 values"),
+}
+
+
+@pytest.mark.parametrize("case", LIGHTNING_SCHEDULER_CASES)
+def test_lightning_scheduler_states_are_checked_against_the_live_schedulers(case: str, tmp_path: Path) -> None:
+    change, fragment = LIGHTNING_SCHEDULER_CASES[case]
+    state = {**LIGHTNING_STATE, "lr_schedulers": [{**_step_lr_state(), **change}]}
+    with pytest.raises(CheckpointError) as raised:
+        check_lightning_state(tmp_path, state, schedulers=[_step_lr_state()])
+    assert "\n" not in str(raised.value) and f"state.pt entry {fragment}" in str(raised.value), str(raised.value)
+
+
+SCALER_CASES: dict[str, tuple[str, Any, str]] = {
+    "scale 0": ("scale", 0.0, "['scale'] is 0.0, not a finite number above 0"),
+    "scale infinite": ("scale", float("inf"), "['scale'] is inf, not a finite number"),
+    "growth factor 1": ("growth_factor", 1.0, "['growth_factor'] is 1.0, not above 1"),
+    "backoff factor 1": ("backoff_factor", 1.0, "['backoff_factor'] is 1.0, not between 0 and 1"),
+    "backoff factor 0": ("backoff_factor", 0.0, "['backoff_factor'] is 0.0, not between 0 and 1"),
+    "growth interval 0": ("growth_interval", 0, "['growth_interval'] is 0, not an integer above 0"),
+    "growth interval a float": ("growth_interval", 2.5, "['growth_interval'] is 2.5, not an integer above 0"),
+    "missing": ("scale", DELETE, "['scale'] is missing"),
+}
+
+
+@pytest.mark.parametrize("front_end", ["lightning", "accelerate"])
+@pytest.mark.parametrize("case", SCALER_CASES)
+def test_gradient_scaler_state_is_checked_as_torch_s_constructor_does(case: str, front_end: str, tmp_path: Path) -> None:
+    key, value, fragment = SCALER_CASES[case]
+    current = torch.amp.GradScaler("cpu").state_dict()
+    saved = _replaced(current, [key], value)
+    assert scaler_problem(current, current) is None
+    if front_end == "lightning":
+        with pytest.raises(CheckpointError) as raised:
+            check_lightning_state(tmp_path, {**LIGHTNING_STATE, "MixedPrecision": saved}, scalers={"MixedPrecision": current})
+        assert f"state.pt entry MixedPrecision{fragment}" in str(raised.value), str(raised.value)
+    else:
+        assert fragment in scaler_problem(saved, current)
+
+
+def test_shown_keeps_a_tensor_to_one_line() -> None:
+    assert count_problem(torch.zeros(4, 4)) == "is a torch.float32 tensor of shape [4, 4], not a non-negative integer"
+    assert "\n" not in shown({"a": torch.zeros(8, 8), "b": torch.ones(3, dtype=torch.int64)})
+
+    class Multiline:
+        def __repr__(self) -> str:
+            return "one\ntwo\rthree"
+    assert shown(Multiline()) == "one\\ntwo\\rthree"
 
 
 def test_finetune_keeps_a_step_folder_it_did_not_write_and_says_so(accelerate_run: _Accelerate, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import reprlib
+import sys
 from typing import Any
 
 
@@ -28,18 +29,41 @@ class CheckpointError(ValueError):
     """
 
 
+class _Repr(reprlib.Repr):
+    """reprlib's bounded repr, with tensors described by dtype and shape (their own repr spans lines)."""
+
+    def repr1(self, value: Any, level: int) -> str:
+        if _is_tensor(value):
+            return described_tensor(value)
+        return super().repr1(value, level)
+
+
+def _is_tensor(value: Any) -> bool:
+    # torch is imported only where a tensor may be shown: recipes' errors need none.
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.is_tensor(value)
+
+
+def described_tensor(tensor: Any, device: bool = False) -> str:
+    """A tensor for a message, by its dtype (and ``device``) and shape: its values say nothing useful there."""
+    where = f"{tensor.device.type} " if device else ""
+    return f"a {where}{tensor.dtype} tensor of shape {_REPR.repr(list(tensor.shape))}"
+
+
 # Values in error messages come from users' files too: each is cut to about this many characters.
 SHOWN_LENGTH = 80
-_REPR = reprlib.Repr()
+_REPR = _Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, SHOWN_LENGTH, SHOWN_LENGTH
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
 
 
 def shown(value: Any) -> str:
-    """``repr(value)`` for an error message, cut to about SHOWN_LENGTH characters with "...".
+    """``repr(value)`` for an error message, on one line and cut to about SHOWN_LENGTH characters with "...".
 
     Bounded in cost as well as length: only the first few items of the first few levels of a
-    container are looked at, and an integer too long for ``repr`` is described by its size.
+    container are looked at, an integer too long for ``repr`` is described by its size, and a
+    tensor by its dtype and shape. A line break left in any value's text (another type's repr)
+    is escaped, so the message stays one line.
     """
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
         return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
@@ -47,6 +71,7 @@ def shown(value: Any) -> str:
         text = _REPR.repr(value)
     except (ValueError, RecursionError):  # a long integer nested in a container; a repr that recurses
         text = f"<a {type(value).__name__}>"
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
     return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH - 3] + "..."
 
 

@@ -24,7 +24,15 @@ from meshplan.checkpoint.engines import deepspeed_counters, deepspeed_counters_p
 from meshplan.checkpoint.manifest import is_complete, latest_checkpoint
 from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
 from meshplan.checkpoint.sharded import STATE_FILE, CheckpointReader, load_training_state, save_training_state
-from meshplan.checkpoint.state_checks import count_problem, kind_problem, like_problem, state_error
+from meshplan.checkpoint.state_checks import (
+    count_problem,
+    kind_problem,
+    like_problem,
+    scaler_problem,
+    state_error,
+    warn_skipped,
+    without_stray_scalars,
+)
 from meshplan.checkpoint.store import delete_checkpoint, plain_data
 from meshplan.errors import CheckpointError, shown_path
 from meshplan.plan import Plan
@@ -93,7 +101,9 @@ class CheckpointingAccelerator(Accelerator):
         """Refuses the saved state unless every entry ``load_state`` reads fits what this script prepared.
 
         A scheduler's or the scaler's state may hold only entries the live one has, each of the
-        same kind (torch's ``load_state_dict`` copies any key in as an attribute); a registered
+        same kind (torch's ``load_state_dict`` copies any key in as an attribute), except a
+        scheduler's plain scalars from another torch version, left out with a warning; the
+        scaler's values are in the ranges torch's GradScaler accepts; a registered
         object's is a dict where its own ``state_dict()`` is; what it holds is the object's to read.
         """
         def refuse(entry: str, problem: str | None) -> None:
@@ -111,14 +121,21 @@ class CheckpointingAccelerator(Accelerator):
                 f"{len(state['custom_objects'])} registered objects; this script prepared {len(self._schedulers)} and "
                 f"registered {len(self._custom_objects)}."
             )
+        skipped = []
         for index, (scheduler, saved) in enumerate(zip(self._schedulers, state["schedulers"])):
-            refuse(f"schedulers[{index}]", like_problem(saved, scheduler.state_dict(), "the scheduler"))
+            current = scheduler.state_dict()
+            saved, stray = without_stray_scalars(saved, current)
+            refuse(f"schedulers[{index}]", like_problem(saved, current, "the scheduler"))
+            state["schedulers"][index] = saved  # what load_state hands the scheduler
+            if stray:
+                skipped.append((f"schedulers[{index}]", stray))
         for index, (obj, saved) in enumerate(zip(self._custom_objects, state["custom_objects"])):
             if isinstance(obj.state_dict(), dict):
                 refuse(f"custom_objects[{index}]", kind_problem(saved, dict))
         if self.scaler is not None and state["grad_scaler"] is not None:
-            refuse("grad_scaler", _scaler_problem(state["grad_scaler"], self.scaler.state_dict()))
+            refuse("grad_scaler", scaler_problem(state["grad_scaler"], self.scaler.state_dict()))
         refuse("deepspeed_counters", deepspeed_counters_problem(state["deepspeed_counters"]))
+        warn_skipped(checkpoint, STATE_FILE, skipped, "this torch's schedulers")
 
     def _named_models(self) -> dict[str, Any]:
         return {f"model_{index}": self.unwrap_model(model) for index, model in enumerate(self._models)}
@@ -157,19 +174,6 @@ class CheckpointingAccelerator(Accelerator):
         if latest is None:
             raise CheckpointError(f"no complete checkpoint in {Path(self.project_dir) / 'checkpoints'}.")
         return latest
-
-
-def _scaler_problem(saved: Any, current: dict[str, Any]) -> str | None:
-    """What is wrong with ``saved`` for the gradient scaler whose state is ``current``, or None.
-
-    An enabled scaler's ``load_state_dict`` reads every entry of its own state (a disabled one,
-    whose state is empty, reads nothing): none may be missing.
-    """
-    if not current:
-        return None
-    problem = like_problem(saved, current, "the scaler")
-    missing = [key for key in current if key not in saved] if problem is None else []
-    return f"[{missing[0]!r}] is missing" if missing else problem
 
 
 def _iteration(path: Path) -> int:

@@ -256,15 +256,19 @@ def load_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str, read
 
 def _state_like(parameter: torch.Tensor, reader: Any, key: str, scalars_on_device: bool) -> torch.Tensor:
     """A stored state tensor as torch's optimizers keep it: shaped like ``parameter`` (its
-    dtype, device and, for a DTensor, its shard), or a scalar such as Adam's step (on the CPU
-    unless the optimizer is capturable or fused)."""
-    if reader.shape(key) == tuple(parameter.shape) and len(parameter.shape) > 0:
+    dtype, device and, for a DTensor, its shard), smaller than it (Adafactor's row and column
+    statistics: its stored dtype, the parameter's device), or a scalar such as Adam's step (on
+    the CPU unless the optimizer is capturable or fused)."""
+    shape = reader.shape(key)
+    if shape == tuple(parameter.shape) and len(parameter.shape) > 0:
         if isinstance(parameter, DTensor):
             local = local_slice(reader, key, parameter).to(parameter.to_local().device, parameter.dtype)
             return DTensor.from_local(local, parameter.device_mesh, parameter.placements, run_check=False,
                                       shape=parameter.shape, stride=parameter.stride())
         return reader.tensor(key).to(parameter.device, parameter.dtype)
     scalar = reader.tensor(key)
+    if len(shape) > 0:  # only a plain parameter's state may be smaller than it (sharded._state_problem)
+        return scalar.to(parameter.device)
     if scalars_on_device:
         device = parameter.to_local().device if isinstance(parameter, DTensor) else parameter.device
         return scalar.to(device)

@@ -11,7 +11,7 @@ are saved too, so dropout continues as in the uninterrupted run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -20,7 +20,15 @@ from packaging.version import InvalidVersion, Version
 from meshplan.checkpoint.engines import deepspeed_counters, deepspeed_counters_problem, restore_deepspeed_counters
 from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
 from meshplan.checkpoint.sharded import STATE_FILE, CheckpointReader, load_training_state, save_training_state
-from meshplan.checkpoint.state_checks import count_problem, kind_problem, state_error
+from meshplan.checkpoint.state_checks import (
+    count_problem,
+    kind_problem,
+    like_problem,
+    scaler_problem,
+    state_error,
+    warn_skipped,
+    without_stray_scalars,
+)
 from meshplan.checkpoint.store import plain_data
 from meshplan.errors import shown, shown_key
 
@@ -50,7 +58,8 @@ def load_lightning_checkpoint(strategy: Any, filepath: Any) -> dict[str, Any]:
     fitting = strategy.lightning_module.trainer.state.fn == TrainerFn.FITTING
     with CheckpointReader(filepath) as reader:
         state = reader.state()
-        check_lightning_state(reader.path, state, _dict_entries(strategy))
+        check_lightning_state(reader.path, state, _dict_entries(strategy), _live_schedulers(strategy),
+                              _live_scalers(strategy))
         generators = saved_random_states(reader, strategy.global_rank)
         # Validating or testing from a checkpoint needs the weights only (even if optimizers linger from a fit).
         load_training_state(reader, {"module": strategy.lightning_module}, _optimizers(strategy) if fitting else {})
@@ -69,12 +78,17 @@ _OLDEST_VERSION = Version("2.0.0")
 _VERSION_KEY = "pytorch-lightning_version"
 
 
-def check_lightning_state(checkpoint: Path, state: dict[str, Any], dict_entries: Iterable[str] = ()) -> None:
+def check_lightning_state(checkpoint: Path, state: dict[str, Any], dict_entries: Iterable[str] = (),
+                          schedulers: Sequence[dict[str, Any]] = (), scalers: dict[str, dict[str, Any]] | None = None) -> None:
     """Refuses Lightning's state (``state.pt``) if an entry that meshplan or Lightning reads has the wrong type.
 
     Counters are non-negative integers, the loops, callbacks and scheduler states (and the
     ``dict_entries``: the precision plugin's and the datamodule's) are dicts; what they hold is
-    Lightning's to read. A CheckpointError names the checkpoint and the entry.
+    Lightning's to read. Where the live objects are known, more is checked: each scheduler state
+    against ``schedulers`` (the live schedulers' states, in order) as for Accelerate, its plain
+    scalars from another torch version left out with a warning (``state`` is changed in place);
+    each entry of ``scalers`` (entry name -> the live gradient scaler's state) as a scaler's
+    state. A CheckpointError names the checkpoint and the entry.
     """
     def refuse(entry: str, problem: str | None) -> None:
         if problem is not None:
@@ -96,11 +110,22 @@ def check_lightning_state(checkpoint: Path, state: dict[str, Any], dict_entries:
             refuse(f"callbacks[{shown(key)}]", kind_problem(callback_state, dict))
     if "lr_schedulers" in state:
         refuse("lr_schedulers", kind_problem(state["lr_schedulers"], list))
+        skipped = []
         for index, scheduler_state in enumerate(state["lr_schedulers"]):
             refuse(f"lr_schedulers[{index}]", kind_problem(scheduler_state, dict))
+            if index < len(schedulers):  # Lightning loads them pairwise, into the schedulers it has
+                saved, stray = without_stray_scalars(scheduler_state, schedulers[index])
+                refuse(f"lr_schedulers[{index}]", like_problem(saved, schedulers[index], "the scheduler"))
+                state["lr_schedulers"][index] = saved
+                if stray:
+                    skipped.append((f"lr_schedulers[{index}]", stray))
+        warn_skipped(checkpoint, STATE_FILE, skipped, "this torch's schedulers")
     for key in dict_entries:
         if key in state:
             refuse(shown_key(key), kind_problem(state[key], dict))
+    for key, current in (scalers or {}).items():
+        if key in state:
+            refuse(shown_key(key), scaler_problem(state[key], current))
 
 
 def _version_problem(version: str) -> str | None:
@@ -115,6 +140,21 @@ def _dict_entries(strategy: Any) -> list[str]:
     """The entries of Lightning's state that its precision plugin and the datamodule load as dicts."""
     owners = [strategy.precision_plugin, strategy.lightning_module.trainer.datamodule]
     return [type(owner).__qualname__ for owner in owners if owner is not None] + ["native_amp_scaling_state"]
+
+
+def _live_schedulers(strategy: Any) -> list[dict[str, Any]]:
+    """The states of the schedulers Lightning will load the checkpoint's into (none before they are configured)."""
+    configs = getattr(strategy.lightning_module.trainer, "lr_scheduler_configs", None) or []
+    return [config.scheduler.state_dict() for config in configs]
+
+
+def _live_scalers(strategy: Any) -> dict[str, dict[str, Any]]:
+    """The entries Lightning hands the precision plugin's gradient scaler, with the scaler's own state (none without one)."""
+    plugin = strategy.precision_plugin
+    if getattr(plugin, "scaler", None) is None:
+        return {}
+    current = plugin.scaler.state_dict()
+    return {type(plugin).__qualname__: current, "native_amp_scaling_state": current}
 
 
 def _deepspeed_engine(strategy: Any) -> Any:

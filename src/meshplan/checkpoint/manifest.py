@@ -29,9 +29,16 @@ MAX_MANIFEST_BYTES = 64 * 2**20
 
 
 def is_plain_name(name: Any) -> bool:
-    """Whether ``name`` names a file directly inside a directory: no separator, no ``..``, no NUL."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
-            and not os.path.isabs(name))
+    """Whether ``name`` names a file directly inside a directory: no separator, no ``..``, no NUL,
+    and one the filesystem can be asked about (a lone surrogate from JSON's ``\\ud800`` cannot be encoded)."""
+    if not (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and not os.path.isabs(name)):
+        return False
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return False
+    return True
 
 
 def _read_limited(checkpoint: Path, name: str, limit: int) -> bytes:
@@ -186,9 +193,10 @@ def _check_files(path: Path, files: dict[str, int]) -> None:
         except FileNotFoundError:
             torn.append(f"{shown_key(name)} is missing")
             continue
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError (UnicodeError too): a name the OS cannot be given
             raise CheckpointError(
-                f"checkpoint {shown_path(path)}: {shown_key(name)} cannot be inspected ({error.strerror or error})."
+                f"checkpoint {shown_path(path)}: {shown_key(name)} cannot be inspected "
+                f"({getattr(error, 'strerror', None) or type(error).__name__})."
             ) from None
         if stat.S_ISLNK(status.st_mode):
             raise CheckpointError(f"checkpoint {shown_path(path)}: {shown_key(name)} is a symbolic link; meshplan reads only "

@@ -16,7 +16,7 @@ import torch
 
 from meshplan.checkpoint.sharded import CheckpointReader, rank_file
 from meshplan.checkpoint.state_checks import state_error
-from meshplan.errors import shown
+from meshplan.errors import described_tensor, shown
 
 _MT_WORDS = 624  # the Mersenne Twister's state, in 32-bit words, for Python's and NumPy's generators
 
@@ -123,10 +123,8 @@ def _is_byte_state(state: Any) -> bool:
 
 
 def _described(value: Any) -> str:
-    """A tensor by its dtype, device and shape (its bytes say nothing); anything else as ``shown``."""
-    if torch.is_tensor(value):
-        return f"a {value.device.type} {value.dtype} tensor of shape {shown(list(value.shape))}"
-    return shown(value)
+    """A tensor by its device, dtype and shape (a generator state must be on the CPU); anything else as ``shown``."""
+    return described_tensor(value, device=True) if torch.is_tensor(value) else shown(value)
 
 
 def _refused_by(attempt: Callable[[], Any]) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshplan.checkpoint.engines import (
     Entry,
@@ -28,7 +29,7 @@ from meshplan.checkpoint.engines import (
     zero_param_group_members,
 )
 from meshplan.checkpoint.manifest import is_finite_number, is_number, read_manifest
-from meshplan.checkpoint.state_checks import like_problem
+from meshplan.checkpoint.state_checks import count_problem, is_plain_scalar, like_problem
 from meshplan.checkpoint.store import (
     check_replaceable,
     check_safe_object,
@@ -46,7 +47,7 @@ from meshplan.checkpoint.tensor_files import (
     open_tensor_files,
     tensor_bytes,
 )
-from meshplan.errors import SHOWN_LENGTH, CheckpointError, shown, shown_key, shown_path
+from meshplan.errors import CheckpointError, shown, shown_key, shown_path
 
 STATE_FILE = "state.pt"
 
@@ -392,39 +393,47 @@ def _check_optimizer_state(reader: CheckpointReader, name: str, optimizer: Any, 
                            applied: list[dict[str, Any]]) -> None:
     """Refuses stored optimizer state that the optimizer's next ``step()`` would fail on.
 
-    Every layout stores each state tensor whole: shaped like its parameter (ZeRO's partitions and
-    DTensor shards are gathered before saving), or a scalar (Adam's ``step``). Within a param
-    group every parameter that has state has the same state names (one that never had a gradient
-    has none; a checkpoint saved before the first step has none at all). ``step`` is a scalar of
-    at least 0, and is required where this optimizer already keeps one. AMSGrad (the hyperparameter
-    ``amsgrad`` as it will be set: ``applied``) needs ``max_exp_avg_sq``.
+    Every layout stores each state tensor whole (ZeRO's partitions and DTensor shards are
+    gathered before saving): shaped like its parameter, or a scalar (Adam's ``step``), or, for a
+    plain parameter only, no larger than it (``_fits_within``: Adafactor's row and column
+    statistics). Within a param group every parameter that has state has the same state names
+    as the others with as many dimensions (one that never had a gradient has none; a checkpoint
+    saved before the first step has none at all; Adafactor keeps other names for vectors than
+    for matrices). ``step`` is a scalar of at least 0, and is required where this optimizer
+    already keeps one. AMSGrad (the hyperparameter ``amsgrad`` as it will be set: ``applied``)
+    needs ``max_exp_avg_sq``.
     """
-    members = zero_param_group_members(optimizer) if is_zero_optimizer(optimizer) else [g["params"] for g in optimizer.param_groups]
+    zero = is_zero_optimizer(optimizer)
+    members = zero_param_group_members(optimizer) if zero else [g["params"] for g in optimizer.param_groups]
     keeps_step = _keeps_step(optimizer)
     for index, (group, parameters, hyperparameters) in enumerate(zip(optimizer.param_groups, members, applied)):
         where = f"checkpoint {shown_path(reader.path)}: optimizer {name!r} param group {index}"
-        first: tuple[str, set[str]] | None = None  # the first parameter with state, and its state names
+        # The first parameter with state of each number of dimensions, and its state names.
+        first: dict[int, tuple[str, set[str]]] = {}
         for parameter in parameters:
             key = keys[id(parameter)]
             stored = reader.states_of(f"{name}/{key}")
             if not stored:
                 continue
+            # ZeRO sets and DTensor shards state cut like its parameter: no other shape fits them.
+            exact = zero or isinstance(parameter, DTensor)
             for state_name, state_key in stored.items():
-                problem = _state_problem(reader, state_name, state_key, _global_shape(parameter))
+                problem = _state_problem(reader, state_name, state_key, _global_shape(parameter), exact)
                 if problem is not None:
                     raise CheckpointError(f"{where}: state {shown_key(state_key)} {problem}.")
-            if first is None:
-                first = (key, set(stored))
-            elif set(stored) != first[1]:
+            dimensions = len(_global_shape(parameter))
+            if dimensions not in first:
+                first[dimensions] = (key, set(stored))
+            elif set(stored) != first[dimensions][1]:
+                other, names = first[dimensions]
                 raise CheckpointError(f"{where}: parameter {shown_key(key)} has state {shown(sorted(stored))}, parameter "
-                                      f"{shown_key(first[0])} has {shown(sorted(first[1]))}; every parameter of a group "
-                                      f"has the same.")
-        if first is None:
-            continue
-        if keeps_step and "step" not in first[1]:
-            raise CheckpointError(f"{where}: the stored state has no 'step', which this optimizer keeps for every parameter.")
-        if hyperparameters.get("amsgrad", group.get("amsgrad")) is True and "max_exp_avg_sq" not in first[1]:
-            raise CheckpointError(f"{where}: amsgrad is on, but the stored state has no 'max_exp_avg_sq' for it.")
+                                      f"{shown_key(other)} has {shown(sorted(names))}; every parameter of a group with "
+                                      f"as many dimensions has the same.")
+        for _, names in first.values():
+            if keeps_step and "step" not in names:
+                raise CheckpointError(f"{where}: the stored state has no 'step', which this optimizer keeps for every parameter.")
+            if hyperparameters.get("amsgrad", group.get("amsgrad")) is True and "max_exp_avg_sq" not in names:
+                raise CheckpointError(f"{where}: amsgrad is on, but the stored state has no 'max_exp_avg_sq' for it.")
 
 
 def _keeps_step(optimizer: Any) -> bool:
@@ -433,11 +442,19 @@ def _keeps_step(optimizer: Any) -> bool:
     return any("step" in per_parameter for per_parameter in state.values())
 
 
-def _state_problem(reader: CheckpointReader, state_name: str, key: str, parameter_shape: tuple[int, ...]) -> str | None:
-    """What is wrong with the stored state tensor ``key`` of a parameter of ``parameter_shape``, or None."""
+def _state_problem(reader: CheckpointReader, state_name: str, key: str, parameter_shape: tuple[int, ...],
+                   exact: bool) -> str | None:
+    """What is wrong with the stored state tensor ``key`` of a parameter of ``parameter_shape``, or None.
+
+    ``exact``: only the parameter's shape or a scalar's fit (ZeRO's and DTensor's parameters);
+    otherwise any shape ``_fits_within`` the parameter's does too.
+    """
     shape = reader.shape(key)
-    if shape not in (parameter_shape, ()):
+    if exact and shape not in (parameter_shape, ()):
         return f"has shape {shown(list(shape))}, neither its parameter's {list(parameter_shape)} nor a scalar's []"
+    if not exact and not _fits_within(shape, parameter_shape):
+        return (f"has shape {shown(list(shape))}, larger than its parameter's {list(parameter_shape)} (state is at most "
+                f"as large, dimension by dimension)")
     if reader.dtype(key) == torch.bool:
         return "is a bool tensor, not numbers"
     if state_name == "step":
@@ -449,12 +466,31 @@ def _state_problem(reader: CheckpointReader, state_name: str, key: str, paramete
     return None
 
 
+def _fits_within(shape: tuple[int, ...], parameter_shape: tuple[int, ...]) -> bool:
+    """Whether state of ``shape`` is no larger than its parameter: each of its dimensions, in order, is
+    matched to one of the parameter's of at least that size (a scalar, the parameter's own shape,
+    Adafactor's ``[rows, 1]`` and ``[rows]``, ``[columns]``). Such state never takes more memory than
+    the parameter itself."""
+    remaining = iter(parameter_shape)
+    # Matching each dimension to the first one that can hold it leaves the most for those after it.
+    return all(any(size <= available for available in remaining) for size in shape)
+
+
 # Hyperparameters torch's LR schedulers add to a param group when they are created (every
 # scheduler: initial_lr; OneCycleLR: max_lr, min_lr, max_momentum, base_momentum; SWALR:
 # swa_lr). A checkpoint saved with a scheduler holds them even when this run creates its
 # scheduler after loading, or has none; refusing them would refuse a valid resume, so they are
 # accepted where the group lacks them, as finite numbers only.
 _SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"})
+
+# Metadata, not hyperparameters: torch 2.6's optimizers built from named_parameters() keep each
+# group's parameter names. The live optimizer's own (or none) are kept; the checkpoint's are not
+# set, whatever they are.
+_METADATA_KEYS = frozenset({"param_names"})
+
+# A group's own step count (DeepSpeed's FusedAdam keeps one, added at its first step): restored
+# where this run's group has none yet, as a non-negative integer.
+_GROUP_STEP = "step"
 
 # Flags that choose how this run's optimizer computes (foreach or fused kernels, CUDA-graph
 # capture, autograd through the step), not what it computes. They depend on this run's devices
@@ -464,7 +500,7 @@ _IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differenti
 
 # The ranges torch's optimizer constructors check; a value outside them fails the next step() or
 # makes it divide by zero (a beta of 1), so it is refused before anything is loaded.
-_NON_NEGATIVE = frozenset({"lr", "eps", "weight_decay", "momentum", "lr_decay", "initial_accumulator_value",
+_NON_NEGATIVE = frozenset({"step", "lr", "eps", "weight_decay", "momentum", "lr_decay", "initial_accumulator_value",
                            "momentum_decay", "initial_lr", "max_lr", "min_lr", "swa_lr"})
 _UNIT_INTERVAL = frozenset({"betas"})  # each in [0, 1)
 
@@ -472,10 +508,10 @@ _UNIT_INTERVAL = frozenset({"betas"})  # each in [0, 1)
 def _checked_hyperparameters(reader: CheckpointReader, name: str, optimizer: Any) -> list[dict[str, Any]]:
     """The hyperparameters to set in each of ``optimizer``'s param groups, each checked against the group.
 
-    Only names the group has (or a scheduler's, above), never ``params``, each of a type the group's
-    own value has and in the range torch's optimizers accept; a CheckpointError naming the
-    optimizer, group and name otherwise. Left out (the group keeps its own value): the
-    implementation flags, and None where the group has a bool. A name this torch's optimizer
+    Only names the group has (or a scheduler's, or the group's ``step``, above), never ``params``,
+    each of a type the group's own value has and in the range torch's optimizers accept; a
+    CheckpointError naming the optimizer, group and name otherwise. Left out (the group keeps its
+    own value): the implementation flags, ``param_names``, and None where the group has a bool. A name this torch's optimizer
     does not have (a checkpoint from a newer torch) is skipped with one warning if its value is a
     plain scalar, and refused otherwise.
     """
@@ -488,6 +524,8 @@ def _checked_hyperparameters(reader: CheckpointReader, name: str, optimizer: Any
     for index, (group, stored) in enumerate(zip(optimizer.param_groups, saved)):
         kept = {}
         for key, value in stored["hyperparameters"].items():
+            if key in _METADATA_KEYS:
+                continue
             if _is_unknown_scalar(key, value, group):
                 if key not in skipped:
                     skipped.append(key)
@@ -508,15 +546,17 @@ def _checked_hyperparameters(reader: CheckpointReader, name: str, optimizer: Any
 
 def _is_unknown_scalar(key: str, value: Any, group: dict[str, Any]) -> bool:
     """A name the group lacks (saved by another torch version) whose value is a plain scalar: skipped, not refused."""
-    if key == "params" or key in group or key in _SCHEDULER_KEYS:
+    if key in ("params", _GROUP_STEP) or key in group or key in _SCHEDULER_KEYS:
         return False
-    return value is None or isinstance(value, bool) or is_number(value) or (isinstance(value, str) and len(value) <= SHOWN_LENGTH)
+    return is_plain_scalar(value)
 
 
 def _hyperparameter_problem(key: str, value: Any, group: dict[str, Any]) -> str | None:
     """What is wrong with setting ``group[key] = value`` from a checkpoint, or None."""
     if key == "params":
         return "is the group's parameter list, which a checkpoint may not set"
+    if key == _GROUP_STEP and not (key in group and torch.is_tensor(group[key])):
+        return count_problem(value)  # an int, in the group or not; a tensor step is checked as the group's is
     if key not in group:
         if key in _SCHEDULER_KEYS:
             return _range_problem(key, value) if is_finite_number(value) else f"is {shown(value)}, not a finite number"

@@ -11,13 +11,15 @@ the checkpoint, the file and the entry. What a library does with its own part of
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from typing import Any
 
 import torch
 
 from meshplan.checkpoint.manifest import is_finite_number, is_number
-from meshplan.errors import CheckpointError, shown, shown_path
+from meshplan.errors import SHOWN_LENGTH, CheckpointError, shown, shown_key, shown_path
 
 
 def state_error(checkpoint: str | os.PathLike, file: str, entry: str, problem: str) -> CheckpointError:
@@ -101,4 +103,67 @@ def _first_problem(problems: Any) -> str | None:
     for place, problem in problems:
         if problem is not None:
             return place + ("" if problem.startswith("[") else " ") + problem
+    return None
+
+
+def is_plain_scalar(value: Any) -> bool:
+    """A number, bool, None or short string: what another torch version may add to or drop from an
+    object's state (an optimizer's hyperparameter, a scheduler's ``verbose``) without changing what
+    the state means, so that an entry this torch lacks may be skipped rather than refused."""
+    return value is None or isinstance(value, bool) or is_number(value) or (isinstance(value, str) and len(value) <= SHOWN_LENGTH)
+
+
+def without_stray_scalars(saved: Any, current: Any) -> tuple[Any, list[Any]]:
+    """``saved`` without its top-level keys that ``current`` (the live object's state) lacks and whose
+    values are plain scalars, and those keys; ``saved`` itself when either is not a dict.
+
+    A scheduler's state from another torch version holds such keys (``verbose``, stored by torch
+    2.2 to 2.6); the rest of ``saved`` is then checked with ``like_problem``, which refuses any other
+    stray key (torch's ``load_state_dict`` would set it as an attribute).
+    """
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return saved, []
+    stray = [key for key, value in saved.items() if key not in current and is_plain_scalar(value)]
+    return {key: value for key, value in saved.items() if key not in stray}, stray
+
+
+def warn_skipped(checkpoint: str | os.PathLike, file: str, skipped: list[tuple[str, list[Any]]], owner: str) -> None:
+    """One warning for every entry (``(entry, keys)``) whose plain-scalar keys ``owner`` lacks and are ignored."""
+    if not skipped:
+        return
+    listed = "; ".join(f"{entry}: {', '.join(shown_key(key) for key in keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                       for entry, keys in skipped[:3])
+    warnings.warn(f"checkpoint {shown_path(checkpoint)}: {file} holds entries {owner} does not have ({listed}"
+                  f"{'; ...' if len(skipped) > 3 else ''}); they were saved by another torch version and are ignored.",
+                  stacklevel=4)
+
+
+# The ranges torch.amp.GradScaler's constructor checks: outside them its next update() divides by
+# zero, grows or shrinks the scale the wrong way, or never grows it.
+_SCALER_RANGES = {
+    "scale": (lambda value: math.isfinite(value) and value > 0, "a finite number above 0"),
+    "growth_factor": (lambda value: value > 1, "above 1"),
+    "backoff_factor": (lambda value: 0 < value < 1, "between 0 and 1"),
+    "growth_interval": (lambda value: type(value) is int and value > 0, "an integer above 0"),  # steps between growths
+}
+
+
+def scaler_problem(saved: Any, current: dict[str, Any]) -> str | None:
+    """What is wrong with ``saved`` for the gradient scaler whose state is ``current``, or None.
+
+    An enabled scaler's ``load_state_dict`` reads every entry of its own state (a disabled one,
+    whose state is empty, reads nothing): none may be missing, each is of the kind the scaler's
+    own is (``like_problem``) and in the range torch's GradScaler constructor accepts.
+    """
+    if not current:
+        return None
+    problem = like_problem(saved, current, "the scaler")
+    if problem is not None:
+        return problem
+    missing = [key for key in current if key not in saved]
+    if missing:
+        return f"[{missing[0]!r}] is missing"
+    for key, (fits, wanted) in _SCALER_RANGES.items():
+        if key in saved and is_number(saved[key]) and not fits(saved[key]):
+            return f"[{key!r}] is {shown(saved[key])}, not {wanted} as torch's GradScaler requires"
     return None

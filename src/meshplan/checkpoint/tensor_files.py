@@ -10,13 +10,14 @@ that the file does not hold. Every refusal is a CheckpointError naming the check
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
 import struct
 from pathlib import Path
-from typing import Any, Iterable, NoReturn
+from typing import Any, Iterable, Iterator, NoReturn
 
 import torch
 
@@ -79,23 +80,36 @@ class TensorFileWriter:
         self.path = Path(path)
         self._pending = [(name, tuple(shape), dtype) for name, shape, dtype in specs]
         self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        with self._closed_on_error():
+            self._file.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Appends the next tensor's bytes."""
-        expected = self._pending.pop(0)
-        if (name, tuple(tensor.shape), tensor.dtype) != expected:
-            raise CheckpointError(f"wrote {name} {tuple(tensor.shape)} {tensor.dtype}, expected {expected}.")
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._file.write(flat.view(torch.uint8).numpy().data)
+        """Appends the next tensor's bytes. A failed write (a full disk) closes the file: the writer is done."""
+        with self._closed_on_error():
+            expected = self._pending.pop(0)
+            if (name, tuple(tensor.shape), tensor.dtype) != expected:
+                raise CheckpointError(f"wrote {name} {tuple(tensor.shape)} {tensor.dtype}, expected {expected}.")
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            self._file.write(flat.view(torch.uint8).numpy().data)
 
     def close(self) -> None:
-        """Flushes the file to disk; every tensor must have been written."""
-        if self._pending:
-            raise CheckpointError(f"{self.path.name}: {len(self._pending)} tensors were never written.")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Flushes the file to disk and closes it; every tensor must have been written (the file is closed anyway)."""
+        with self._closed_on_error():
+            if self._pending:
+                raise CheckpointError(f"{self.path.name}: {len(self._pending)} tensors were never written.")
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._file.close()
+
+    @contextlib.contextmanager
+    def _closed_on_error(self) -> Iterator[None]:
+        """Closes the file if what runs inside raises: a writer that failed keeps no descriptor open."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):  # its buffered bytes cannot be written either
+                self._file.close()
+            raise
 
 
 # ---------------------------------------------------------------- reading
@@ -111,8 +125,11 @@ def open_member(checkpoint: Path, name: str, size: int) -> int:
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         descriptor = os.open(checkpoint / name, flags)
-    except OSError as error:
-        why = "it is a symbolic link, never followed" if error.errno == errno.ELOOP else error.strerror or str(error)
+    except (OSError, ValueError) as error:  # ValueError (UnicodeError too): a name the OS cannot be given
+        if isinstance(error, OSError):
+            why = "it is a symbolic link, never followed" if error.errno == errno.ELOOP else error.strerror or str(error)
+        else:
+            why = f"a name the filesystem cannot hold: {type(error).__name__}"
         raise CheckpointError(f"checkpoint {shown_path(checkpoint)}: {shown_key(name)} cannot be opened as a regular file "
                               f"of the checkpoint ({why}).") from None
     status = os.fstat(descriptor)
