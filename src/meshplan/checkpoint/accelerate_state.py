@@ -14,7 +14,6 @@ and ``register_save_state_pre_hook`` hooks are not called; skip consumed batches
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from meshplan.checkpoint.state_checks import (
     warn_skipped,
     without_stray_scalars,
 )
-from meshplan.checkpoint.store import delete_checkpoint, plain_data
+from meshplan.checkpoint.store import discard_checkpoint, plain_data
 from meshplan.errors import CheckpointError, shown_path
 from meshplan.plan import Plan
 
@@ -158,9 +157,7 @@ class CheckpointingAccelerator(Accelerator):
             saved = sorted((path for path in folder.glob("checkpoint_*") if _iteration(path) >= 0 and is_complete(path)),
                            key=_iteration)
             for old in saved[: max(0, len(saved) + 1 - limit)]:
-                if not delete_checkpoint(old):  # only a folder meshplan wrote is deleted
-                    warnings.warn(f"total_limit: meshplan kept {str(old)!r}, which holds files meshplan does not write.",
-                                  stacklevel=3)
+                discard_checkpoint(old, context="total_limit: ")  # only a folder meshplan wrote is deleted
         location = folder / f"checkpoint_{self.save_iteration}"
         if location.exists():
             raise CheckpointError(f"{location} already exists (iteration {self.save_iteration}); set "

@@ -215,6 +215,23 @@ def delete_checkpoint(path: Path) -> bool:
     return True
 
 
+def discard_checkpoint(path: Path, context: str = "") -> None:
+    """Removes an old checkpoint as ``delete_checkpoint`` may; anything else there is kept, with a warning saying why.
+
+    What ModelCheckpoint's ``save_top_k``, Accelerate's ``total_limit`` and finetune's pruning
+    call: a training run does not stop over a folder it may not delete. ``context`` starts the
+    warning (say, "total_limit: ").
+    """
+    if not os.path.lexists(path):
+        return
+    problem = _removal_problem(path)
+    if problem is None:
+        shutil.rmtree(path)
+        return
+    warnings.warn(f"{context}meshplan kept {shown_path(path)} instead of removing it: it is not a meshplan checkpoint "
+                  f"directory ({problem}); only those are deleted.", stacklevel=3)
+
+
 def _removal_problem(path: Path) -> str | None:
     """Why ``path`` is not a folder meshplan wrote (None if it is one)."""
     try:

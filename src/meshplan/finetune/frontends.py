@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 from meshplan.checkpoint import latest_checkpoint, save_pretrained
 from meshplan.checkpoint.manifest import is_finite_number
 from meshplan.checkpoint.state_checks import is_count
-from meshplan.checkpoint.store import delete_checkpoint
+from meshplan.checkpoint.store import discard_checkpoint
 from meshplan.errors import CheckpointError, shown
 from meshplan.finetune.data import StepSampler
 from meshplan.finetune.evaluate import accuracy
@@ -206,15 +205,14 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
 def _save_only_latest(accelerator: Any, job: FinetuneJob, step: int) -> None:
     """save_state to ``checkpoints/step=N``, then (rank 0) delete the meshplan checkpoints before it.
 
-    Only what ``delete_checkpoint`` recognises as a meshplan checkpoint is deleted: anything
+    Only what ``discard_checkpoint`` recognises as a meshplan checkpoint is deleted: anything
     else named ``step=*`` there (a user's file or folder) is left as it is, with a warning.
     """
     latest = Path(accelerator.save_state(str(job.checkpoints / f"step={step}")))
     if accelerator.is_main_process:
         for older in job.checkpoints.glob("step=*"):
-            if older != latest and not delete_checkpoint(older) and os.path.lexists(older):
-                warnings.warn(f"meshplan kept {str(older)!r} instead of removing it: it is not a meshplan checkpoint "
-                              f"directory (only those are deleted).", stacklevel=2)
+            if older != latest:
+                discard_checkpoint(older)
 
 
 def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:

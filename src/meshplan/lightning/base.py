@@ -90,19 +90,17 @@ class PlanStrategyMixin:
 
         A symbolic link (ModelCheckpoint's ``save_last="link"`` makes ``last.ckpt`` one) is
         unlinked: that removes the link only, never what it points to. Otherwise only a folder
-        meshplan wrote is deleted (``delete_checkpoint``); anything else at that path is kept, with
+        meshplan wrote is deleted (``discard_checkpoint``); anything else at that path is kept, with
         a warning: a training run does not stop over it.
         """
-        from meshplan.checkpoint.store import delete_checkpoint
+        from meshplan.checkpoint.store import discard_checkpoint
 
         if self.is_global_zero:
             path = Path(filepath)
             if os.path.islink(path):
                 os.unlink(path)
                 return
-            if not delete_checkpoint(path) and os.path.lexists(path):
-                warnings.warn(f"meshplan kept {str(path)!r} instead of removing it: it is not a meshplan checkpoint "
-                              f"directory (only those are deleted).", stacklevel=2)
+            discard_checkpoint(path)
 
     def _validate_layout(self) -> None:
         """Checks the layout against the world size and the Trainer before any process group exists."""
