@@ -13,6 +13,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,55 @@ def render(cells: dict[str, dict[str, dict[str, str]]]) -> str:
         refusals = sorted({outcome for outcomes in apis.values() for outcome in outcomes.values() if outcome != "works"})
         if refusals:
             lines += ["", "PlanError cells: " + "; ".join(refusal.removeprefix("refused: ") for refusal in refusals) + "."]
+    lines += ["", *_precision(), "", *_platforms(), "", *_tensor_parallel_models()]
     return "\n".join(lines) + "\n"
+
+
+def _precision() -> list[str]:
+    """What each layout does in each precision (static: it follows from the engines and the tests above)."""
+    return [
+        "## Precision per layout",
+        "",
+        "| layout | fp32 (`\"32-true\"`, `mixed_precision: 'no'`) | bf16 (`\"bf16-mixed\"`, `mixed_precision: bf16`) | fp16 |",
+        "|---|---|---|---|",
+        "| ddp, tp, tp-dp | yes | yes: fp32 weights, forward under bf16 autocast | passed on, not tested |",
+        "| zero1, zero2, zero3, zero3-offload | yes | yes: DeepSpeed's bf16 mode, bf16 weights and an fp32 master copy | passed on, not tested |",
+        "",
+        "The Lightning rows `precision \"32-true\"` and `precision \"bf16-mixed\"` above train every layout in",
+        "both. Accelerate (`mixed_precision` in the recipe or in `meshplan.accelerator()`) and the HF Trainer",
+        "(`bf16=True`) take the same setting; their conformance tests train in fp32. fp16 is rendered for the",
+        "engines (DeepSpeed's `fp16` section, `fp16=True`) but no test trains in it, and DeepSpeed's fp16 loss",
+        "scaler is not saved in meshplan checkpoints.",
+    ]
+
+
+def _platforms() -> list[str]:
+    """Python, the declared dependencies, the versions tested here, and what needs Linux."""
+    metadata = importlib.metadata.metadata("meshplan")
+    requirements = [requirement for requirement in metadata.get_all("Requires-Dist") or [] if "extra ==" not in requirement]
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in PACKAGES)
+    return [
+        "## Platforms and Python",
+        "",
+        f"- **Tested**: Python {platform.python_version()} on Linux ({platform.machine()}), with {versions}, on CPU",
+        "  processes (gloo); on a machine with NVIDIA GPUs, `scripts/gpu_smoke.sh` runs the parity checks on CUDA (nccl).",
+        f"- **Declared**: Python {metadata['Requires-Python']}; " + ", ".join(f"`{r}`" for r in requirements) + ".",
+        "- **Linux** runs everything. Two things need it: `meshplan.accelerator()` finds the recipe of an",
+        "  `accelerate launch` through the launcher's command line in `/proc`; on macOS (or under Slurm, pdsh or a",
+        "  wrapper script) set `MESHPLAN_RECIPE` to the recipe, or pass it, `meshplan.accelerator(\"zero3\")`, else",
+        "  the launch is refused with a PlanError. DeepSpeed's shared-memory collectives on CPU",
+        "  (`deepspeed_shm_comm`, built with a C++ compiler on first use) are Linux only; elsewhere DeepSpeed uses",
+        "  gloo alone. macOS and Windows are not tested.",
+    ]
+
+
+def _tensor_parallel_models() -> list[str]:
+    return [
+        "## Models for tensor parallelism",
+        "",
+        "Which model architectures of transformers meshplan can shard, and how (their own TP plan, an inferred",
+        "one, or not at all, with the reason): [tp-plans.md](tp-plans.md), written by `python scripts/tp_coverage.py`.",
+    ]
 
 
 def _cell(outcome: str | None) -> str:

@@ -9,7 +9,9 @@ reference computed in the pytest process. The runs of one layout:
   per step, 32-true), validation each epoch, two ModelCheckpoints, LearningRateMonitor,
   CSVLogger and a rank-dependent value logged with sync_dist=True; then validate, test and
   predict on the same Trainer, on a new one, and on a new module from checkpoints;
-- resume: 1 epoch with save_last, then a new Trainer that fits to 2 epochs from ckpt_path="last";
+- resume: a validate of one batch per process, then 1 epoch with save_last on the same Trainer
+  (the validate must leave training unchanged), then a new Trainer that fits to 2 epochs from
+  ckpt_path="last";
 - bf16: the main run's settings in "bf16-mixed", with an EarlyStopping that must stop after epoch 1.
 """
 
@@ -239,6 +241,9 @@ def _resume_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
         module = ConformanceModule()
         trainer = _trainer(layout, devices, folder, max_epochs=epochs, enable_checkpointing=True,
                            callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True)])
+        if ckpt_path is None:
+            # A single forward pass before the fit once left ZeRO-3's parameter-fetch trace half recorded.
+            trainer.validate(module, dataloaders=_one_batch_per_process_loader(), verbose=False)
         trainer.fit(module, ckpt_path=ckpt_path)
         return module, trainer
 
@@ -246,6 +251,11 @@ def _resume_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
     module, trainer = fit(EPOCHS, "last")
     return {"interrupted_step": interrupted.global_step, "global_step": trainer.global_step,
             "losses": _global_mean(module.losses), "weights": _rank_zero(_whole_weights(module))}
+
+
+def _one_batch_per_process_loader() -> DataLoader:
+    """A validation loader that gives every process exactly one batch: one batch holds the whole set."""
+    return DataLoader(eval_set("val"), batch_size=EVAL_SAMPLES)
 
 
 def _bf16_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:

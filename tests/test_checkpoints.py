@@ -25,7 +25,8 @@ import meshplan
 import parity
 import resume
 from conftest import load_reference
-from meshplan.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint
+from meshplan.checkpoint import (CheckpointError, CheckpointReader, latest_checkpoint, load_training_state,
+                                 save_training_state)
 from meshplan.cli import main
 from meshplan.plan import Plan
 from meshplan.testing import free_port, spawn
@@ -278,6 +279,33 @@ def test_export_command_writes_a_model_and_refuses_bad_input(two_process_results
     assert error.startswith("meshplan export: no checkpoint at") and len(error.splitlines()) == 1
     assert main(["export", str(folder / _step("TP-2", parity.STEPS)), str(tmp_path / "model")]) == 2  # not empty
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_of_a_checkpoint_without_a_pretrained_model_says_so_and_how_to_read_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # One process writes it with the function both front ends save through; no launcher needed.
+    torch.manual_seed(0)
+    saved = save_training_state(tmp_path / "plain", {"module": torch.nn.Linear(3, 2)}, {}, state={})
+    with pytest.raises(CheckpointError) as error:
+        meshplan.export(saved, tmp_path / "out")
+    message = str(error.value)
+    assert "holds no transformers PreTrainedModel (export writes only those" in message
+    assert "its models ('module') are plain torch modules" in message
+    assert "meshplan.checkpoint.load_training_state(path, {'module': module}, {})" in message
+    assert "model=PREFIX" not in message  # naming a model cannot help
+    assert not (tmp_path / "out").exists()
+    assert main(["export", str(saved), str(tmp_path / "out")]) == 2
+    refusal = capsys.readouterr().err.strip()
+    assert refusal.startswith("meshplan export: ") and "holds no transformers PreTrainedModel" in refusal
+    assert len(refusal.splitlines()) == 1
+    # The advice works: the tensors load back into a module of the same shape.
+    with CheckpointReader(saved) as reader:
+        assert reader.keys() == ["module/weight", "module/bias"]
+    torch.manual_seed(1)
+    module = torch.nn.Linear(3, 2)
+    load_training_state(saved, {"module": module}, {})
+    torch.manual_seed(0)
+    assert torch.equal(module.weight, torch.nn.Linear(3, 2).weight)
 
 
 # ---------------------------------------------------------------- Accelerate's automatic checkpoint naming

@@ -6,6 +6,7 @@ import pytest
 
 from meshplan.cli import main
 from meshplan.lightning import REGISTERED_STRATEGIES
+from meshplan.recipes import CATALOGUE_DIR
 
 
 def test_strategies_lists_every_registered_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -19,3 +20,25 @@ def test_unknown_command_exits_with_code_2(capsys: pytest.CaptureFixture[str]) -
         main(["bogus"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_recipes_path_prints_the_catalogue_file_for_a_launcher(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # For `accelerate launch --config_file "$(meshplan recipes --path zero3)"`, outside a checkout too.
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes", "--path", "zero3"]) == 0
+    assert capsys.readouterr().out == f"{CATALOGUE_DIR / 'zero3.yaml'}\n"
+    (tmp_path / "zero3.yaml").write_text("distributed_type: MULTI_GPU\n")
+    assert main(["recipes", "--path", "zero3.yaml"]) == 0  # a file here comes first, as everywhere
+    assert capsys.readouterr().out == f"{tmp_path / 'zero3.yaml'}\n"
+
+
+def test_recipes_path_of_an_unknown_name_exits_with_code_2_and_lists_the_catalogue(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes", "--path", "zero4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("meshplan recipes: --path 'zero4': there is no such file, and it is no "
+                                   "catalogue name")
+    assert "zero3-offload" in captured.err and len(captured.err.strip().splitlines()) == 1

@@ -104,6 +104,26 @@ def test_a_ddp_layout_is_refused_where_deepspeed_would_take_over(monkeypatch: py
     assert "deepspeed" in ZeRO(stage=2).training_arguments()
 
 
+# The variables a launcher sets; a plain `python train.py` has none of them (examples/trainer_finetune.py
+# runs that way in tests/test_examples.py, and trains).
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                      "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_only_a_launched_process_names_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert "ddp_backend" not in DDP().training_arguments()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # mpirun: Accelerate forms a group too
+    assert "ddp_backend" in DDP().training_arguments()
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert DDP().training_arguments()["ddp_backend"] == ("gloo" if not torch.cuda.is_available() else "nccl")
+    assert DDP(process_group_backend="mpi").training_arguments()["ddp_backend"] == "mpi"
+
+
 # The HF Trainer rows of the conformance matrix.
 
 

@@ -1,12 +1,21 @@
-"""Tier 2: layouts the world or the model cannot take fail on every rank before any collective.
+"""Layouts the world, the device or the model cannot take fail before any collective.
 
-If any rank went on to build a process group the other ranks would hang there instead; one
-spawn of 2 workers checks every case, each in a Trainer, as a user would meet it.
+Tier 1: meshplan.accelerator() refuses a device choice that would drop the layout, and warns
+about torchrun restarts that share its rendezvous store. Tier 2: if any rank went on to build a
+process group the other ranks would hang there instead; one spawn of 2 workers checks every
+case, each in a Trainer, as a user would meet it.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
 import meshplan
+from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
 from layouts import accelerator_plan_error, plan_errors
 from meshplan.recipes import CATALOGUE_DIR
 from meshplan.testing import spawn
@@ -46,3 +55,71 @@ def test_accelerate_refuses_a_tp_size_the_model_cannot_take_before_sharding() ->
     recipe_strategy = meshplan.from_recipe(CATALOGUE_DIR / "tp.yaml")
     for message in spawn(accelerator_plan_error, 2, recipe_strategy, {"num_key_value_heads": 1}, timeout=180):
         assert "tp_size=2 does not divide num_key_value_heads=1 of LlamaForCausalLM" in message
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cpu", "expected"),
+    [
+        (True, True, 'Accelerate switches DeepSpeed off when it is asked for the CPU'),
+        (False, False, "cpu=False asks for CUDA devices, but torch sees none"),
+    ],
+)
+def test_accelerator_refuses_a_device_that_would_drop_zero(cuda: bool, cpu: bool, expected: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    state_before = dict(AcceleratorState._shared_state)
+    with pytest.raises(meshplan.PlanError) as error:
+        meshplan.accelerator(meshplan.ZeRO(stage=2), cpu=cpu)
+    assert expected in str(error.value)
+    if cpu:
+        assert 'CUDA_VISIBLE_DEVICES=""' in str(error.value)
+    assert AcceleratorState._shared_state == state_before  # raised before any Accelerator was built
+
+
+def test_accelerator_refuses_zero_when_the_launch_asked_for_the_cpu_with_gpus_present(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # `accelerate launch --cpu`, or use_cpu: true
+    with pytest.raises(meshplan.PlanError, match="ACCELERATE_USE_CPU .* cannot run ZeRO while CUDA devices are visible"):
+        meshplan.accelerator(meshplan.ZeRO(stage=2))
+
+
+def test_accelerator_refuses_cpu_false_without_cuda_in_a_launched_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(meshplan.PlanError, match="each would train alone"):
+        meshplan.accelerator(meshplan.DDP(), cpu=False)
+
+
+RESTARTS_SHARING_THE_STORE = {"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True", "RANK": "0"}
+
+
+@pytest.mark.parametrize(
+    ("environ", "warns"),
+    [
+        (RESTARTS_SHARING_THE_STORE, True),
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: it then tells the workers False.
+        ({**RESTARTS_SHARING_THE_STORE, "TORCHELASTIC_USE_AGENT_STORE": "False"}, False),
+        ({**RESTARTS_SHARING_THE_STORE, "TORCHELASTIC_MAX_RESTARTS": "0"}, False),
+        ({**RESTARTS_SHARING_THE_STORE, "RANK": "1"}, False),  # once per job
+    ],
+)
+def test_restarts_that_share_the_rendezvous_store_are_warned_about(environ: dict, warns: bool) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_restarts_share_the_rendezvous_store(environ)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == (1 if warns else 0)
+    assert all("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in message for message in messages)
+
+
+def test_accelerator_warns_about_restarts_that_share_the_rendezvous_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Raised right after the warning, so no Accelerator is built: the warning comes first.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, value in RESTARTS_SHARING_THE_STORE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match="pytorch/pytorch#135712"), pytest.raises(meshplan.PlanError):
+        meshplan.accelerator(meshplan.ZeRO(stage=2), cpu=False)

@@ -50,6 +50,8 @@ def test_invalid_layouts_raise_plan_errors_naming_the_field(build, field: str) -
         # Options that only make sense for another stage, or without the offload they tune.
         (lambda: ZeRO(stage=2, stage3_prefetch_bucket_size=10), ("stage3_prefetch_bucket_size=10", "stage=2")),
         (lambda: ZeRO(stage=3, allgather_bucket_size=10), ("allgather_bucket_size=10", "stage=3")),
+        (lambda: ZeRO(stage=2, sub_group_size=10), ("sub_group_size=10", "stage=2")),
+        (lambda: ZeRO(stage=3, round_robin_gradients=True), ("round_robin_gradients=True", "stage=3")),
         (lambda: ZeRO(stage=3, pin_memory=True), ("pin_memory=True", "offload_optimizer=False")),
     ],
 )

@@ -11,7 +11,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 import meshplan
 from meshplan import DDP, PlanError, TensorParallel, ZeRO
-from meshplan.recipes import CATALOGUE_DIR, catalogue, plan_from_environment
+from meshplan.accelerate import resolve_plan
+from meshplan.finetune.job import FinetuneJob
+from meshplan.recipes import (CATALOGUE_DIR, RECIPE_VARIABLE, catalogue, find_recipe, launched_recipe_extras,
+                              plan_from_environment)
 
 ROUND_TRIP = [
     DDP(),
@@ -20,11 +23,13 @@ ROUND_TRIP = [
     DDP(mixed_precision="bf16", gradient_accumulation_steps=4, gradient_clipping=0.5),
     DDP(mixed_precision="no"),
     ZeRO(stage=1),
-    ZeRO(stage=2, overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=1000, allgather_bucket_size=2000),
+    ZeRO(stage=2, overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=1000, allgather_bucket_size=2000,
+         round_robin_gradients=True),
     ZeRO(stage=2, offload_optimizer=True, pin_memory=True, mixed_precision="fp16"),
     ZeRO(stage=3),
     ZeRO(stage=3, offload_optimizer=True, offload_parameters=True, stage3_prefetch_bucket_size=10,
          stage3_param_persistence_threshold=20, stage3_max_live_parameters=30, stage3_max_reuse_distance=40,
+         sub_group_size=50,
          gradient_accumulation_steps=2, gradient_clipping=1.0, process_group_backend="gloo"),
     TensorParallel(tp_size=2),
     TensorParallel(tp_size=1),
@@ -163,8 +168,205 @@ def test_contradictory_pairs_name_both_keys(config: dict, keys: tuple[str, str],
 def test_a_deepspeed_file_with_its_own_optimizer_is_refused(tmp_path: Path) -> None:
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}))
     path = _write(tmp_path, {"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": "ds.json"}})
-    with pytest.raises(PlanError, match="'optimizer'"):
+    with pytest.raises(PlanError, match="key optimizer in DeepSpeed config '.*ds.json' is not honoured"):
         meshplan.from_recipe(path)
+
+
+# The ZeRO-3 template of the transformers docs (docs/source/en/deepspeed.md): its zero_optimization
+# section, with the top-level keys of the docs' complete example, whose optimizer and scheduler
+# sections are tested apart below.
+HF_ZERO3_TEMPLATE = """
+{
+    "fp16": {
+        "enabled": "auto",
+        "loss_scale": 0,
+        "loss_scale_window": 1000,
+        "initial_scale_power": 16,
+        "hysteresis": 2,
+        "min_loss_scale": 1
+    },
+    "bf16": {
+        "enabled": "auto"
+    },
+    "zero_optimization": {
+        "stage": 3,
+        "offload_optimizer": {
+            "device": "cpu",
+            "pin_memory": true
+        },
+        "offload_param": {
+            "device": "cpu",
+            "pin_memory": true
+        },
+        "overlap_comm": true,
+        "contiguous_gradients": true,
+        "sub_group_size": 1e9,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9,
+        "stage3_gather_16bit_weights_on_model_save": true
+    },
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "steps_per_print": 2000,
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "wall_clock_breakdown": false
+}
+"""
+HF_OPTIMIZER_AND_SCHEDULER = {
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": "auto"}},
+}
+
+
+def _recipe_with_deepspeed_file(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "ds.json").write_text(text)
+    return _write(tmp_path, {"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": "ds.json"}})
+
+
+def test_reads_the_transformers_zero3_template(tmp_path: Path) -> None:
+    # "auto" is the front end's value; 1e9 is an integer written as a float.
+    expected = ZeRO(stage=3, offload_optimizer=True, offload_parameters=True, pin_memory=True, overlap_comm=True,
+                    contiguous_gradients=True, sub_group_size=10**9, stage3_max_live_parameters=10**9,
+                    stage3_max_reuse_distance=10**9)
+    assert meshplan.from_recipe(_recipe_with_deepspeed_file(tmp_path, HF_ZERO3_TEMPLATE)) == expected
+    zero_section = expected.training_arguments()["deepspeed"]["zero_optimization"]
+    assert zero_section["sub_group_size"] == 10**9  # passed on to DeepSpeed
+
+
+def test_the_template_optimizer_and_scheduler_are_refused_together_with_the_trainer_equivalents(tmp_path: Path) -> None:
+    config = {**json.loads(HF_ZERO3_TEMPLATE), **HF_OPTIMIZER_AND_SCHEDULER}
+    with pytest.raises(PlanError) as error:
+        meshplan.from_recipe(_recipe_with_deepspeed_file(tmp_path, json.dumps(config)))
+    message = str(error.value)
+    assert "keys optimizer and scheduler in DeepSpeed config '" in message and "ds.json' are not honoured" in message
+    assert "lr_scheduler_type='constant_with_warmup'" in message
+
+
+def test_every_unknown_deepspeed_key_is_named_in_one_message(tmp_path: Path) -> None:
+    config = json.loads(HF_ZERO3_TEMPLATE)
+    config["zero_optimization"].update(stage3_max_live_parameter=10**9, ignore_unused_parameters=True)
+    config["communication_data_type"] = "fp32"
+    with pytest.raises(PlanError) as error:
+        meshplan.from_recipe(_recipe_with_deepspeed_file(tmp_path, json.dumps(config)))
+    message = str(error.value)
+    assert "ds.json" in message
+    assert ("keys communication_data_type, zero_optimization.stage3_max_live_parameter and "
+            "zero_optimization.ignore_unused_parameters in DeepSpeed config '") in message
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"stage3_gather_16bit_weights_on_model_save": False},
+         "zero_optimization.stage3_gather_16bit_weights_on_model_save=False is not honoured: meshplan always sets it, "
+         "because without it the HF Trainer's save_model writes no model.safetensors"),
+        ({"stage3_max_live_parameters": 2.5}, "stage3_max_live_parameters=2.5 must be of type int"),
+    ],
+)
+def test_deepspeed_values_meshplan_cannot_honour_say_why(change: dict, expected: str, tmp_path: Path) -> None:
+    config = json.loads(HF_ZERO3_TEMPLATE)
+    config["zero_optimization"].update(change)
+    with pytest.raises(PlanError) as error:
+        meshplan.from_recipe(_recipe_with_deepspeed_file(tmp_path, json.dumps(config)))
+    assert "DeepSpeed config '" in str(error.value) and expected in str(error.value)
+
+
+def test_reads_the_transformers_zero2_template(tmp_path: Path) -> None:
+    # Its allgather_partitions and reduce_scatter are DeepSpeed's defaults, which meshplan keeps.
+    zero2 = {"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "none", "pin_memory": True}, "allgather_partitions": True,
+        "allgather_bucket_size": 5e8, "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 5e8,
+        "contiguous_gradients": True, "round_robin_gradients": True}}
+    assert meshplan.from_recipe(_recipe_with_deepspeed_file(tmp_path, json.dumps(zero2))) == ZeRO(
+        stage=2, allgather_bucket_size=5 * 10**8, overlap_comm=True, reduce_bucket_size=5 * 10**8,
+        contiguous_gradients=True, round_robin_gradients=True)
+
+
+# --- Catalogue names: wherever a recipe path is accepted ---
+
+
+def test_catalogue_names_work_wherever_a_recipe_path_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here, as after `pip install meshplan`
+    for name in ("zero3", "zero3.yaml", "recipes/zero3.yaml"):
+        assert meshplan.from_recipe(name) == ZeRO(stage=3), name
+        assert resolve_plan(name) == ZeRO(stage=3).plan, name  # meshplan.accelerator(name)
+    job = FinetuneJob(model="m", data="reviews", recipe="tp", framework="lightning", devices=2, max_steps=1, output="o")
+    assert job.plan == TensorParallel(tp_size=2).plan  # finetune --recipe tp
+    environ = {"LOCAL_RANK": "0", RECIPE_VARIABLE: "tp-dp"}  # $MESHPLAN_RECIPE
+    assert launched_recipe_extras(environ=environ) == {}
+
+
+def test_a_file_here_shadows_the_catalogue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, {"distributed_type": "MULTI_GPU", "mixed_precision": "bf16"}, "zero3.yaml")
+    (tmp_path / "recipes").mkdir()
+    _write(tmp_path / "recipes", {"distributed_type": "MULTI_GPU"}, "zero3.yaml")
+    assert meshplan.from_recipe("zero3.yaml") == DDP(mixed_precision="bf16")
+    assert meshplan.from_recipe("recipes/zero3.yaml") == DDP()
+    assert meshplan.from_recipe("zero2") == ZeRO(stage=2)  # other names still reach the catalogue
+
+
+def test_an_unknown_recipe_name_lists_the_catalogue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PlanError) as error:
+        meshplan.from_recipe("zero4")
+    assert str(error.value) == (
+        "recipe 'zero4' does not exist, and is no catalogue name either; the catalogue holds ddp, ddp-2node, tp, "
+        "tp-dp, zero1, zero2, zero3, zero3-2node, zero3-offload (`meshplan recipes` lists their paths).")
+    with pytest.raises(PlanError, match="MESHPLAN_RECIPE='zero4' names no file and is no catalogue name either"):
+        launched_recipe_extras(environ={"LOCAL_RANK": "0", RECIPE_VARIABLE: "zero4"})
+    with pytest.raises(PlanError, match="does not exist"):
+        meshplan.from_recipe("../catalogue/zero3.yaml")  # only a name, or recipes/NAME, reaches the catalogue
+
+
+def test_a_directory_named_like_a_recipe_does_not_shadow_the_catalogue(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zero3").mkdir()  # e.g. `meshplan finetune --recipe zero3 --output zero3`
+    (tmp_path / "recipes" / "zero2.yaml").mkdir(parents=True)
+    assert find_recipe("zero3") == CATALOGUE_DIR / "zero3.yaml"
+    assert meshplan.from_recipe("zero3") == ZeRO(stage=3)
+    assert meshplan.from_recipe("recipes/zero2.yaml") == ZeRO(stage=2)
+
+
+def test_a_broken_link_named_like_a_recipe_is_named_as_what_shadows_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zero2.yaml").symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(PlanError) as error:
+        meshplan.from_recipe("zero2.yaml")
+    assert "a link that leads nowhere; it shadows the shipped recipe" in str(error.value)
+    assert "is no catalogue name" not in str(error.value)
+
+
+def test_meshplan_recipe_maps_only_a_bare_name_to_the_catalogue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A path names the user's own copy (with its header options): when it is missing here, that
+    # is an error, never the shipped recipe of the same name in its place.
+    monkeypatch.chdir(tmp_path)
+    for path in ("recipes/zero3.yaml", "zero3.yaml"):
+        with pytest.raises(PlanError, match="names no file"):
+            launched_recipe_extras(environ={"LOCAL_RANK": "0", RECIPE_VARIABLE: path})
+    custom = _write(tmp_path, {"distributed_type": "MULTI_GPU"}, "zero3.yaml")
+    custom.write_text('# meshplan: {"find_unused_parameters": true}\n' + custom.read_text())
+    assert launched_recipe_extras(environ={"LOCAL_RANK": "0", RECIPE_VARIABLE: "zero3.yaml"}) == {
+        "find_unused_parameters": True}
+    assert launched_recipe_extras(environ={"LOCAL_RANK": "0", RECIPE_VARIABLE: "zero3"}) == {}  # the shipped one
+
+
+@pytest.mark.parametrize(("key", "value"), [("zero_allow_untested_optimizer", False),
+                                            ("zero_force_ds_cpu_optimizer", True)])
+def test_deepspeed_switches_meshplan_sets_itself_are_refused_at_other_values(key: str, value: bool,
+                                                                             tmp_path: Path) -> None:
+    config = {"zero_optimization": {"stage": 2}, key: value}
+    with pytest.raises(PlanError, match=f"key {key}={str(value).lower()}|key {key}={value}"):
+        meshplan.from_recipe(_recipe_with_deepspeed_file(tmp_path, json.dumps(config)))
+    config[key] = not value
+    assert meshplan.from_recipe(_recipe_with_deepspeed_file(tmp_path, json.dumps(config))) == ZeRO(stage=2)
 
 
 def test_missing_and_unparsable_recipes(tmp_path: Path) -> None:
@@ -187,11 +389,15 @@ def test_the_launcher_environment_describes_the_recipe() -> None:
     assert plan_from_environment({}) is None
 
 
-def test_recipes_command_lists_the_catalogue(capsys: pytest.CaptureFixture[str]) -> None:
+def test_recipes_command_lists_each_name_with_its_path(capsys: pytest.CaptureFixture[str]) -> None:
     from meshplan.cli import main
 
     assert main(["recipes"]) == 0
     listing, advice = capsys.readouterr().out.split("\n\n")
-    assert [line.split()[0] for line in listing.splitlines()] == sorted(EXPECTED_CATALOGUE)
+    lines = listing.splitlines()
+    names = [line.split()[0] for line in lines[::2]]
+    assert names == sorted(name.removesuffix(".yaml") for name in EXPECTED_CATALOGUE)
+    assert [line.strip() for line in lines[1::2]] == [str(CATALOGUE_DIR / f"{name}.yaml") for name in names]
     assert "ZeRO-3 shards optimizer state, gradients and parameters" in listing
     assert "meshplan.accelerator()" in advice and "rank 0 of 1" in advice
+    assert '--config_file "$(meshplan recipes --path NAME)"' in advice

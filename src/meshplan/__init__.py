@@ -4,13 +4,15 @@ Public names::
 
     meshplan.DDP(**options)
     meshplan.ZeRO(stage=1|2|3, offload_optimizer=False, offload_parameters=False, **options)
-    meshplan.TensorParallel(tp_size=N, tp_plan=None, **options)
+    meshplan.TensorParallel(tp_size=None|N, tp_plan=None, **options)
     meshplan.PlanError
-    meshplan.from_recipe(path)                 # an Accelerate config file -> strategy
+    meshplan.Plan                              # the frozen layout behind every strategy: strategy.plan
+    meshplan.from_recipe(recipe)               # an Accelerate config file, or a catalogue name ("zero3") -> strategy
     meshplan.accelerator(strategy_or_recipe)   # -> accelerate.Accelerator
-    meshplan.export(checkpoint, out_dir)       # any meshplan checkpoint -> a Hugging Face model directory
+    meshplan.export(checkpoint, out_dir)       # a checkpoint holding a transformers model -> a Hugging Face model directory
     meshplan.latest_checkpoint(folder)         # the newest complete checkpoint, to resume after a crash
     meshplan.CheckpointError
+    meshplan.testing.spawn(fn, nprocs)         # run fn in N worker processes, with a hard timeout
     strategy.to_recipe(path), strategy.training_arguments()
 
 Importing meshplan registers the strategies in Lightning's registry as meshplan_ddp,
@@ -27,7 +29,15 @@ from meshplan.recipes import read_recipe
 
 
 def from_recipe(path: str) -> DDP | ZeRO | TensorParallel:
-    """The strategy an Accelerate config file describes (meshplan's recipes and other valid configs)."""
+    """The strategy an Accelerate config file describes (meshplan's recipes and other valid configs).
+
+    ``path`` is a recipe file, or the name of a recipe in the catalogue: ``"zero3"``,
+    ``"zero3.yaml"`` and ``"recipes/zero3.yaml"`` all name the shipped ZeRO-3 recipe, unless a file
+    of that name exists here. ``meshplan recipes`` lists the catalogue.
+
+    Raises:
+        PlanError: the recipe does not exist, cannot be read, or describes a layout meshplan cannot run.
+    """
     return from_plan(read_recipe(path).plan)
 
 

@@ -35,6 +35,7 @@ from meshplan.checkpoint.accelerate_state import CheckpointingAccelerator
 from meshplan.checkpoint.pretrained import consolidated_state_dict
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
+from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
 from meshplan.plan import Plan
 from meshplan.recipes import launched_recipe_extras, plan_from_environment, read_recipe, started_by_a_launcher
 from meshplan.tp.shard import plan_models, shard_models, sharding_mesh
@@ -48,11 +49,21 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
     """An ``accelerate.Accelerator`` that runs the given layout.
 
     Args:
-        strategy_or_recipe: a meshplan strategy, a Plan, or the path of a recipe (an Accelerate
-            config file). None realizes the recipe ``accelerate launch`` passed to this process
+        strategy_or_recipe: a meshplan strategy, a Plan, the path of a recipe (an Accelerate
+            config file) or the name of a shipped one ("zero3", see ``meshplan recipes``).
+            None realizes the recipe ``accelerate launch`` passed to this process
             (plain data parallelism when the process was not started by a launcher).
         **accelerator_kwargs: passed to ``Accelerator``; ``cpu`` defaults to True when no CUDA
             device is available. A value that contradicts the recipe is a PlanError.
+
+    Raises:
+        PlanError: the layout cannot run as asked. Refused before any Accelerator is built, among
+            others: ``cpu=True`` under ZeRO while CUDA devices are visible (Accelerate would switch
+            DeepSpeed off; hide the GPUs with ``CUDA_VISIBLE_DEVICES=""`` instead), and
+            ``cpu=False`` without a CUDA device under ZeRO or in a launched job.
+
+    Warns, as the Lightning strategies do, when torchrun (or ``accelerate launch``) will restart
+    workers that share its rendezvous store (meshplan.launch.warn_if_restarts_share_the_rendezvous_store).
     """
     if accelerate_state.is_initialized():
         # Accelerate's state is shared by every Accelerator of a process: one made before counted
@@ -67,13 +78,45 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
             f"strategy={plan.strategy!r} (only DeepSpeed clips by itself): drop it from the recipe and call "
             f"accelerator.clip_grad_norm_(model.parameters(), {plan.option('gradient_clipping')!r}) before optimizer.step()."
         )
-    on_cpu = accelerator_kwargs.pop("cpu", not torch.cuda.is_available())
+    warn_if_restarts_share_the_rendezvous_store()
+    on_cpu = _runs_on_cpu(plan, accelerator_kwargs)
     kwargs = _training_kwargs(plan, accelerator_kwargs)
     result = _build_accelerator(plan, on_cpu, kwargs)
     check_launched_world(result.num_processes)
     atexit.unregister(_tear_down_process_group)  # once per process, however many accelerators
     atexit.register(_tear_down_process_group)
     return result
+
+
+def _runs_on_cpu(plan: Plan, accelerator_kwargs: dict[str, Any]) -> bool:
+    """The caller's ``cpu=`` (taken out of ``accelerator_kwargs``), by default whether no CUDA device is seen.
+
+    Refuses, before any Accelerator exists, a choice that would silently lose the layout.
+    """
+    cuda = torch.cuda.is_available()
+    # `accelerate launch --cpu`, or use_cpu: true in a recipe, asks every Accelerator for the CPU.
+    cpu_from_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("y", "yes", "t", "true", "on", "1")
+    if plan.strategy == "zero" and cuda and (accelerator_kwargs.get("cpu") or cpu_from_launch):
+        asked = ("cpu=True" if accelerator_kwargs.get("cpu")
+                 else "ACCELERATE_USE_CPU (from `accelerate launch --cpu`, or use_cpu: true in the recipe)")
+        raise PlanError(
+            f"{asked} cannot run ZeRO while CUDA devices are visible: Accelerate switches DeepSpeed off when it is "
+            "asked for the CPU, so the ZeRO layout would be dropped (and without it ZeRO trains on the GPUs). "
+            "To train ZeRO on the CPU, hide the GPUs: run with CUDA_VISIBLE_DEVICES=\"\" in the environment, and "
+            "meshplan picks the CPU (gloo) by itself; otherwise drop it."
+        )
+    if "cpu" not in accelerator_kwargs:
+        return not cuda
+    cpu = bool(accelerator_kwargs.pop("cpu"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if not cpu and not cuda and (plan.strategy == "zero" or launched > 1):
+        consequence = ("DeepSpeed would start without the gloo backend and count one process" if plan.strategy == "zero"
+                       else f"Accelerate would count 1 of the {launched} launched processes and each would train alone")
+        raise PlanError(
+            f"cpu=False asks for CUDA devices, but torch sees none (torch.cuda.is_available() is False): "
+            f"{consequence}. Drop cpu=False: without a GPU meshplan.accelerator() runs on the CPU (gloo)."
+        )
+    return cpu
 
 
 def _build_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> Accelerator:
@@ -119,7 +162,7 @@ def _tear_down_process_group() -> None:
 
 
 def resolve_plan(strategy_or_recipe: Any) -> Plan:
-    """The Plan of a strategy, a Plan, a recipe path, or (None) of the launching recipe."""
+    """The Plan of a strategy, a Plan, a recipe path or catalogue name, or (None) of the launching recipe."""
     if strategy_or_recipe is None:
         if not started_by_a_launcher():
             return Plan("ddp")  # there is no recipe to look for
@@ -130,7 +173,8 @@ def resolve_plan(strategy_or_recipe: Any) -> Plan:
         return read_recipe(strategy_or_recipe).plan
     plan = getattr(strategy_or_recipe, "plan", None)
     if not isinstance(plan, Plan):
-        raise PlanError(f"strategy_or_recipe={strategy_or_recipe!r} is neither a meshplan strategy nor a recipe path.")
+        raise PlanError(f"strategy_or_recipe={strategy_or_recipe!r} is neither a meshplan strategy nor a recipe path "
+                        f"or catalogue name.")
     return plan
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import re
 import sys
@@ -26,17 +27,46 @@ def _list_strategies(args: argparse.Namespace) -> int:
 
 
 def _list_recipes(args: argparse.Namespace) -> int:
-    from meshplan.recipes import catalogue
+    from meshplan.recipes import CATALOGUE_DIR, catalogue
 
+    if args.path is not None:
+        return _print_recipe_path(args.path)
     recipes = catalogue()
-    width = max(len(name) for name in recipes)
-    for name, recipe in recipes.items():
+    width = max(len(name) for name in recipes) - len(".yaml")
+    for file_name, recipe in recipes.items():
+        name = file_name.removesuffix(".yaml")
         purpose = recipe.description.splitlines()[0].split(":", 1)[-1].strip() if recipe.description else ""
-        print(f"{name:<{width}}  {purpose}")
+        print(f"{name:<{width}}  {purpose}\n{'':<{width}}  {CATALOGUE_DIR / file_name}")
     # What a newcomer hits first on a laptop: Accelerate ignores the launcher's processes on CPU.
-    print("\nLaunch with `accelerate launch --config_file recipes/NAME.yaml train.py`, where train.py creates "
-          "meshplan.accelerator();\na plain Accelerator() on a machine without GPUs trains each process alone "
+    print("\nEvery name works where a recipe file does: meshplan.from_recipe(\"zero3\"), "
+          "meshplan.accelerator(\"zero3\"), meshplan finetune --recipe zero3.\n"
+          "Launch with `accelerate launch --config_file \"$(meshplan recipes --path NAME)\" train.py`, where train.py "
+          "creates meshplan.accelerator();\na plain Accelerator() on a machine without GPUs trains each process alone "
           "(\"rank 0 of 1\"), and Accelerator(cpu=True) fixes that for ddp recipes only: it drops ZeRO and TP.")
+    return 0
+
+
+def _recipe_file(name: str | os.PathLike) -> str:
+    """The recipe file a name means, absolute when it exists, so that every worker reads that same file
+    (whatever folders the run creates, its --output included, named like a recipe)."""
+    from meshplan.recipes import find_recipe
+
+    path = find_recipe(name)
+    return os.path.abspath(path) if os.path.lexists(path) else str(path)
+
+
+def _print_recipe_path(name: str) -> int:
+    """Prints the absolute path of the recipe ``name`` means (a file here, else a catalogue name); 2 when none."""
+    import os
+
+    from meshplan.recipes import catalogue_names, find_recipe
+
+    path = find_recipe(name)
+    if not os.path.lexists(path):
+        names = ", ".join(file_name.removesuffix(".yaml") for file_name in catalogue_names())
+        return _refuse("meshplan recipes", f"--path {shown(name)}: there is no such file, and it is no catalogue name; "
+                                           f"the catalogue holds {names}.")
+    print(os.path.abspath(path))
     return 0
 
 
@@ -62,7 +92,7 @@ def _finetune(args: argparse.Namespace) -> int:
     datasets.disable_progress_bars()  # the checks below load the data; errors must stay one paragraph
     try:
         job = FinetuneJob(
-            model=args.model or default_model(), data=args.data or "reviews", recipe=str(args.recipe or DEFAULT_RECIPE),
+            model=args.model or default_model(), data=args.data or "reviews", recipe=_recipe_file(args.recipe or DEFAULT_RECIPE),
             framework=args.framework, devices=args.devices if args.devices is not None else default_devices(),
             max_steps=args.max_steps, output=str(output),
             checkpoint_every=_checkpoint_every(args), max_restarts=args.max_restarts,
@@ -188,10 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     strategies = commands.add_parser("strategies", help="list the strategy names registered with Lightning")
     strategies.set_defaults(run=_list_strategies)
-    recipes = commands.add_parser("recipes", help="list the recipes (Accelerate config files) meshplan ships")
+    recipes = commands.add_parser(
+        "recipes", help="list the recipes (Accelerate config files) meshplan ships, with their paths",
+        description="List the shipped recipes: each name, what it is for, and its file. A name works wherever a recipe "
+                    "file does (meshplan.from_recipe, meshplan.accelerator, finetune --recipe, and as a bare name in "
+                    "$MESHPLAN_RECIPE); accelerate launch needs the path, which --path prints.")
+    recipes.add_argument("--path", metavar="NAME", help="print only the absolute path of recipe NAME, for "
+                         "`accelerate launch --config_file \"$(meshplan recipes --path zero3)\"` (a file of that "
+                         "name here comes first)")
     recipes.set_defaults(run=_list_recipes)
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained transformer under a recipe")
-    finetune.add_argument("--recipe", help="recipe (Accelerate config file); default recipes/zero2.yaml")
+    finetune.add_argument("--recipe", help="a catalogue name (meshplan recipes) or a recipe file; default zero2")
     finetune.add_argument("--model", help="local Hugging Face model directory; default the packaged all-MiniLM-L6-v2")
     finetune.add_argument("--data", help="CSV/JSON file, saved data set or data set name; default the packaged reviews")
     finetune.add_argument("--framework", default="lightning", help="lightning, accelerate or trainer (default lightning)")
@@ -209,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                           f"messages) on the console instead of in OUTPUT/{LOG_NAME}")
     finetune.set_defaults(run=_finetune)
     export = commands.add_parser("export", help="turn a meshplan checkpoint into a Hugging Face model directory")
-    export.add_argument("checkpoint", help="a checkpoint directory written by any meshplan strategy (Lightning or Accelerate)")
+    export.add_argument("checkpoint", help="a checkpoint directory written by any meshplan strategy (Lightning or Accelerate) "
+                        "that holds a transformers PreTrainedModel")
     export.add_argument("out_dir", help="the model directory to create (must not exist, or be an empty directory; "
-                        "its parent must exist)")
+                        "missing parents are created)")
     export.add_argument("--model", help="the model's prefix, when the checkpoint holds several Hugging Face models")
     export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB (default 5GB)")
     export.set_defaults(run=_export)

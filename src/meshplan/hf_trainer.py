@@ -9,7 +9,7 @@ worker and use gloo; with DeepSpeed it also gives the "auto" batch size the true
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -33,6 +33,10 @@ def training_arguments(plan: Plan) -> dict[str, Any]:
         args = TrainingArguments(output_dir="out", per_device_train_batch_size=4,
                                  **meshplan.ZeRO(stage=2).training_arguments())
 
+    The same arguments serve a launched job (torchrun, ``accelerate launch``: ``ddp_backend`` is
+    set, gloo on CPU, nccl on GPUs, or the plan's ``process_group_backend``) and a plain
+    ``python train.py``, which trains as a world of one without any process group.
+
     Raises:
         PlanError: the Trainer cannot express the layout (tensor parallelism, or an option it lacks),
             or a DDP layout is asked for where ACCELERATE_USE_DEEPSPEED would make the Trainer run DeepSpeed.
@@ -52,10 +56,29 @@ def training_arguments(plan: Plan) -> dict[str, Any]:
         arguments["deepspeed"] = deepspeed_config(
             plan, micro_batch_size="auto", gradient_accumulation_steps="auto", gradient_clipping="auto", precision="auto"
         )
-    arguments["ddp_backend"] = plan.option("process_group_backend") or ("gloo" if on_cpu else "nccl")
+    if _launched_as_a_group():
+        arguments["ddp_backend"] = plan.option("process_group_backend") or ("gloo" if on_cpu else "nccl")
     if plan.strategy == "ddp":
         arguments.update(_ddp_arguments(plan))
     return arguments
+
+
+def _launched_as_a_group(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a launcher started this process as one of a group.
+
+    Accelerate forms a process group when LOCAL_RANK is set (torchrun, ``accelerate launch``) or
+    when a launcher's world size is above 1 (WORLD_SIZE, or MPI's and Slurm-PMI's variables). A
+    plain ``python train.py`` is a world of one: naming a backend there makes Accelerate ask torch
+    for the size of a process group that was never created ("Default process group has not been
+    initialized").
+    """
+    environ = os.environ if environ is None else environ
+    sizes = [environ.get(name, "1") for name in _WORLD_SIZE_VARIABLES]
+    return "LOCAL_RANK" in environ or any(size.isdigit() and int(size) > 1 for size in sizes)
+
+
+# The world-size variables of the launchers Accelerate recognises (torchrun, Intel MPI/PMI, Open MPI, MVAPICH).
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def _refuse_leftover_deepspeed(plan: Plan) -> None:

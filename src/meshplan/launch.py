@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence, TextIO
+import warnings
+from typing import Callable, Mapping, Sequence, TextIO
 
 # Seconds a worker gets to exit after SIGTERM before it is killed.
 _GRACE_SECONDS = 10.0
@@ -39,6 +40,26 @@ def worker_environment(rank: int, world_size: int, port: int, *, nnodes: int = 1
         # Several workers share a few cores: a fixed share each avoids oversubscription.
         "OMP_NUM_THREADS": str(threads),
     }
+
+
+def warn_if_restarts_share_the_rendezvous_store(environ: Mapping[str, str] | None = None) -> None:
+    """Warns (on rank 0) when torchrun will restart workers that share its rendezvous store (pytorch/pytorch#135712).
+
+    torchrun (and ``accelerate launch``, which runs it) lends its c10d rendezvous store to the
+    workers unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is set in the launcher's environment; it
+    then tells them so with TORCHELASTIC_USE_AGENT_STORE=True. Restarted workers can read the dead
+    attempt's addresses from that store and hang while creating the process group. Called by the
+    Lightning strategies and ``meshplan.accelerator()`` before any process group exists.
+    """
+    environ = os.environ if environ is None else environ
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and environ.get("RANK") == "0":
+        warnings.warn(
+            f"torchrun --max-restarts {restarts} shares its rendezvous store with the workers: a restarted job can "
+            f"read the failed attempt's addresses and hang while it starts (pytorch/pytorch#135712). Launch torchrun "
+            f"(or accelerate launch) with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.",
+            stacklevel=3,
+        )
 
 
 def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: dict[str, str] | None = None,

@@ -54,10 +54,12 @@ _OPTIONS = {
         _Option("contiguous_gradients", bool, ("zero",), "copy gradients into one buffer as they are made"),
         _Option("reduce_bucket_size", int, ("zero",), "elements reduced at a time", positive=True),
         _Option("allgather_bucket_size", int, ("zero",), "elements gathered at a time", zero_stages=(1, 2), positive=True),
+        _Option("round_robin_gradients", bool, ("zero",), "spread the copy of offloaded gradients over the ranks", zero_stages=(1, 2)),
         _Option("stage3_prefetch_bucket_size", int, ("zero",), "elements prefetched ahead of use", zero_stages=(3,), positive=True),
         _Option("stage3_param_persistence_threshold", int, ("zero",), "parameters smaller than this stay whole", zero_stages=(3,), positive=True),
         _Option("stage3_max_live_parameters", int, ("zero",), "parameters kept gathered at once", zero_stages=(3,), positive=True),
         _Option("stage3_max_reuse_distance", int, ("zero",), "reuse distance under which a parameter stays gathered", zero_stages=(3,), positive=True),
+        _Option("sub_group_size", int, ("zero",), "parameter elements the optimizer steps at a time", zero_stages=(3,), positive=True),
         _Option("pin_memory", bool, ("zero",), "page-lock offloaded CPU buffers for faster copies", needs_offload=True),
     )
 }
@@ -67,6 +69,9 @@ _OPTIONS = {
 ZERO_SECTION_OPTIONS = tuple(
     name for name, option in _OPTIONS.items() if option.strategies == ("zero",) and name != "pin_memory"
 )
+
+# Options whose values are integers: a JSON file may write them as integral floats (1e9).
+INTEGER_OPTIONS = frozenset(name for name, option in _OPTIONS.items() if option.kind is int)
 
 
 def _freeze_mapping(mapping: Mapping[str, Any] | None, field: str) -> tuple[tuple[str, Any], ...] | None:

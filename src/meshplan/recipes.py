@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from meshplan.errors import PlanError, shown, shown_key
-from meshplan.plan import MIXED_PRECISIONS, Plan
+from meshplan.plan import INTEGER_OPTIONS, MIXED_PRECISIONS, ZERO_SECTION_OPTIONS, Plan
 
 HEADER = "# meshplan: "
 # The catalogue ships inside the package; the repository's recipes/ points here.
@@ -80,8 +80,51 @@ def write_recipe(plan: Plan, path: str | os.PathLike, *, num_processes: int = 2,
     return path
 
 
+def find_recipe(name: str | os.PathLike) -> Path:
+    """The recipe file ``name`` means: the path itself when a file is there, else the catalogue's recipe of that name.
+
+    ``zero3``, ``zero3.yaml`` and ``recipes/zero3.yaml`` all name the shipped
+    ``CATALOGUE_DIR/zero3.yaml`` (the repository's recipes/ folder links there), so they work
+    outside a checkout too; a file of that name here shadows the catalogue, a directory does not
+    (an output folder named ``zero3`` is common). When neither exists, ``name`` is returned as
+    it is, for the reader to say so.
+    """
+    path = Path(name)
+    # A link counts too (the reader refuses it if it leads nowhere); a directory is never a recipe.
+    if os.path.lexists(path) and not path.is_dir():
+        return path
+    catalogued = _catalogue_file(path)
+    return catalogued if catalogued is not None else path
+
+
+def _catalogue_file(path: Path) -> Path | None:
+    """The shipped recipe that ``NAME``, ``NAME.yaml`` or ``recipes/NAME.yaml`` names; None for any other path."""
+    parts = path.parts
+    if len(parts) == 1 or len(parts) == 2 and parts[0] == "recipes":
+        file_name = parts[-1] if parts[-1].endswith(".yaml") else parts[-1] + ".yaml"
+        if file_name in catalogue_names():  # only the catalogue's own files: no other name leads out of it
+            return CATALOGUE_DIR / file_name
+    return None
+
+
+def catalogue_names() -> list[str]:
+    """The file names of the shipped recipes, sorted by name: ``ddp.yaml``, ``ddp-2node.yaml``, ..."""
+    return sorted((path.name for path in CATALOGUE_DIR.glob("*.yaml")), key=lambda name: name.removesuffix(".yaml"))
+
+
+def _not_in_catalogue(name: str | os.PathLike) -> str:
+    """The end of a "does not exist" message: that ``name`` is no catalogue name either, or, for a
+    broken link named like one, that the link shadows the catalogue's recipe."""
+    if _catalogue_file(Path(name)) is not None:
+        return "is a link that leads nowhere; it shadows the shipped recipe of that name: remove it, or pass another path."
+    names = ", ".join(name.removesuffix(".yaml") for name in catalogue_names())
+    return f"is no catalogue name either; the catalogue holds {names} (`meshplan recipes` lists their paths)."
+
+
 def read_recipe(path: str | os.PathLike) -> Recipe:
     """Reads an Accelerate config file (meshplan's or anyone's) into a Recipe.
+
+    ``path`` is a file, or the name of a shipped recipe (see find_recipe): ``"zero3"``.
 
     The file is untrusted: its size, nesting and expanded size are bounded, and every value
     meshplan reads is checked by type before it is used or shown.
@@ -90,9 +133,9 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
         PlanError: the file is missing, too large, not UTF-8 or not YAML, or asks for something
             meshplan cannot honour; one line that names the recipe and the key.
     """
-    path = Path(path)
+    path = find_recipe(path)
     where = f"recipe {_shown_path(path)}"
-    text = read_untrusted_text(path, where, missing=f"{where} does not exist; `meshplan recipes` lists the catalogue.")
+    text = read_untrusted_text(path, where, missing=f"{where} does not exist, and {_not_in_catalogue(path)}")
     config = _load_yaml(text, where)
     if config is None:  # an empty file: every key at Accelerate's default
         config = {}
@@ -204,10 +247,13 @@ def launched_recipe_extras(parent_pid: int | None = None, environ: Mapping[str, 
     environ = os.environ if environ is None else environ
     named = environ.get(RECIPE_VARIABLE)
     if named:
-        path = Path(named)
+        # Only a bare name ("zero3") means the shipped recipe here: a path ("recipes/zero3.yaml")
+        # names the user's own copy, whose header options must not silently give way to the shipped
+        # one's when the copy is missing (another node, another working directory).
+        path = find_recipe(named) if Path(named).name == named and not named.endswith(".yaml") else Path(named)
         where = f"{RECIPE_VARIABLE}={_shown_path(path)}"
-        text = read_untrusted_text(path, where, missing=f"{where} names no file; set it to the recipe given to "
-                                                        f"accelerate launch.")
+        text = read_untrusted_text(path, where, missing=f"{where} names no file and {_not_in_catalogue(named)} Set it "
+                                                        f"to the recipe given to accelerate launch.")
         return _header_extras(text, where)
     found, path = _recipe_of_parent(parent_pid)
     if found:
@@ -222,8 +268,8 @@ def launched_recipe_extras(parent_pid: int | None = None, environ: Mapping[str, 
             "meshplan.accelerator() cannot find the recipe `accelerate launch` started this process with (Accelerate "
             "does not pass the config file's path to its workers, and the launching command line cannot be read "
             "here), so meshplan options in its '# meshplan:' header would be lost. Launch with "
-            f"{RECIPE_VARIABLE}=<recipe path> in the environment, or pass the recipe: "
-            "meshplan.accelerator('recipes/zero3.yaml')."
+            f"{RECIPE_VARIABLE}=<recipe path or catalogue name> in the environment, or pass the recipe: "
+            "meshplan.accelerator('zero3') or meshplan.accelerator('path/to/recipe.yaml')."
         )
     return {}
 
@@ -366,8 +412,12 @@ def _zero_plan(section: Mapping[str, Any], options: dict[str, Any], base_dir: Pa
 def plan_from_deepspeed_json(path: Path) -> Plan:
     """The ZeRO Plan of a DeepSpeed JSON config file; refuses sections meshplan cannot honour.
 
-    The file is untrusted like a recipe: bounded in size, nesting and number of values, with
-    every value meshplan reads checked by type.
+    The Hugging Face templates are read without their ``optimizer`` and ``scheduler`` sections
+    (the user's code builds those; they are refused with the TrainingArguments to use instead):
+    "auto" means the front end's own value (DeepSpeed's default for bucket sizes), and the keys
+    meshplan sets itself are accepted at the value it sets. Every key meshplan does not know is
+    named in one PlanError. The file is untrusted like a recipe: bounded in size, nesting
+    and number of values, with every value meshplan reads checked by type.
     """
     where = f"DeepSpeed config {_shown_path(path)}"
     text = read_untrusted_text(path, where, missing=f"key deepspeed_config.deepspeed_config_file={_shown_path(path)} "
@@ -375,50 +425,175 @@ def plan_from_deepspeed_json(path: Path) -> Plan:
     config = _load_json(text, where)
     if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
         raise PlanError(f"{where} must be a JSON object with a zero_optimization object.")
+    _refuse_unknown_deepspeed_keys(config, where)
     try:
         return _zero_plan_of_deepspeed(config)
     except PlanError as error:
         raise PlanError(f"{where}: {error}") from None
 
 
+# What meshplan reads in a DeepSpeed JSON file: the keys of the Hugging Face templates.
+_DEEPSPEED_KEYS = (
+    "zero_optimization", "bf16", "fp16", "gradient_accumulation_steps", "gradient_clipping",
+    # Set by the front end ("auto": the DataLoader's or TrainingArguments' batch size) or by meshplan.
+    "train_batch_size", "train_micro_batch_size_per_gpu",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    # DeepSpeed's own logging, which changes nothing in training.
+    "steps_per_print", "wall_clock_breakdown",
+)
+# Sections the user's code owns: the optimizer and schedule it builds are the ones that run.
+_CODE_OWNED_SECTIONS = ("optimizer", "scheduler")
+_OFFLOAD_KEYS = ("device", "pin_memory")
+# zero_optimization keys meshplan accepts only at the value its own config has, and why.
+_FIXED_ZERO_KEYS = {
+    "stage3_gather_16bit_weights_on_model_save": (
+        True, "meshplan always sets it, because without it the HF Trainer's save_model writes no model.safetensors "
+              "under ZeRO-3 and Accelerate's get_state_dict and save_model cannot gather the weights"),
+    "allgather_partitions": (True, "meshplan keeps DeepSpeed's default, gathering the partitions after each step"),
+    "reduce_scatter": (True, "meshplan keeps DeepSpeed's default, reducing gradients with reduce-scatter"),
+}
+# Top-level keys meshplan accepts only at the value its own config has, and why.
+_FIXED_TOP_LEVEL_KEYS = {
+    "zero_allow_untested_optimizer": (
+        True, "meshplan runs whichever torch optimizer your code builds, so it always sets it"),
+    "zero_force_ds_cpu_optimizer": (
+        False, "meshplan steps offloaded optimizer state with the optimizer your code builds, not DeepSpeedCPUAdam"),
+}
+# fp16 keys meshplan accepts only at DeepSpeed's defaults (the HF templates' values): it writes no other.
+_FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                  "min_loss_scale": 1, "auto_cast": False, "consecutive_hysteresis": False}
+# Every zero_optimization key meshplan reads.
+_ZERO_KEYS_READ = ("stage", "offload_optimizer", "offload_param", *ZERO_SECTION_OPTIONS, *_FIXED_ZERO_KEYS)
+# At most this many unknown keys are named in one message (the file is untrusted; real ones have a few).
+_MAX_KEYS_SHOWN = 10
+
+
+def _refuse_unknown_deepspeed_keys(config: dict[str, Any], where: str) -> None:
+    """One PlanError naming every key meshplan does not read, and the sections it leaves to your code."""
+    unknown = _unknown_deepspeed_keys(config)
+    owned = [key for key in _CODE_OWNED_SECTIONS if key in config]
+    problems = []
+    if unknown:
+        problems.append(
+            f"{_keys(unknown)} in {where} {_verb(unknown, 'is not one', 'are not ones')} meshplan honours; remove "
+            f"{_verb(unknown, 'it', 'them')}. meshplan reads zero_optimization keys {', '.join(_ZERO_KEYS_READ)} "
+            f"(offload sections: {', '.join(_OFFLOAD_KEYS)}) and top-level keys {', '.join(_DEEPSPEED_KEYS[1:])}."
+        )
+    if owned:
+        problems.append(
+            f"{'Also, ' if unknown else ''}{_keys(owned)} in {where} {_verb(owned, 'is', 'are')} not honoured: "
+            f"meshplan trains with the optimizer and learning-rate schedule your code builds; remove "
+            f"{_verb(owned, 'it', 'them')}. With the HF Trainer those come from TrainingArguments (optim, "
+            f"learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay, lr_scheduler_type, warmup_steps), "
+            f"where DeepSpeed's \"auto\" values come from too; DeepSpeed's WarmupLR is "
+            f"lr_scheduler_type='constant_with_warmup' and WarmupDecayLR is 'linear'."
+        )
+    if problems:
+        raise PlanError(" ".join(problems))
+
+
+def _unknown_deepspeed_keys(config: dict[str, Any]) -> list[str]:
+    """The dotted names of the keys in a DeepSpeed config that meshplan does not read, in file order."""
+    unknown = [shown_key(key) for key in config if key not in (*_DEEPSPEED_KEYS, *_CODE_OWNED_SECTIONS)]
+    zero = config.get("zero_optimization") or {}
+    unknown += [f"zero_optimization.{shown_key(key)}" for key in zero if key not in _ZERO_KEYS_READ]
+    for section in ("offload_optimizer", "offload_param"):
+        unknown += _unknown_in(zero.get(section), _OFFLOAD_KEYS, f"zero_optimization.{section}")
+    unknown += _unknown_in(config.get("fp16"), ("enabled", *_FP16_DEFAULTS), "fp16")
+    unknown += _unknown_in(config.get("bf16"), ("enabled",), "bf16")
+    return unknown
+
+
+def _keys(names: list[str]) -> str:
+    """"key a" or "keys a, b and c", naming at most _MAX_KEYS_SHOWN of them."""
+    if len(names) == 1:
+        return f"key {names[0]}"
+    shown_names = names[:_MAX_KEYS_SHOWN]
+    more = f" and {len(names) - len(shown_names)} more" if len(names) > len(shown_names) else ""
+    return f"keys {', '.join(shown_names[:-1])} and {shown_names[-1]}{more}"
+
+
+def _verb(names: list[str], one: str, several: str) -> str:
+    return one if len(names) == 1 else several
+
+
+def _unknown_in(section: Any, known: tuple[str, ...], name: str) -> list[str]:
+    """The dotted names of the keys of a JSON object ``section`` that are not ``known`` (none when it is no object)."""
+    if not isinstance(section, dict):
+        return []  # its own check says what it must be
+    return [f"{name}.{shown_key(key)}" for key in section if key not in known]
+
+
 def _zero_plan_of_deepspeed(config: dict[str, Any]) -> Plan:
-    """The ZeRO Plan of a parsed DeepSpeed config (checked for size, not yet for types)."""
+    """The ZeRO Plan of a parsed DeepSpeed config whose keys are all known (checked for size, not yet for types)."""
     # "auto" (the HF templates' placeholder) means: not set here.
     zero = {key: value for key, value in config.pop("zero_optimization", {}).items() if value != "auto"}
     options: dict[str, Any] = {}
-    for key in ("optimizer", "scheduler"):
-        if key in config:
-            raise PlanError(f"key {key!r} is not honoured: meshplan steps the optimizer and scheduler your code "
-                            f"builds. Remove {key!r}.")
     for key, value in config.items():
         if key in ("gradient_accumulation_steps", "gradient_clipping") and value != "auto":
-            options[key] = value
+            options[key] = _integral_to_int(key, value)
         elif key in ("bf16", "fp16"):
-            if not isinstance(value, dict):
-                raise PlanError(f"key {key}={shown(value)} must be an object such as {{\"enabled\": true}}.")
-            if value.get("enabled") is True:
+            if _precision_enabled(key, value):
                 options["mixed_precision"] = key
-        elif key not in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-                         "gradient_clipping", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-                         "steps_per_print", "wall_clock_breakdown"):
-            raise PlanError(f"key {shown(key)} is not one meshplan honours.")
+        elif key in _FIXED_TOP_LEVEL_KEYS and value is not _FIXED_TOP_LEVEL_KEYS[key][0]:
+            wanted, reason = _FIXED_TOP_LEVEL_KEYS[key]
+            raise PlanError(f"key {key}={shown(value)} is not honoured: {reason}; write {json.dumps(wanted)} or "
+                            f"remove it.")
+        elif key in ("train_batch_size", "train_micro_batch_size_per_gpu") and value not in ("auto", None):
+            raise PlanError(f"key {key}={shown(value)} is not honoured: the batch size is your DataLoader's (with "
+                            f"the HF Trainer, per_device_train_batch_size and gradient_accumulation_steps); write "
+                            f"\"auto\".")
     offload_optimizer_section = _object(zero.pop("offload_optimizer", None), "zero_optimization.offload_optimizer")
     offload_param_section = _object(zero.pop("offload_param", None), "zero_optimization.offload_param")
     offload_optimizer = _offload(offload_optimizer_section.get("device"), "zero_optimization.offload_optimizer.device")
     offload_parameters = _offload(offload_param_section.get("device"), "zero_optimization.offload_param.device")
     pin_memory = False
-    for name, section in (("offload_optimizer", offload_optimizer_section), ("offload_param", offload_param_section)):
+    for name, section, offloaded in (("offload_optimizer", offload_optimizer_section, offload_optimizer),
+                                     ("offload_param", offload_param_section, offload_parameters)):
         value = section.get("pin_memory") or False  # null or absent: DeepSpeed's default, false
         if not isinstance(value, bool):
             raise PlanError(f"key zero_optimization.{name}.pin_memory={shown(value)} must be true or false.")
-        pin_memory = pin_memory or value
+        pin_memory = pin_memory or value and offloaded  # with device "none" there is nothing to pin
     stage = zero.pop("stage", 0)
+    for key, (wanted, reason) in _FIXED_ZERO_KEYS.items():
+        value = zero.pop(key, wanted)
+        if value is not wanted:
+            raise PlanError(f"key zero_optimization.{key}={shown(value)} is not honoured: {reason}; write "
+                            f"{json.dumps(wanted)} or remove it.")
     for key, value in zero.items():
-        options[key] = value  # Plan checks each name and type (keys of a JSON object are strings)
+        options[key] = _integral_to_int(key, value)  # Plan checks each name and type (JSON keys are strings)
     if pin_memory:
         options["pin_memory"] = True
     return Plan.build("zero", zero_stage=stage, offload_optimizer=offload_optimizer,
                       offload_parameters=offload_parameters, options=options)
+
+
+def _integral_to_int(option: str, value: Any) -> Any:
+    """An integral float (JSON's 1e9) as the int an integer option takes; other values as they are, for the Plan."""
+    if option in INTEGER_OPTIONS and type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+def _precision_enabled(key: str, section: Any) -> bool:
+    """Whether a bf16 or fp16 section turns that precision on; "auto" leaves it to the front end."""
+    if not isinstance(section, dict):
+        raise PlanError(f"key {key}={shown(section)} must be an object such as {{\"enabled\": true}}.")
+    enabled = section.get("enabled")
+    if not (enabled is None or isinstance(enabled, bool) or enabled == "auto"):
+        raise PlanError(f"key {key}.enabled={shown(enabled)} must be true, false or \"auto\".")
+    if key == "fp16":
+        _check_fp16_defaults(section)
+    return enabled is True
+
+
+def _check_fp16_defaults(section: dict[str, Any]) -> None:
+    """Refuses an fp16 loss-scaling setting other than DeepSpeed's default, which is all meshplan writes."""
+    for name, default in _FP16_DEFAULTS.items():
+        value = section.get(name, default)
+        if value != default or isinstance(value, bool) is not isinstance(default, bool):
+            raise PlanError(f"key fp16.{name}={shown(value)} is not honoured: meshplan keeps DeepSpeed's default, "
+                            f"{json.dumps(default)}; write that or remove it.")
 
 
 def _refuse_unsupported_sections(config: Mapping[str, Any]) -> None:
@@ -751,5 +926,5 @@ def _check_size(value: Any, where: str) -> None:
 
 
 def catalogue() -> dict[str, Recipe]:
-    """The recipes shipped in recipes/, by file name."""
-    return {path.name: read_recipe(path) for path in sorted(CATALOGUE_DIR.glob("*.yaml"))}
+    """The recipes shipped in CATALOGUE_DIR (the repository's recipes/), by file name."""
+    return {name: read_recipe(CATALOGUE_DIR / name) for name in catalogue_names()}

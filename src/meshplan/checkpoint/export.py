@@ -1,7 +1,7 @@
 """A meshplan checkpoint -> a Hugging Face model directory, one tensor at a time.
 
 Whatever layout wrote the checkpoint (DDP, ZeRO 1/2/3, TP, TP x DP; Lightning or Accelerate),
-its tensors are whole, so export only copies them out: each tensor is read from the checkpoint
+provided it holds a transformers PreTrainedModel, its tensors are whole, so export only copies them out: each tensor is read from the checkpoint
 and appended to its output safetensors file before the next is read. Peak memory is the largest
 tensor, not the model.
 """
@@ -29,13 +29,18 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: 
            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Writes the Hugging Face model in ``checkpoint`` to ``out_dir`` (config.json plus safetensors).
 
+    Only a transformers ``PreTrainedModel`` can be exported (its config is what makes the folder
+    loadable); a checkpoint of plain torch modules is read with ``CheckpointReader`` or
+    ``load_training_state`` instead.
+
     The model is written into a new hidden folder beside ``out_dir`` (``.NAME.partial-XXXXXXXX``)
     that is renamed to ``out_dir`` once complete; on any failure, an interrupt included, that
     folder is removed and ``out_dir`` is left as it was. Nothing that was there before is
     deleted or written over.
 
     Args:
-        checkpoint: a meshplan checkpoint directory (from any strategy, Lightning or Accelerate).
+        checkpoint: a meshplan checkpoint directory (from any strategy, Lightning or Accelerate) that
+            holds a transformers PreTrainedModel.
         out_dir: a new (or empty) directory, not a link (missing parents are created);
             ``from_pretrained(out_dir)`` loads the model.
         model: which model, when the checkpoint holds several: its prefix, e.g. ``"model"``.
@@ -43,7 +48,8 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: 
             is split into ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``.
 
     Raises:
-        CheckpointError: ``out_dir`` cannot be created, or the checkpoint cannot be read.
+        CheckpointError: ``out_dir`` cannot be created, the checkpoint cannot be read, or it holds no
+            PreTrainedModel (or several, and ``model`` names none of them).
         OSError: writing failed (the partial folder is removed first).
     """
     out = Path(out_dir).absolute()
@@ -119,6 +125,8 @@ def _write_model(reader: CheckpointReader, shards: list[list[tuple[str, str]]], 
 
 def _pick_model(reader: CheckpointReader, wanted: str | None) -> tuple[str, dict[str, Any]]:
     found = [(module, entry) for module, entries in reader.manifest["models"].items() for entry in entries]
+    if not found:
+        raise _no_pretrained_model(reader)
     if wanted is not None:
         prefix = wanted.rstrip(".") + "." if wanted else ""
         found = [(module, entry) for module, entry in found if entry["prefix"] == prefix]
@@ -131,6 +139,20 @@ def _pick_model(reader: CheckpointReader, wanted: str | None) -> tuple[str, dict
             f"(prefixes: {where}{more}); name one with model=PREFIX (--model PREFIX)."
         )
     return found[0]
+
+
+def _no_pretrained_model(reader: CheckpointReader) -> CheckpointError:
+    """The error for a checkpoint of plain torch modules: what export needs, and how to read the tensors instead."""
+    names = list(reader.manifest["models"])
+    modules = ", ".join(shown(name) for name in names[:_SHOWN_PREFIXES])
+    modules += ", ..." if len(names) > _SHOWN_PREFIXES else ""
+    example = shown(names[0]) if names else "'model'"
+    return CheckpointError(
+        f"checkpoint {shown(str(reader.path))} holds no transformers PreTrainedModel (export writes only those, as a "
+        f"from_pretrained directory); its models ({modules or 'none'}) are plain torch modules. Read its tensors "
+        f"with meshplan.checkpoint.CheckpointReader(path) (keys() and tensor(key)), or load them into your module "
+        f"with meshplan.checkpoint.load_training_state(path, {{{example}: module}}, {{}})."
+    )
 
 
 def _hf_names(reader: CheckpointReader, prefix: str) -> list[tuple[str, str]]:

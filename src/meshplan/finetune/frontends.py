@@ -226,6 +226,10 @@ def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
         output_dir=str(Path(job.output) / "trainer"), per_device_train_batch_size=job.batch_size // world_size,
         max_steps=job.max_steps, learning_rate=job.learning_rate, lr_scheduler_type="constant", logging_steps=1,
         save_strategy="no", report_to="none", seed=job.seed, disable_tqdm=True,  # the launcher draws meshplan's own bar
+        # transformers multiplies the loss by the world size when the model's forward takes **kwargs,
+        # expecting its loss to divide by num_items_in_batch; a classifier's loss ignores it, so its
+        # loss (and gradients) would be the world size times too large.
+        average_tokens_across_devices=prepared.task == "causal-lm",
         **meshplan.from_recipe(job.recipe).training_arguments(),
     )
     reporter = ProgressReporter()

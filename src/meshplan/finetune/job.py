@@ -198,7 +198,10 @@ class Prepared:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.data = encode(splits, self.tokenizer, text, label, self.label_names, job.max_length)
-        self.model = self._model(job)
+        # from_pretrained returns a model in eval mode (dropout off). The HF Trainer switches it to
+        # training mode itself; Lightning (2.2 on) keeps each module's mode, and an Accelerate loop
+        # trains whatever mode it is given, so every front end starts from training mode here.
+        self.model = self._model(job).train()
 
     def _model(self, job: FinetuneJob) -> torch.nn.Module:
         if self.task == "causal-lm":

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 from meshplan.errors import PlanError
+from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
 from meshplan.plan import Plan, normalize_precision
 
 
@@ -109,22 +109,6 @@ class PlanStrategyMixin:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None:
             _check_training_settings(self.plan, trainer)
-
-
-def warn_if_restarts_share_the_rendezvous_store() -> None:
-    """Warns when torchrun will restart workers that share its rendezvous store (pytorch/pytorch#135712).
-
-    Restarted workers can then read the dead attempt's addresses from the store and hang while
-    creating the process group; torchrun needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
-    """
-    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
-    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
-        warnings.warn(
-            f"torchrun --max-restarts {restarts} shares its rendezvous store with the workers: a restarted job can "
-            f"read the failed attempt's addresses and hang while it starts (pytorch/pytorch#135712). Launch torchrun "
-            f"with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.",
-            stacklevel=2,
-        )
 
 
 # The Lightning Trainer argument that holds each training setting a recipe may fix.

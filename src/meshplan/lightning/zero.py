@@ -7,6 +7,7 @@ checks and gives DeepSpeed the config rendered from the Plan; everything else is
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from lightning.fabric.strategies.deepspeed import _validate_device_index_selection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from torch.nn import Module
 from typing_extensions import override
 
 from meshplan.deepspeed_config import deepspeed_config
@@ -64,6 +66,14 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    @override
+    def init_deepspeed(self) -> None:
+        module = self.model
+        if self.lightning_module.trainer.training:
+            _unhook_earlier_engines(module)
+        super().init_deepspeed()
+        _remember_engine(module, self.model)
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -123,6 +133,41 @@ def _check_equal_batch_counts(dataloader: object, trainer: Any) -> None:
         f"of samples that splits evenly (a multiple of {len(counts)} processes x the batch size), or run {name} "
         f"with ZeRO stage 1 or 2, or in one process."
     )
+
+
+# Per module, the DeepSpeed engines built around it, weakly: what keeps an engine alive once its
+# Trainer stage is over is the hooks it left on the module.
+_EARLIER_ENGINES: weakref.WeakKeyDictionary[Module, list[weakref.ref]] = weakref.WeakKeyDictionary()
+
+
+def _remember_engine(module: Module, engine: Any) -> None:
+    """Notes that ``engine`` has put its hooks on ``module``."""
+    _EARLIER_ENGINES.setdefault(module, []).append(weakref.ref(engine))
+
+
+def _unhook_earlier_engines(module: Module) -> None:
+    """Takes the hooks of every earlier DeepSpeed engine off ``module`` before a training engine is built.
+
+    Every Trainer stage (validate, fit, test, ...), of any Trainer, builds a new engine, and under
+    ZeRO-3 each engine hooks every submodule to gather its parameters. Lightning removes earlier
+    hooks before an evaluation engine but not before a training one, so a fit after a validate
+    also ran the evaluation engine's hooks, with that engine's own parameter-fetch trace; after a
+    single validation batch that trace was still being recorded, under module ids the new engine
+    had since renumbered, and the first training step failed inside DeepSpeed with "IndexError:
+    pop from an empty deque". Those engines are finished with: ``destroy`` removes their ZeRO
+    optimizer's module and gradient hooks, and the engine's own forward hooks are removed here
+    (destroy leaves them, and they would keep the engine and its optimizer state alive).
+    """
+    for reference in _EARLIER_ENGINES.pop(module, []):
+        engine = reference()
+        if engine is None:
+            continue
+        engine.destroy()
+        # The engine's own forward hooks; getattr, as DeepSpeed versions older than 0.19 are not checked here.
+        for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+            handle = getattr(engine, name, None)
+            if handle is not None:
+                handle.remove()
 
 
 def _use_deepspeed_accelerator_for(device: torch.device) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from meshplan.errors import PlanError
-from meshplan.tp.apply import pattern_to_regex
+from meshplan.tp.apply import linear_layer_patterns, listed, pattern_to_regex, unshardable_layer_names
 
 # BERT-family encoders (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, ...) ship without a TP plan. Their
 # layers share one structure, so one Megatron plan fits them all: Q, K, V and the MLP's first
@@ -25,7 +25,8 @@ BERT_FAMILY_PLAN = {
     "encoder.layer.*.output.dense": "rowwise",
 }
 
-_EXAMPLE_PLAN = '{"encoder.layer.*.attention.self.query": "colwise", ..., "encoder.layer.*.output.dense": "rowwise"}'
+# Where resolve_tp_plan takes a model's plan from; "none" means it raises.
+PLAN_SOURCES = ("user", "own", "inferred", "none")
 
 # Config fields that the colwise/rowwise split divides by tp_size.
 _SPLIT_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -41,30 +42,76 @@ def find_pretrained_models(root: nn.Module) -> list[tuple[str, PreTrainedModel]]
     return found
 
 
+def tp_plan_source(model: PreTrainedModel, user_plan: dict[str, str] | None = None) -> str:
+    """Where ``resolve_tp_plan`` takes the plan for ``model`` from, one of ``PLAN_SOURCES``.
+
+    "user": the plan passed; "own": the plan transformers resolved for the model from its
+    config's ``base_model_tp_plan``; "inferred": meshplan's BERT-family plan; "none": no plan.
+    """
+    if user_plan is not None:
+        return "user"
+    if own_tp_plan(model):
+        return "own"
+    if infer_tp_plan(model) is not None:
+        return "inferred"
+    return "none"
+
+
+def own_tp_plan(model: PreTrainedModel) -> dict[str, str]:
+    """The plan transformers resolved for ``model`` (its ``_tp_plan``), empty when it has none."""
+    return dict(getattr(model, "_tp_plan", None) or {})
+
+
 def resolve_tp_plan(model: PreTrainedModel, user_plan: dict[str, str] | None = None) -> dict[str, str]:
     """The TP plan for ``model``, with patterns relative to ``model`` itself.
 
     Order: the user's plan (patterns relative to the base model, as in ``base_model_tp_plan``,
     or to the whole model), else the plan transformers resolved for the model, else a plan
-    inferred from the model's structure.
+    inferred from the model's structure (see ``tp_plan_source``).
 
     Raises:
-        PlanError: the model has no plan and none can be inferred.
+        PlanError: the model has no plan and none can be inferred; the message shows a plan built
+            from the model's own nn.Linear layers, or says that none can work.
     """
-    if user_plan is not None:
+    source = tp_plan_source(model, user_plan)
+    if source == "user":
         plan = {_relative_to_model(model, pattern): style for pattern, style in user_plan.items()}
         return _keep_tied_embeddings_whole(model, plan, refuse=True)
-    own_plan = dict(getattr(model, "_tp_plan", None) or {})
-    if own_plan:
-        return _keep_tied_embeddings_whole(model, own_plan, refuse=False)
-    inferred = infer_tp_plan(model)
-    if inferred is not None:
-        return inferred
-    raise PlanError(
-        f"{type(model).__name__} has no tensor-parallel plan (its config has no base_model_tp_plan) and meshplan "
-        f"cannot infer one from its structure. Pass one, in the syntax of base_model_tp_plan, with patterns relative "
-        f"to the base model: TensorParallel(tp_size=2, tp_plan={_EXAMPLE_PLAN}). Styles: colwise, rowwise."
+    if source == "own":
+        return _keep_tied_embeddings_whole(model, own_tp_plan(model), refuse=False)
+    if source == "inferred":
+        return infer_tp_plan(model)
+    raise _no_plan_error(model)
+
+
+def _no_plan_error(model: PreTrainedModel) -> PlanError:
+    """Why ``model`` has no plan, and what works instead: a plan of its own nn.Linear layers, or DDP/ZeRO."""
+    missing = f"{type(model).__name__} has no tensor-parallel plan (its config has no base_model_tp_plan)"
+    patterns = linear_layer_patterns(model.base_model)  # relative to the base model, as a user plan is
+    if not patterns:
+        return PlanError(
+            f"{missing}, and no TP plan can work for it: {_what_its_blocks_hold(model)}, and torch's tensor "
+            f"parallel styles shard only nn.Linear and nn.Embedding. Use DDP or ZeRO for this model."
+        )
+    # A block's first layer is an attention input (colwise), its last the MLP's output (rowwise).
+    example = f'"{patterns[0]}": "colwise"' + (f', ..., "{patterns[-1]}": "rowwise"' if len(patterns) > 1 else "")
+    return PlanError(
+        f"{missing} and meshplan cannot infer one from its structure (it infers plans for BERT-family encoders "
+        f"only). Pass one, in the syntax of base_model_tp_plan, with patterns relative to the base model, built "
+        f"from its nn.Linear layers ({listed(patterns)}): TensorParallel(tp_size=2, tp_plan={{{example}}}). "
+        f"Styles: colwise for a layer whose output the next sharded layer takes (Q, K, V, the MLP's first), "
+        f"rowwise for that next layer (the attention output, the MLP's second)."
     )
+
+
+def _what_its_blocks_hold(model: PreTrainedModel) -> str:
+    """For a model without nn.Linear layers in its blocks: the classes its blocks use instead (GPT-2's Conv1D)."""
+    unshardable = unshardable_layer_names(model)
+    if not unshardable:
+        return "its blocks hold no nn.Linear layer"
+    modules = dict(model.named_modules())
+    classes = sorted({type(modules[name]).__name__ for name in unshardable})
+    return f"its blocks' layers are {' and '.join(classes)} ({listed(unshardable, limit=2)}), not nn.Linear"
 
 
 def _keep_tied_embeddings_whole(model: PreTrainedModel, plan: dict[str, str], *, refuse: bool) -> dict[str, str]:
@@ -106,15 +153,31 @@ def infer_tp_plan(model: PreTrainedModel) -> dict[str, str] | None:
 
 def check_tp_size(model: PreTrainedModel, tp_size: int) -> None:
     """Raises a PlanError when ``tp_size`` does not divide a dimension that TP splits."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for field in _SPLIT_FIELDS:
-        value = getattr(config, field, None)
-        if isinstance(value, int) and value % tp_size:
-            raise PlanError(
-                f"tp_size={tp_size} does not divide {field}={value} of {type(model).__name__}: each of the "
-                f"{tp_size} tensor-parallel ranks must hold a whole number of them. Use a tp_size that divides "
-                f"{value}."
-            )
+    for where, config in _sized_configs(model.config):
+        for field in _SPLIT_FIELDS:
+            value = getattr(config, field, None)
+            if isinstance(value, int) and value % tp_size:
+                raise PlanError(
+                    f"tp_size={tp_size} does not divide {field}={value} of {type(model).__name__}{where}: each of "
+                    f"the {tp_size} tensor-parallel ranks must hold a whole number of them. Use a tp_size that "
+                    f"divides {value}."
+                )
+
+
+def _sized_configs(config: object) -> list[tuple[str, object]]:
+    """``(where, config)`` for the configs that hold the sizes TP splits.
+
+    The text model's config; a decoder's when a model has two text configs. A heterogeneous config
+    (sizes that vary by layer) refuses to give a global size, so each layer's config is checked.
+    """
+    if hasattr(config, "get_text_config"):
+        try:
+            config = config.get_text_config()
+        except ValueError:  # both a text encoder and a decoder: the decoder is the one trained
+            config = config.get_text_config(decoder=True)
+    if getattr(config, "is_heterogeneous", False):
+        return [(f" (layer {index})", layer) for index, layer in enumerate(config.per_layer_config)]
+    return [("", config)]
 
 
 def _is_inside(name: str, outer: str) -> bool:
