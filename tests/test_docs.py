@@ -31,7 +31,8 @@ PAGES = [page for page in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.m
          if page.exists()]
 FRAGMENT_MARK = "# fragment"
 # Names a fragment may use without defining them: the objects of the user's own script.
-PLACEHOLDERS = {"model", "optimizer", "loader", "dataset", "module", "my_lightning_module", "trainer", "accelerator"}
+PLACEHOLDERS = {"model", "optimizer", "loader", "dataset", "module", "my_lightning_module", "trainer", "accelerator",
+                "Regression", "data"}  # the last two: the guide's Lightning script, which its fragments extend
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console", "zsh"}
 # Variables that would make a block's process look like one a launcher started.
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
