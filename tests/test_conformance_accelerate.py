@@ -45,7 +45,7 @@ def test_a_launch_whose_recipe_cannot_be_found_is_refused_not_guessed() -> None:
     # macOS, SLURM, pdsh or a launcher that is not the direct parent: no command line to read.
     with pytest.raises(PlanError) as error:
         launched_recipe_extras(parent_pid=os.getpid(), environ=TP_LAUNCH_ENVIRONMENT)
-    assert RECIPE_VARIABLE in str(error.value) and "meshplan.accelerator('recipes/zero3.yaml')" in str(error.value)
+    assert RECIPE_VARIABLE in str(error.value) and "meshplan.accelerator('zero3')" in str(error.value)
 
 
 def test_meshplan_recipe_naming_no_file_is_a_plan_error(tmp_path: Path) -> None:
