@@ -57,22 +57,18 @@ def _recipe_file(name: str | os.PathLike) -> str:
 
 def _print_recipe_path(name: str) -> int:
     """Prints the absolute path of the recipe ``name`` means (a file here, else a catalogue name); 2 when none."""
-    import os
+    from meshplan.recipes import catalogue_listing
 
-    from meshplan.recipes import catalogue_names, find_recipe
-
-    path = find_recipe(name)
+    path = _recipe_file(name)
     if not os.path.lexists(path):
-        names = ", ".join(file_name.removesuffix(".yaml") for file_name in catalogue_names())
         return _refuse("meshplan recipes", f"--path {shown(name)}: there is no such file, and it is no catalogue name; "
-                                           f"the catalogue holds {names}.")
-    print(os.path.abspath(path))
+                                           f"the catalogue holds {catalogue_listing()}.")
+    print(path)
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from meshplan.checkpoint import CheckpointError
     from meshplan.errors import PlanError

@@ -112,13 +112,18 @@ def catalogue_names() -> list[str]:
     return sorted((path.name for path in CATALOGUE_DIR.glob("*.yaml")), key=lambda name: name.removesuffix(".yaml"))
 
 
+def catalogue_listing() -> str:
+    """The shipped recipes' names for a message: ``ddp, ddp-2node, tp, ...``."""
+    return ", ".join(name.removesuffix(".yaml") for name in catalogue_names())
+
+
 def _not_in_catalogue(name: str | os.PathLike) -> str:
     """The end of a "does not exist" message: that ``name`` is no catalogue name either, or, for a
     broken link named like one, that the link shadows the catalogue's recipe."""
     if _catalogue_file(Path(name)) is not None:
         return "is a link that leads nowhere; it shadows the shipped recipe of that name: remove it, or pass another path."
-    names = ", ".join(name.removesuffix(".yaml") for name in catalogue_names())
-    return f"is no catalogue name either; the catalogue holds {names} (`meshplan recipes` lists their paths)."
+    return (f"is no catalogue name either; the catalogue holds {catalogue_listing()} "
+            f"(`meshplan recipes` lists their paths).")
 
 
 def read_recipe(path: str | os.PathLike) -> Recipe:
@@ -535,10 +540,8 @@ def _zero_plan_of_deepspeed(config: dict[str, Any]) -> Plan:
         elif key in ("bf16", "fp16"):
             if _precision_enabled(key, value):
                 options["mixed_precision"] = key
-        elif key in _FIXED_TOP_LEVEL_KEYS and value is not _FIXED_TOP_LEVEL_KEYS[key][0]:
-            wanted, reason = _FIXED_TOP_LEVEL_KEYS[key]
-            raise PlanError(f"key {key}={shown(value)} is not honoured: {reason}; write {json.dumps(wanted)} or "
-                            f"remove it.")
+        elif key in _FIXED_TOP_LEVEL_KEYS:
+            _refuse_another_value(key, value, *_FIXED_TOP_LEVEL_KEYS[key])
         elif key in ("train_batch_size", "train_micro_batch_size_per_gpu") and value not in ("auto", None):
             raise PlanError(f"key {key}={shown(value)} is not honoured: the batch size is your DataLoader's (with "
                             f"the HF Trainer, per_device_train_batch_size and gradient_accumulation_steps); write "
@@ -556,16 +559,19 @@ def _zero_plan_of_deepspeed(config: dict[str, Any]) -> Plan:
         pin_memory = pin_memory or value and offloaded  # with device "none" there is nothing to pin
     stage = zero.pop("stage", 0)
     for key, (wanted, reason) in _FIXED_ZERO_KEYS.items():
-        value = zero.pop(key, wanted)
-        if value is not wanted:
-            raise PlanError(f"key zero_optimization.{key}={shown(value)} is not honoured: {reason}; write "
-                            f"{json.dumps(wanted)} or remove it.")
+        _refuse_another_value(f"zero_optimization.{key}", zero.pop(key, wanted), wanted, reason)
     for key, value in zero.items():
         options[key] = _integral_to_int(key, value)  # Plan checks each name and type (JSON keys are strings)
     if pin_memory:
         options["pin_memory"] = True
     return Plan.build("zero", zero_stage=stage, offload_optimizer=offload_optimizer,
                       offload_parameters=offload_parameters, options=options)
+
+
+def _refuse_another_value(key: str, value: Any, wanted: bool, reason: str) -> None:
+    """Refuses a key that meshplan accepts only at the value it sets itself, saying why."""
+    if value is not wanted:
+        raise PlanError(f"key {key}={shown(value)} is not honoured: {reason}; write {json.dumps(wanted)} or remove it.")
 
 
 def _integral_to_int(option: str, value: Any) -> Any:
