@@ -3,7 +3,7 @@
     python scripts/compatibility.py                 # runs the conformance tests (about 10 minutes on 2 cores)
     python scripts/compatibility.py --from-log F    # renders a log a test run wrote (MESHPLAN_MATRIX_LOG=F pytest ...)
 
-Each conformance test asserts its cells, then records them (tests/matrix.py); a cell that failed
+Each conformance test asserts its cells, then records them (tests/helpers/matrix.py); a cell that failed
 is never recorded, so the table shows only what passed, and an empty cell means "not proven".
 """
 

@@ -11,8 +11,8 @@ if [ "$gpus" -lt 1 ]; then
     exit 2
 fi
 python3 -c "import torch, torch.distributed as d; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0), 'nccl', d.is_nccl_available())"
-MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 scripts/parity_report.py --max-processes "$gpus"
+MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 tests/scripts/parity_report.py --max-processes "$gpus"
 # Checkpoints: exact resume per strategy and resume under another layout (needs 4 GPUs for TP x DP).
 if [ "$gpus" -ge 4 ]; then
-    MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 scripts/checkpoint_report.py
+    MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 tests/scripts/checkpoint_report.py
 fi

@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 import torch
 
-import parity
+from helpers import parity
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,9 +24,9 @@ def run_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory) -> It
 @pytest.fixture(scope="session")
 def deepspeed_ops() -> None:
     """Builds DeepSpeed's CPU communication op once, before workers race to compile it (cached afterwards)."""
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from meshplan._compat.deepspeed import build_cpu_communication_op
 
-    ShareMemCommBuilder().load()
+    build_cpu_communication_op()
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +40,3 @@ def reference_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         torch.save(parity.reference_run(model, clip), paths[key])
     return paths
 
-
-def load_reference(paths: dict[str, str], key: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The (losses, weights) of one reference run."""
-    return torch.load(paths[key], weights_only=True)

@@ -4,7 +4,7 @@ Each single-machine recipe starts N workers (2; 4 for tp-dp) with `--num_process
 each two-node recipe runs as two launcher invocations (machine rank 0 and 1) on 127.0.0.1.
 The global loss per step and the final weights must match the single-process reference, with
 a gradient norm above DeepSpeed's default clipping (so a clip the recipe did not ask for shows).
-The same launch then checks the Accelerate rows of the conformance matrix (tests/matrix.py):
+The same launch then checks the Accelerate rows of the conformance matrix (tests/helpers/matrix.py):
 prepare of model, optimizer, loaders and scheduler, save_state/load_state, gather_for_metrics
 with an eval set the world does not divide, reduce, clip_grad_norm_, get_state_dict,
 save_model, the save_pretrained pattern of the HF examples, and a clean exit. Every launch runs
@@ -23,16 +23,16 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import accelerate_train
-import matrix
 import meshplan
-import parity
-from conftest import load_reference
+from helpers import accelerate_train, matrix, parity
+from helpers.parity import load_reference
 from meshplan.recipes import CATALOGUE_DIR, RECIPE_VARIABLE
 from meshplan.testing import free_port, spawn
 
+pytestmark = pytest.mark.slow  # every test launches or spawns training workers
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "accelerate_train.py"
+SCRIPT = ROOT / "tests" / "scripts" / "accelerate_train.py"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 SINGLE_MACHINE = [("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2), ("zero3-offload", 2), ("tp", 2), ("tp-dp", 4)]

@@ -22,32 +22,14 @@ import torch
 from transformers import LlamaForCausalLM
 
 import meshplan
-import parity
-import resume
-from conftest import load_reference
+from helpers import parity, resume
+from helpers.parity import load_reference
+from helpers.resume import CROSS_LAYOUT, LAYOUTS, RESUMED_AFTER, step_checkpoint
 from meshplan.checkpoint import (CheckpointError, CheckpointReader, latest_checkpoint, load_training_state,
                                  save_training_state)
 from meshplan.cli import main
 from meshplan.plan import Plan
 from meshplan.testing import free_port, spawn
-
-LAYOUTS = {
-    "DDP": Plan.build("ddp"),
-    "ZeRO-1": Plan.build("zero", zero_stage=1),
-    "ZeRO-2": Plan.build("zero", zero_stage=2),
-    "ZeRO-3": Plan.build("zero", zero_stage=3),
-    "ZeRO-3-offload": Plan.build("zero", zero_stage=3, offload_optimizer=True, offload_parameters=True),
-    "TP-2": Plan.build("tp", tp_size=2),
-}
-RESUMED_AFTER = 2
-# (label, checkpoint written by, layout resumed under)
-CROSS_LAYOUT = [("ZeRO-3->TP-2", "ZeRO-3", "TP-2"), ("TP-2->ZeRO-2", "TP-2", "ZeRO-2"),
-                ("4-processes->ZeRO-2", "TP-2xDP-2", "ZeRO-2")]
-
-
-def _step(label: str, step: int) -> str:
-    return f"{label}/step={step}.ckpt"
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -64,14 +46,14 @@ def four_process_results(folder: Path, reference_paths: dict[str, str]) -> dict:
 def two_process_results(folder: Path, reference_paths: dict[str, str], four_process_results: dict,
                         deepspeed_ops: None) -> dict:
     runs = [{"label": label, "model": "llama", "plan": plan} for label, plan in LAYOUTS.items()]
-    runs += [{"label": f"{label}-resumed", "model": "llama", "plan": plan, "resume": str(folder / _step(label, RESUMED_AFTER))}
+    runs += [{"label": f"{label}-resumed", "model": "llama", "plan": plan, "resume": str(folder / step_checkpoint(label, RESUMED_AFTER))}
              for label, plan in LAYOUTS.items()]
-    runs += [{"label": label, "model": "llama", "plan": LAYOUTS[target], "resume": str(folder / _step(source, RESUMED_AFTER))}
+    runs += [{"label": label, "model": "llama", "plan": LAYOUTS[target], "resume": str(folder / step_checkpoint(source, RESUMED_AFTER))}
              for label, source, target in CROSS_LAYOUT]
     # Parameters whose size the process count does not divide: ZeRO-3 pads their last partition.
     runs += [{"label": "ZeRO-3-uneven", "model": "llama-odd", "plan": LAYOUTS["ZeRO-3"]},
              {"label": "ZeRO-3-uneven-resumed", "model": "llama-odd", "plan": LAYOUTS["ZeRO-3"],
-              "resume": str(folder / _step("ZeRO-3-uneven", RESUMED_AFTER))}]
+              "resume": str(folder / step_checkpoint("ZeRO-3-uneven", RESUMED_AFTER))}]
     runs += [{"label": "full-disk-on-rank-1", "model": "llama", "plan": LAYOUTS["DDP"], "fail_writes_on_rank": 1}]
     results = spawn(resume.train_and_resume, 2, runs, reference_paths, str(folder), timeout=900)
     results[0]["full-disk-on-rank-1"]["rank 0"] = results[0]["full-disk-on-rank-1"]["error"]
@@ -83,7 +65,7 @@ def two_process_results(folder: Path, reference_paths: dict[str, str], four_proc
 def one_process_results(folder: Path, reference_paths: dict[str, str], two_process_results: dict) -> dict:
     unsafe = _plant_unsafe_checkpoints(folder)
     runs = [{"label": "ZeRO-3->one-process", "model": "llama", "plan": Plan.build("ddp"),
-             "resume": str(folder / _step("ZeRO-3", RESUMED_AFTER))}]
+             "resume": str(folder / step_checkpoint("ZeRO-3", RESUMED_AFTER))}]
     runs += [{"label": name, "model": "llama", "plan": Plan.build("ddp"), "resume": str(path), "expect_error": True}
              for name, path in unsafe.items()]
     return spawn(resume.train_and_resume, 1, runs, reference_paths, str(folder), timeout=300)[0]
@@ -99,12 +81,14 @@ def _assert_continues_reference(result: dict, reference_paths: dict[str, str], f
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", LAYOUTS)
 def test_uninterrupted_run_with_checkpoints_matches_reference(label: str, two_process_results: dict,
                                                               reference_paths: dict[str, str]) -> None:
     _assert_continues_reference(two_process_results[label], reference_paths, first_step=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", LAYOUTS)
 def test_resume_after_step_2_reproduces_the_uninterrupted_run(label: str, two_process_results: dict,
                                                               reference_paths: dict[str, str]) -> None:
@@ -113,30 +97,35 @@ def test_resume_after_step_2_reproduces_the_uninterrupted_run(label: str, two_pr
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][RESUMED_AFTER:], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", [label for label, _, _ in CROSS_LAYOUT])
 def test_resume_under_another_layout_continues_the_reference(label: str, two_process_results: dict,
                                                              reference_paths: dict[str, str]) -> None:
     _assert_continues_reference(two_process_results[label], reference_paths, first_step=RESUMED_AFTER)
 
 
+@pytest.mark.slow
 def test_zero3_resume_with_padded_partitions(two_process_results: dict, reference_paths: dict[str, str]) -> None:
     _assert_continues_reference(two_process_results["ZeRO-3-uneven"], reference_paths, 0, model="llama-odd")
     _assert_continues_reference(two_process_results["ZeRO-3-uneven-resumed"], reference_paths, RESUMED_AFTER, model="llama-odd")
 
 
+@pytest.mark.slow
 def test_zero3_checkpoint_resumes_in_one_process(one_process_results: dict, reference_paths: dict[str, str]) -> None:
     _assert_continues_reference(one_process_results["ZeRO-3->one-process"], reference_paths, first_step=RESUMED_AFTER)
 
 
+@pytest.mark.slow
 def test_four_process_checkpoint_was_written_by_four_ranks(four_process_results: dict, folder: Path) -> None:
-    manifest = json.loads((folder / _step("TP-2xDP-2", RESUMED_AFTER) / "meshplan-checkpoint.json").read_text())
+    manifest = json.loads((folder / step_checkpoint("TP-2xDP-2", RESUMED_AFTER) / "meshplan-checkpoint.json").read_text())
     assert manifest["world_size"] == 4
     assert sorted(set(manifest["tensors"].values())) == [f"tensors-0000{rank}-of-00004.safetensors" for rank in range(4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", [*LAYOUTS, "TP-2xDP-2"])
 def test_export_gives_the_trained_model(label: str, two_process_results: dict, folder: Path, tmp_path: Path) -> None:
-    out = meshplan.export(folder / _step(label, parity.STEPS), tmp_path / "model")
+    out = meshplan.export(folder / step_checkpoint(label, parity.STEPS), tmp_path / "model")
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     exported = LlamaForCausalLM.from_pretrained(out)
     trained = torch.load(folder / f"{label}.weights.pt", weights_only=True)
@@ -144,8 +133,9 @@ def test_export_gives_the_trained_model(label: str, two_process_results: dict, f
         assert torch.equal(parameter.detach(), trained[name]), name
 
 
+@pytest.mark.slow
 def test_large_export_is_sharded_with_an_index(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
-    out = meshplan.export(folder / _step("ZeRO-3", parity.STEPS), tmp_path / "model", max_shard_size="40KB")
+    out = meshplan.export(folder / step_checkpoint("ZeRO-3", parity.STEPS), tmp_path / "model", max_shard_size="40KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 2 and set(index["weight_map"].values()) == {shard.name for shard in shards}
@@ -174,7 +164,7 @@ def _plant_unsafe_checkpoints(folder: Path) -> dict[str, Path]:
     """A checkpoint whose state.pt is a malicious pickle (manifest updated to match), and a
     Lightning-style pickled .ckpt file with the same payload."""
     planted = folder / "planted"
-    shutil.copytree(folder / _step("ZeRO-3", RESUMED_AFTER), planted)
+    shutil.copytree(folder / step_checkpoint("ZeRO-3", RESUMED_AFTER), planted)
     payload = pickle.dumps({"global_step": _RunsCodeWhenUnpickled(folder / MARKER)})
     (planted / "state.pt").write_bytes(payload)
     manifest = json.loads((planted / "meshplan-checkpoint.json").read_text())
@@ -185,6 +175,7 @@ def _plant_unsafe_checkpoints(folder: Path) -> dict[str, Path]:
     return {"planted-pickle": planted, "pickled-file": pickled_file}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["planted-pickle", "pickled-file"])
 def test_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(name: str, one_process_results: dict,
                                                                           folder: Path) -> None:
@@ -193,6 +184,7 @@ def test_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(name: 
     assert not (folder / MARKER).exists()
 
 
+@pytest.mark.slow
 def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank(two_process_results: dict, folder: Path) -> None:
     # Rank 1's disk is full: both ranks raise (none waits forever for the other) and nothing is published.
     result = two_process_results["full-disk-on-rank-1"]
@@ -203,9 +195,10 @@ def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank(two_process_re
     assert latest_checkpoint(folder / "full-disk-on-rank-1") is None
 
 
+@pytest.mark.slow
 def test_torn_checkpoint_is_refused_naming_what_is_missing(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
     torn = tmp_path / "torn"
-    shutil.copytree(folder / _step("DDP", parity.STEPS), torn)
+    shutil.copytree(folder / step_checkpoint("DDP", parity.STEPS), torn)
     (torn / "tensors-00001-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="torn: tensors-00001-of-00002.safetensors is missing"):
         CheckpointReader(torn)
@@ -214,9 +207,10 @@ def test_torn_checkpoint_is_refused_naming_what_is_missing(two_process_results: 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_truncated_file_and_missing_manifest_are_refused(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
     truncated = tmp_path / "truncated"
-    shutil.copytree(folder / _step("TP-2", parity.STEPS), truncated)
+    shutil.copytree(folder / step_checkpoint("TP-2", parity.STEPS), truncated)
     shard = truncated / "tensors-00000-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"tensors-00000-of-00002.safetensors has \d+ bytes, the manifest says \d+"):
@@ -226,18 +220,19 @@ def test_truncated_file_and_missing_manifest_are_refused(two_process_results: di
         CheckpointReader(truncated)
 
 
+@pytest.mark.slow
 def test_latest_checkpoint_skips_partial_and_torn_saves(two_process_results: dict, folder: Path, tmp_path: Path) -> None:
     for step in (1, 2, 3):
-        shutil.copytree(folder / _step("DDP", step), tmp_path / f"step={step}.ckpt")
+        shutil.copytree(folder / step_checkpoint("DDP", step), tmp_path / f"step={step}.ckpt")
     (tmp_path / "step=3.ckpt" / "state.pt").unlink()  # torn
-    shutil.copytree(folder / _step("DDP", 4), tmp_path / ".step=4.ckpt.partial")  # an unpublished save
+    shutil.copytree(folder / step_checkpoint("DDP", 4), tmp_path / ".step=4.ckpt.partial")  # an unpublished save
     assert latest_checkpoint(tmp_path) == str(tmp_path / "step=2.ckpt")
 
 
 # ---------------------------------------------------------------- crashes under torchrun
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-FAULT_SCRIPT = Path(__file__).with_name("fault_train.py")
+FAULT_SCRIPT = Path(__file__).parent / "scripts" / "fault_train.py"
 
 
 def _torchrun(folder: Path, *arguments: str) -> str:
@@ -252,6 +247,7 @@ def _torchrun(folder: Path, *arguments: str) -> str:
     return process.stdout + process.stderr
 
 
+@pytest.mark.slow
 def test_killed_ranks_restart_and_resume_to_the_uninterrupted_weights(tmp_path: Path, deepspeed_ops: None) -> None:
     _torchrun(tmp_path / "uninterrupted", "zero2")
     _torchrun(tmp_path / "killed", "zero2", "--kill")
@@ -269,15 +265,16 @@ def test_killed_ranks_restart_and_resume_to_the_uninterrupted_weights(tmp_path: 
 # ---------------------------------------------------------------- the export command
 
 
+@pytest.mark.slow
 def test_export_command_writes_a_model_and_refuses_bad_input(two_process_results: dict, folder: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["export", str(folder / _step("TP-2", parity.STEPS)), str(tmp_path / "model")]) == 0
+    assert main(["export", str(folder / step_checkpoint("TP-2", parity.STEPS)), str(tmp_path / "model")]) == 0
     assert LlamaForCausalLM.from_pretrained(tmp_path / "model") is not None
     capsys.readouterr()  # from_pretrained's progress bar
     assert main(["export", str(folder / "no-such-checkpoint"), str(tmp_path / "other")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("meshplan export: no checkpoint at") and len(error.splitlines()) == 1
-    assert main(["export", str(folder / _step("TP-2", parity.STEPS)), str(tmp_path / "model")]) == 2  # not empty
+    assert main(["export", str(folder / step_checkpoint("TP-2", parity.STEPS)), str(tmp_path / "model")]) == 2  # not empty
     assert "already exists" in capsys.readouterr().err
 
 
@@ -311,8 +308,9 @@ def test_export_of_a_checkpoint_without_a_pretrained_model_says_so_and_how_to_re
 # ---------------------------------------------------------------- Accelerate's automatic checkpoint naming
 
 
+@pytest.mark.slow  # trains the tiny model in this process
 def test_accelerate_automatic_naming_keeps_total_limit_and_loads_the_latest(tmp_path: Path) -> None:
-    from accelerate.state import AcceleratorState, GradientState
+    from meshplan._compat.accelerate import reset_process_state
     from accelerate.utils import ProjectConfiguration
 
     project = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2)
@@ -338,5 +336,4 @@ def test_accelerate_automatic_naming_keeps_total_limit_and_loads_the_latest(tmp_
         assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
         assert all(torch.equal(optimizer.state[p]["step"], torch.tensor(3.0)) for p in model.parameters())
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_process_state()

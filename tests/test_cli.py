@@ -42,3 +42,16 @@ def test_recipes_path_of_an_unknown_name_exits_with_code_2_and_lists_the_catalog
     assert captured.err.startswith("meshplan recipes: --path 'zero4': there is no such file, and it is no "
                                    "catalogue name")
     assert "zero3-offload" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_recipes_path_of_a_directory_exits_with_code_2_but_a_catalogue_name_wins_over_one(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["recipes", "--path", "runs"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"meshplan recipes: --path 'runs': '{tmp_path / 'runs'}' is a directory, not a recipe file")
+    (tmp_path / "zero3").mkdir()  # an output folder named like a recipe does not shadow it
+    assert main(["recipes", "--path", "zero3"]) == 0
+    assert capsys.readouterr().out == f"{CATALOGUE_DIR / 'zero3.yaml'}\n"

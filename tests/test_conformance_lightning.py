@@ -1,10 +1,10 @@
 """The Lightning conformance matrix: an ordinary Lightning script's everyday APIs under every layout.
 
 Two spawns carry every cell (process start-up dominates the cost): one of 2 workers runs the
-whole script of tests/conformance_lightning.py under ddp, zero1, zero2, zero3, zero3-offload
+whole script of tests/helpers/conformance_lightning.py under ddp, zero1, zero2, zero3, zero3-offload
 and tp in turn, one of 4 workers under tp-dp (TP 2 x DP 2). Each test below asserts one group
 of cells for every layout against numbers computed here, in one process, and then records the
-cells it proved in the conformance matrix (tests/matrix.py).
+cells it proved in the conformance matrix (tests/helpers/matrix.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
-import conformance_lightning as script
-import matrix
-import parity
-from conformance_lightning import ACCUMULATE, CLIP, EPOCHS, GAMMA, LEARNING_RATE, STEPS_PER_EPOCH, eval_set
+from helpers import conformance_lightning as script
+from helpers import matrix, parity
+from helpers.conformance_lightning import ACCUMULATE, CLIP, EPOCHS, GAMMA, LEARNING_RATE, STEPS_PER_EPOCH, eval_set
 from meshplan.testing import spawn
 
 TWO_PROCESS_LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp"]
@@ -124,6 +123,7 @@ def _is_zero3(layout: str) -> bool:
 # ---------------------------------------------------------------- the cells
 
 
+@pytest.mark.slow  # trains the tiny model in this process
 def test_the_reference_clips_and_accumulates(reference: dict[str, Any]) -> None:
     # Otherwise the clipping cells would prove nothing: the norm is above the threshold at every
     # step, and clipping moves the reference's weights far beyond the parity tolerance.
@@ -132,6 +132,7 @@ def test_the_reference_clips_and_accumulates(reference: dict[str, Any]) -> None:
     assert len(reference["losses"]) == ACCUMULATE * STEPS and len(reference["norms"]) == STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fit_accumulates_clips_and_schedules_as_one_process(layout: str, results: dict, reference: dict) -> None:
     result = results[layout]
@@ -145,6 +146,7 @@ def test_fit_accumulates_clips_and_schedules_as_one_process(layout: str, results
                                         'precision "32-true"': matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["same_trainer", "new_trainer"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_validate_test_and_predict_after_fit(layout: str, trainer: str, results: dict, trained_eval: dict) -> None:
@@ -171,6 +173,7 @@ def test_validate_test_and_predict_after_fit(layout: str, trainer: str, results:
     matrix.record("Lightning", layout, cells)
 
 
+@pytest.mark.slow
 def test_a_sharded_module_refuses_another_tp_size(results: dict) -> None:
     # The module keeps the sharding of its first run; a Trainer with another tp_size must say so
     # (before any collective) instead of sharding it twice.
@@ -186,6 +189,7 @@ def _plain_logits(weights: dict[str, np.ndarray], samples: int) -> np.ndarray:
     return _plain_model(weights)(input_ids=eval_set("predict", samples).input_ids).logits[:, -1].numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_validate_and_test_load_the_weights_of_a_checkpoint(layout: str, results: dict, trained_eval: dict) -> None:
     # A new module on a new Trainer: the losses are the trained model's only if the weights were loaded.
@@ -211,6 +215,7 @@ def _csv_values(rows: list[dict[str, str]], column: str) -> dict[int, float]:
     return {step: logged.pop() for step, logged in values.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_model_checkpoint_keeps_the_expected_checkpoints(layout: str, results: dict) -> None:
     result = results[layout]
@@ -226,6 +231,7 @@ def test_model_checkpoint_keeps_the_expected_checkpoints(layout: str, results: d
     matrix.record("Lightning", layout, {"ModelCheckpoint (every_n_train_steps, save_last, save_top_k)": matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_learning_rate_monitor_and_csv_logger_log_every_step(layout: str, results: dict, reference: dict) -> None:
     rows = results[layout]["csv"]
@@ -237,6 +243,7 @@ def test_learning_rate_monitor_and_csv_logger_log_every_step(layout: str, result
     matrix.record("Lightning", layout, {"LearningRateMonitor": matrix.WORKS, "CSVLogger": matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sync_dist_logs_the_mean_over_ranks(layout: str, results: dict) -> None:
     result = results[layout]
@@ -246,6 +253,7 @@ def test_sync_dist_logs_the_mean_over_ranks(layout: str, results: dict) -> None:
     matrix.record("Lightning", layout, {"self.log(sync_dist=True)": matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fit_resumes_from_last_as_if_never_stopped(layout: str, results: dict) -> None:
     result, resumed = results[layout], results[layout]["resume"]
@@ -258,6 +266,7 @@ def test_fit_resumes_from_last_as_if_never_stopped(layout: str, results: dict) -
     matrix.record("Lightning", layout, {'resume with ckpt_path="last"': matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_early_stopping_stops_after_patience(layout: str, results: dict) -> None:
     run = results[layout]["bf16"]
@@ -267,6 +276,7 @@ def test_early_stopping_stops_after_patience(layout: str, results: dict) -> None
     matrix.record("Lightning", layout, {"EarlyStopping": matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bf16_mixed_trains_close_to_fp32(layout: str, results: dict) -> None:
     run, fp32 = results[layout]["bf16"], results[layout]["losses"]

@@ -134,6 +134,7 @@ with open(report, "w") as file:
 '''
 
 
+@pytest.mark.slow
 def test_complete_blocks_run_on_cpu(tmp_path: Path) -> None:
     blocks = tmp_path / "blocks.json"
     blocks.write_text(json.dumps([{"label": block.label, "code": block.code} for block in COMPLETE_BLOCKS]))

@@ -23,6 +23,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from meshplan.models import minilm_path
 from meshplan.recipes import CATALOGUE_DIR
 
+pytestmark = pytest.mark.slow  # each example trains in a process of its own
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BIN = Path(sys.executable).parent  # the virtual environment's python, accelerate and torchrun
 STEPS = 2

@@ -47,6 +47,7 @@ def _finetune(*arguments: str, timeout: float = 420) -> subprocess.CompletedProc
     return subprocess.run([str(MESHPLAN), "finetune", *arguments], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("framework", "recipe"), RUNS, ids=[f"{framework}-{recipe}" for framework, recipe in RUNS])
 def test_finetune_trains_and_saves_a_loadable_model(framework: str, recipe: str, tmp_path: Path) -> None:
     output = tmp_path / "out"
@@ -94,6 +95,7 @@ def _encoded_test_split(model_dir: Path):
     return encode(splits, tokenizer, text, label, label_names(splits, label, None), 48)["test"]
 
 
+@pytest.mark.slow
 def test_finetune_trains_a_causal_lm_on_a_text_file(tmp_path: Path) -> None:
     model_dir = tmp_path / "tiny-llama"
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -110,6 +112,7 @@ def test_finetune_trains_a_causal_lm_on_a_text_file(tmp_path: Path) -> None:
     assert isinstance(LlamaForCausalLM.from_pretrained(output), LlamaForCausalLM)
 
 
+@pytest.mark.slow
 def test_a_failing_worker_shows_its_traceback_from_this_run(tmp_path: Path) -> None:
     model_dir = tmp_path / "torn-model"
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -129,6 +132,7 @@ def test_a_failing_worker_shows_its_traceback_from_this_run(tmp_path: Path) -> N
     assert "an earlier run's failure" not in run.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_worker(tmp_path: Path) -> None:
     process = subprocess.Popen([str(MESHPLAN), "finetune", "--max-steps", "100000", "--output", str(tmp_path / "out")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -211,6 +215,7 @@ def test_bad_input_exits_2_with_one_paragraph(case: str, tmp_path: Path, tiny_ll
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_the_console_script_exits_2_without_a_traceback(tmp_path: Path) -> None:
     run = _finetune("--recipe", str(tmp_path / "nope.yaml"), "--output", str(tmp_path / "out"), timeout=120)
     assert run.returncode == 2
@@ -243,6 +248,7 @@ def _run_and_kill_a_worker_after_a_checkpoint(arguments: list[str], output: Path
     return log.read_text()
 
 
+@pytest.mark.slow
 def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path: Path) -> None:
     arguments = ["--max-steps", "12", "--checkpoint-every", "2"]
     uninterrupted = _finetune(*arguments, "--output", str(tmp_path / "uninterrupted"))
@@ -264,6 +270,7 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_pat
     assert metrics["eval_accuracy_before"] == before  # measured once, before the first step, and checkpointed
 
 
+@pytest.mark.slow
 def test_accelerate_front_end_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:
     common = ["--framework", "accelerate", "--recipe", str(CATALOGUE_DIR / "tp.yaml"), "--checkpoint-every", "2",
               "--output", str(tmp_path / "out")]

@@ -15,10 +15,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import matrix
-import parity
-import trainer_train
 import meshplan
+from helpers import matrix, parity, trainer_train
 from meshplan import DDP, PlanError, TensorParallel, ZeRO
 from meshplan.recipes import CATALOGUE_DIR
 from meshplan.testing import spawn
@@ -53,6 +51,7 @@ def trainer_results(trainer_reference, tmp_path_factory: pytest.TempPathFactory,
     return spawn(trainer_train.run_recipes, 2, RECIPES, trainer_reference[1], output, timeout=600)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.rsplit("/", 1)[-1])
 def test_trainer_with_recipe_matches_its_single_process_reference(recipe: str, trainer_results: dict, trainer_reference) -> None:
     result = trainer_results[recipe]
@@ -153,6 +152,7 @@ def _assert_loads_as(folder: Path, weights: dict[str, torch.Tensor]) -> None:
         assert torch.equal(saved[name].detach(), weight), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=_layout)
 def test_train_evaluates_and_checkpoints_at_the_requested_steps(recipe: str, trainer_results: dict) -> None:
     result = trainer_results[recipe]
@@ -167,6 +167,7 @@ def test_train_evaluates_and_checkpoints_at_the_requested_steps(recipe: str, tra
     matrix.record(FRONT_END, _layout(recipe), {"train with eval and save steps": matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=_layout)
 def test_evaluate_reports_the_loss_of_the_trained_model_on_the_eval_set(recipe: str, trainer_results: dict) -> None:
     # On a set the world's eval batches divide: on others the Trainer's own eval_loss weights the
@@ -179,6 +180,7 @@ def test_evaluate_reports_the_loss_of_the_trained_model_on_the_eval_set(recipe: 
     matrix.record(FRONT_END, _layout(recipe), {"trainer.evaluate": matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=_layout)
 def test_predict_returns_each_eval_sample_exactly_once(recipe: str, trainer_results: dict) -> None:
     result = trainer_results[recipe]
@@ -192,6 +194,7 @@ def test_predict_returns_each_eval_sample_exactly_once(recipe: str, trainer_resu
     matrix.record(FRONT_END, _layout(recipe), {"trainer.predict (exact count)": matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=_layout)
 def test_save_model_writes_weights_that_from_pretrained_loads(recipe: str, trainer_results: dict) -> None:
     # Under zero3 it wrote no weights ("no file named model.safetensors") until the DeepSpeed
@@ -201,6 +204,7 @@ def test_save_model_writes_weights_that_from_pretrained_loads(recipe: str, train
     matrix.record(FRONT_END, _layout(recipe), {"save_model + from_pretrained": matrix.WORKS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=_layout)
 def test_resume_from_checkpoint_ends_where_the_uninterrupted_run_ends(recipe: str, trainer_results: dict) -> None:
     result = trainer_results[recipe]

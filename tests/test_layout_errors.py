@@ -12,11 +12,11 @@ import warnings
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 import meshplan
+from meshplan._compat.accelerate import shared_state
 from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
-from layouts import accelerator_plan_error, plan_errors
+from helpers.layouts import accelerator_plan_error, plan_errors
 from meshplan.recipes import CATALOGUE_DIR
 from meshplan.testing import spawn
 
@@ -43,6 +43,7 @@ EXPECTED = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_layouts_raise_plan_errors_on_every_rank_before_any_collective() -> None:
     per_rank = spawn(plan_errors, 2, CASES, timeout=180)
     for messages in per_rank:
@@ -51,6 +52,7 @@ def test_bad_layouts_raise_plan_errors_on_every_rank_before_any_collective() -> 
             assert expected in message
 
 
+@pytest.mark.slow
 def test_accelerate_refuses_a_tp_size_the_model_cannot_take_before_sharding() -> None:
     recipe_strategy = meshplan.from_recipe(CATALOGUE_DIR / "tp.yaml")
     for message in spawn(accelerator_plan_error, 2, recipe_strategy, {"num_key_value_heads": 1}, timeout=180):
@@ -68,13 +70,13 @@ def test_accelerator_refuses_a_device_that_would_drop_zero(cuda: bool, cpu: bool
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    state_before = dict(AcceleratorState._shared_state)
+    state_before = shared_state()
     with pytest.raises(meshplan.PlanError) as error:
         meshplan.accelerator(meshplan.ZeRO(stage=2), cpu=cpu)
     assert expected in str(error.value)
     if cpu:
         assert 'CUDA_VISIBLE_DEVICES=""' in str(error.value)
-    assert AcceleratorState._shared_state == state_before  # raised before any Accelerator was built
+    assert shared_state() == state_before  # raised before any Accelerator was built
 
 
 def test_accelerator_refuses_zero_when_the_launch_asked_for_the_cpu_with_gpus_present(

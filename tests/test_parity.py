@@ -9,50 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-import meshplan
-import parity
-from conftest import load_reference
-from meshplan.recipes import CATALOGUE_DIR
+from helpers import parity
+from helpers.parity import CLIP, Case, load_reference
+from helpers.parity_cases import FOUR_PROCESS_CASES, TWO_PROCESS_CASES
 from meshplan.testing import spawn
-from parity import CLIP, Case
 
-TWO_PROCESS_CASES = [
-    *(
-        case
-        for model in ("llama", "minilm")
-        for case in (
-            Case(model, "DDP", meshplan.DDP(), 4),
-            Case(model, "ZeRO-1", meshplan.ZeRO(stage=1), 4),
-            Case(model, "ZeRO-2", meshplan.ZeRO(stage=2), 4),
-            Case(model, "ZeRO-3", meshplan.ZeRO(stage=3), 4),
-            Case(model, "ZeRO-3-offload", meshplan.ZeRO(stage=3, offload_optimizer=True, offload_parameters=True), 4),
-            Case(model, "TP-2", meshplan.TensorParallel(tp_size=2), 8),
-        )
-    ),
-    # The registered names, as Trainer(strategy="...") resolves them; meshplan_tp takes both processes.
-    *(Case("llama", name, name, 8 if name == "meshplan_tp" else 4) for name in meshplan.lightning.REGISTERED_STRATEGIES),
-    # Gradient clipping: Lightning clips for DDP and TP (on DTensors), DeepSpeed clips inside the engine.
-    Case("llama", "DDP-clip", meshplan.DDP(), 4, clip=CLIP),
-    Case("llama", "ZeRO-2-clip", meshplan.ZeRO(stage=2), 4, clip=CLIP),
-    Case("llama", "ZeRO-3-clip", meshplan.ZeRO(stage=3), 4, clip=CLIP),
-    Case("llama", "TP-2-clip", meshplan.TensorParallel(tp_size=2), 8, clip=CLIP),
-    # Tied embeddings stay whole (and tied) under TP; ZeRO-3 partitions the shared weight once.
-    Case("llama-tied", "TP-2", meshplan.TensorParallel(tp_size=2), 8),
-    Case("llama-tied", "ZeRO-3", meshplan.ZeRO(stage=3), 4),
-    # The catalogue's recipes in the Lightning Trainer, through meshplan.from_recipe.
-    *(
-        Case("llama", f"recipe-{name}", meshplan.from_recipe(CATALOGUE_DIR / f"{name}.yaml"), 8 if name == "tp" else 4)
-        for name in ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp")
-    ),
-]
-
-FOUR_PROCESS_CASES = [
-    Case("llama", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
-    Case("minilm", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
-    Case("llama", "TP-2xDP-2-clip", meshplan.TensorParallel(tp_size=2), 4, clip=CLIP),
-    Case("llama", "recipe-tp-dp", meshplan.from_recipe(CATALOGUE_DIR / "tp-dp.yaml"), 4),
-    Case("llama-tied", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
-]
+pytestmark = pytest.mark.slow  # every case trains in spawned workers
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 import meshplan
 from meshplan import DDP, PlanError, TensorParallel, ZeRO
+from meshplan._compat.lightning import ddp_keyword_arguments
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.plan import Plan
 
@@ -62,6 +63,36 @@ def test_contradictory_options_name_both_sides(build, fields: tuple[str, str]) -
         assert field in str(error.value)
 
 
+# The Plan itself, as recipes and the strategies build it: every invalid field is refused by name.
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: Plan("fsdp"), "strategy='fsdp'"),
+        (lambda: Plan("ddp", zero_stage=2), "zero_stage"),
+        (lambda: Plan("tp", offload_optimizer=True), "offload"),
+        (lambda: Plan("zero", zero_stage=True), "stage=True"),
+        (lambda: Plan("zero", zero_stage=3, offload_parameters="yes"), "offload_parameters='yes'"),
+        (lambda: Plan("ddp", tp_size=2), "tp_size"),
+        (lambda: Plan("tp", tp_size=True), "tp_size=True"),
+        (lambda: Plan("tp", tp_size=-2), "tp_size=-2"),
+        (lambda: Plan.build("zero", zero_stage=1, tp_plan={"lm_head": "colwise"}), "tp_plan"),
+        (lambda: Plan.build("tp", tp_plan="q_proj=colwise"), "tp_plan='q_proj=colwise'"),
+        (lambda: Plan.build("tp", tp_plan={1: "colwise"}), "tp_plan key 1"),
+        (lambda: Plan.build("tp", tp_plan={"": "colwise"}), "tp_plan key ''"),
+        (lambda: Plan.build("tp", tp_plan={"lm_head": None}), "tp_plan['lm_head']=None"),
+        (lambda: Plan.build("ddp", options={3: True}), "option key 3"),
+        (lambda: Plan.build("ddp", options={"mixed_precision": "fp8"}), "mixed_precision='fp8'"),
+        (lambda: Plan.build("ddp", options={"gradient_accumulation_steps": True}), "gradient_accumulation_steps=True"),
+        (lambda: Plan.build("zero", zero_stage=2, options={"gradient_clipping": float("nan")}), "gradient_clipping=nan"),
+        (lambda: Plan.build("tp", options={"static_graph": True}), "static_graph=True"),
+    ],
+)
+def test_each_invalid_plan_field_is_a_plan_error_naming_it(build, field: str) -> None:
+    with pytest.raises(PlanError) as error:
+        build()
+    assert field in str(error.value)
+
+
 def test_unknown_option_lists_the_valid_ones() -> None:
     with pytest.raises(PlanError) as error:
         DDP(bucket_cap=25)
@@ -90,7 +121,7 @@ def test_strategies_compare_by_plan() -> None:
 
 
 def test_options_reach_the_engines() -> None:
-    assert DDP(static_graph=True, bucket_cap_mb=50)._ddp_kwargs == {"bucket_cap_mb": 50, "static_graph": True}
+    assert ddp_keyword_arguments(DDP(static_graph=True, bucket_cap_mb=50)) == {"bucket_cap_mb": 50, "static_graph": True}
     assert DDP(process_group_backend="gloo").process_group_backend == "gloo"
     zero = ZeRO(stage=3, offload_optimizer=True, pin_memory=True, stage3_max_live_parameters=1000)
     assert zero.config["zero_optimization"] == {

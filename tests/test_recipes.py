@@ -13,8 +13,9 @@ import meshplan
 from meshplan import DDP, PlanError, TensorParallel, ZeRO
 from meshplan.accelerate import resolve_plan
 from meshplan.finetune.job import FinetuneJob
-from meshplan.recipes import (CATALOGUE_DIR, RECIPE_VARIABLE, catalogue, find_recipe, launched_recipe_extras,
-                              plan_from_environment)
+from meshplan.plan import Plan
+from meshplan.recipes import (CATALOGUE_DIR, RECIPE_VARIABLE, Recipe, catalogue, catalogue_names, find_recipe,
+                              launched_recipe_extras, plan_from_environment, read_recipe, write_recipe)
 
 ROUND_TRIP = [
     DDP(),
@@ -70,6 +71,30 @@ def test_the_catalogue_holds_every_recipe_with_its_layout() -> None:
 
 def test_the_repository_recipes_folder_is_the_catalogue() -> None:
     assert (Path(__file__).parents[1] / "recipes" / "zero3.yaml").read_text() == (CATALOGUE_DIR / "zero3.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", catalogue_names())
+def test_every_catalogue_recipe_written_back_reads_as_itself(name: str, tmp_path: Path) -> None:
+    recipe = read_recipe(CATALOGUE_DIR / name)
+    path = write_recipe(recipe.plan, tmp_path / name, num_processes=recipe.num_processes,
+                        num_machines=recipe.num_machines, description=recipe.description)
+    assert read_recipe(path) == recipe
+
+
+PLANS = [
+    Plan.build("ddp", options={"bucket_cap_mb": 25, "process_group_backend": "gloo"}),
+    Plan.build("zero", zero_stage=3, offload_optimizer=True, offload_parameters=True,
+               options={"gradient_clipping": 0.5, "stage3_max_live_parameters": 10 ** 9, "pin_memory": True}),
+    Plan.build("tp", tp_size=None, tp_plan={"layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}),
+    Plan.build("tp", tp_size=2, options={"mixed_precision": "bf16", "gradient_accumulation_steps": 4}),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda plan: plan.strategy)
+def test_a_plan_written_then_read_is_the_same_recipe(plan: Plan, tmp_path: Path) -> None:
+    description = "Two machines of two processes.\nWritten by a test."
+    path = write_recipe(plan, tmp_path / "recipe.yaml", num_processes=4, num_machines=2, description=description)
+    assert read_recipe(path) == Recipe(plan, num_processes=4, num_machines=2, description=description)
 
 
 def _write(tmp_path: Path, config: dict, name: str = "foreign.yaml") -> Path:

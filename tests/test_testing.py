@@ -6,8 +6,10 @@ import time
 
 import pytest
 
-from layouts import fail_on_rank_one, rank_and_world, sleep_forever
+from helpers.layouts import fail_on_rank_one, rank_and_world, sleep_forever
 from meshplan.testing import WorkerError, WorkerTimeout, spawn
+
+pytestmark = pytest.mark.slow  # every test starts worker processes
 
 
 def test_results_come_back_in_rank_order() -> None:

@@ -20,7 +20,7 @@ from meshplan.models import minilm_path
 from meshplan.tp.apply import match_plan
 from meshplan.tp.plans import check_tp_size, find_pretrained_models, resolve_tp_plan
 from meshplan.tp.shard import plan_models
-from parity import tiny_llama_config
+from helpers.parity import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -913,7 +913,7 @@ def test_accelerate_numbering_ignores_names_it_did_not_write() -> None:
 
 
 def test_accelerate_total_limit_deletes_only_its_own_checkpoints(pristine: Path, tmp_path: Path) -> None:
-    from accelerate.state import AcceleratorState, GradientState
+    from meshplan._compat.accelerate import reset_process_state
     from accelerate.utils import ProjectConfiguration
 
     folder = tmp_path / "checkpoints"
@@ -926,8 +926,7 @@ def test_accelerate_total_limit_deletes_only_its_own_checkpoints(pristine: Path,
         with pytest.warns(UserWarning, match="total_limit: meshplan kept .*checkpoint_0"):
             assert accelerator._save_location(None) == folder / "checkpoint_2"
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_process_state()
     assert sorted(path.name for path in folder.iterdir()) == ["checkpoint_0", "checkpoint_abc"]
     assert (folder / "checkpoint_0" / "notes.txt").read_text() == "mine"
 
@@ -1163,7 +1162,7 @@ class _Accelerate:
 def accelerate_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Accelerate]:
     """meshplan.accelerator (one process, no launcher) with a model, an AdamW, a LambdaLR and a registered object,
     and a checkpoint its save_state wrote; afterwards the weights, the step and the object's count all differ."""
-    from accelerate.state import AcceleratorState, GradientState
+    from meshplan._compat.accelerate import reset_process_state
 
     accelerator = meshplan.accelerator(meshplan.DDP())
     try:
@@ -1180,8 +1179,7 @@ def accelerate_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Accele
         accelerator.step, registered.count = 7, 8
         yield _Accelerate(accelerator, model, scheduler, registered, saved)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_process_state()
 
 
 def test_an_accelerate_checkpoint_loads_its_state(accelerate_run: _Accelerate, tmp_path: Path) -> None:
@@ -1628,6 +1626,7 @@ def _try_state_files(path: Path) -> str:
     return "state loaded"
 
 
+@pytest.mark.slow  # about a minute of mutated checkpoints on 2 cores
 def test_fuzzed_checkpoints_load_exactly_or_are_refused(pristine: Path, outside: Path, tmp_path: Path) -> None:
     rng = random.Random(FUZZ_SEED)
     model = _tiny_llama()

@@ -351,7 +351,7 @@ def test_a_bad_max_shard_size_is_one_line_before_any_work(size: str, checkpoint:
 
 
 def test_accelerate_finetune_prunes_only_its_own_checkpoints(tmp_path: Path) -> None:
-    from accelerate.state import AcceleratorState, GradientState
+    from meshplan._compat.accelerate import reset_process_state
 
     import meshplan
     from meshplan.finetune.frontends import _save_only_latest
@@ -365,7 +365,6 @@ def test_accelerate_finetune_prunes_only_its_own_checkpoints(tmp_path: Path) -> 
         for step in (2, 3):
             _save_only_latest(accelerator, _job(tmp_path), step)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_process_state()
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step=1", "step=3", "step=notes.txt"]
     assert _snapshot(checkpoints / "step=1") == before and (checkpoints / "step=notes.txt").read_text() == "mine"

@@ -14,12 +14,11 @@ other change than ``accelerator = meshplan.accelerator()``. What meshplan adds t
 from __future__ import annotations
 
 import atexit
-import contextlib
 import math
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +30,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
+from meshplan._compat import accelerate as accelerate_compat
+from meshplan._compat.accelerate import DATA_PARALLEL_DIMENSION, TENSOR_PARALLEL_DIMENSION
 from meshplan.checkpoint.accelerate_state import CheckpointingAccelerator
 from meshplan.checkpoint.pretrained import consolidated_state_dict
 from meshplan.deepspeed_config import deepspeed_config
@@ -95,7 +96,7 @@ def _runs_on_cpu(plan: Plan, accelerator_kwargs: dict[str, Any]) -> bool:
     """
     cuda = torch.cuda.is_available()
     # `accelerate launch --cpu`, or use_cpu: true in a recipe, asks every Accelerator for the CPU.
-    cpu_from_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("y", "yes", "t", "true", "on", "1")
+    cpu_from_launch = accelerate_compat.flag_set(accelerate_compat.USE_CPU)
     if plan.strategy == "zero" and cuda and (accelerator_kwargs.get("cpu") or cpu_from_launch):
         asked = ("cpu=True" if accelerator_kwargs.get("cpu")
                  else "ACCELERATE_USE_CPU (from `accelerate launch --cpu`, or use_cpu: true in the recipe)")
@@ -123,7 +124,7 @@ def _build_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> Acce
     if plan.strategy == "zero":
         return _deepspeed_accelerator(plan, on_cpu, kwargs)
     if plan.strategy == "tp":
-        with _environment_without("ACCELERATE_USE_PARALLELISM_CONFIG"):
+        with accelerate_compat.launched_parallelism_config_hidden():
             return TensorParallelAccelerator(plan, cpu=on_cpu, **kwargs)
     if plan.engine_options:
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), DistributedDataParallelKwargs(**plan.engine_options)]
@@ -204,17 +205,8 @@ def _deepspeed_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> 
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
     # The launcher lists the recipe's deepspeed_config keys here; Accelerate would then refuse a
     # plugin built from a dict. The config rendered from the Plan already holds them.
-    with _environment_without("ACCELERATE_CONFIG_DS_FIELDS"):
+    with accelerate_compat.launched_deepspeed_fields_hidden():
         return ZeROAccelerator(plan, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **kwargs)
-
-
-@contextlib.contextmanager
-def _environment_without(*names: str) -> Iterator[None]:
-    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 class ZeROAccelerator(CheckpointingAccelerator):
@@ -256,9 +248,10 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         self.tp_size = plan.resolved_tp_size(int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes)))
         plan.check_world_size(self.num_processes, self.tp_size)
         # Accelerate's data loaders read these dimension names to shard by data-parallel rank.
-        self.state.device_mesh = init_device_mesh(
-            self.device.type, (self.num_processes // self.tp_size, self.tp_size), mesh_dim_names=("dp_replicate", "tp")
-        )
+        accelerate_compat.set_device_mesh(self, init_device_mesh(
+            self.device.type, (self.num_processes // self.tp_size, self.tp_size),
+            mesh_dim_names=(DATA_PARALLEL_DIMENSION, TENSOR_PARALLEL_DIMENSION),
+        ))
         self._tp_modules: list[nn.Module] = []
         self._replaced_parameters: dict[int, tuple[weakref.ref, str]] = {}  # parameters sharding replaced
         self._reduce_over_world = False  # set while check_trigger reduces
@@ -272,14 +265,17 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         for optimizer in optimizers:
             self._refuse_stale(optimizer)
         prepared = super().prepare(*args, device_placement=device_placement)
-        for optimizer in self._optimizers:
-            _step_with_implicit_replication(optimizer)
+        for optimizer in accelerate_compat.prepared_optimizers(self):
+            # Foreach optimizers mix sharded (DTensor) and replicated (plain) parameters in one kernel
+            # call; implicit replication lets torch treat the plain ones as replicated DTensors.
+            accelerate_compat.run_step_inside(optimizer, implicit_replication)
         return prepared
 
     def _shard(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
         plans = plan_models(module, self.tp_size, self.plan.tp_plan_dict)  # every check before a collective
         before = dict(module.named_parameters())
-        shard_models(module, plans, self.device, self.state.device_mesh["tp"], self.state.device_mesh["dp_replicate"])
+        mesh = self.torch_device_mesh
+        shard_models(module, plans, self.device, mesh[TENSOR_PARALLEL_DIMENSION], mesh[DATA_PARALLEL_DIMENSION])
         after = dict(module.named_parameters())
         replaced = {name: parameter for name, parameter in before.items() if after[name] is not parameter}
         _repoint_optimizers(optimizers, {id(parameter): name for name, parameter in replaced.items()}, after)
@@ -301,8 +297,7 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         """A sharded model is kept as it is: no DDP wrapper, gradients are averaged in ``backward``."""
         if sharding_mesh(model) is None:
             return super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
-        if model not in self._models:
-            self._models.append(model)
+        accelerate_compat.keep_prepared_model(self, model)
         return model
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
@@ -310,7 +305,7 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         super().backward(loss, **kwargs)
         if self.sync_gradients:
             for module in self._tp_modules:
-                average_gradients(module, self.state.device_mesh["dp_replicate"])
+                average_gradients(module, self.torch_device_mesh[DATA_PARALLEL_DIMENSION])
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
         """Clips over sharded and replicated parameters together."""
@@ -401,18 +396,3 @@ def _repoint_optimizers(optimizers: list[torch.optim.Optimizer], names_before: d
                 parameters_after[names_before[id(parameter)]] if id(parameter) in names_before else parameter
                 for parameter in group["params"]
             ]
-
-
-def _step_with_implicit_replication(optimizer: Any) -> None:
-    # Foreach optimizers mix sharded (DTensor) and replicated (plain) parameters in one kernel
-    # call; implicit replication lets torch treat the plain ones as replicated DTensors.
-    if getattr(optimizer, "_meshplan_wrapped", False):
-        return
-    step = optimizer.step
-
-    def step_with_implicit_replication(*args: Any, **kwargs: Any) -> Any:
-        with implicit_replication():
-            return step(*args, **kwargs)
-
-    optimizer.step = step_with_implicit_replication
-    optimizer._meshplan_wrapped = True

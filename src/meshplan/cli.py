@@ -63,6 +63,9 @@ def _print_recipe_path(name: str) -> int:
     if not os.path.lexists(path):
         return _refuse("meshplan recipes", f"--path {shown(name)}: there is no such file, and it is no catalogue name; "
                                            f"the catalogue holds {catalogue_listing()}.")
+    if os.path.isdir(path):  # a folder named like no recipe: accelerate launch would fail on it later, less clearly
+        return _refuse("meshplan recipes", f"--path {shown(name)}: {shown(path)} is a directory, not a recipe file, "
+                                           f"and it is no catalogue name; the catalogue holds {catalogue_listing()}.")
     print(path)
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from meshplan._compat import accelerate as accelerate_compat
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
 from meshplan.plan import Plan
@@ -73,19 +74,15 @@ def _launched_as_a_group(environ: Mapping[str, str] | None = None) -> bool:
     initialized").
     """
     environ = os.environ if environ is None else environ
-    sizes = [environ.get(name, "1") for name in _WORLD_SIZE_VARIABLES]
+    sizes = [environ.get(name, "1") for name in accelerate_compat.WORLD_SIZE_VARIABLES]
     return "LOCAL_RANK" in environ or any(size.isdigit() and int(size) > 1 for size in sizes)
-
-
-# The world-size variables of the launchers Accelerate recognises (torchrun, Intel MPI/PMI, Open MPI, MVAPICH).
-_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def _refuse_leftover_deepspeed(plan: Plan) -> None:
     # TrainingArguments without `deepspeed` still builds a DeepSpeed plugin when this variable is
     # set, so the Trainer would run DeepSpeed in place of the plan's layout. Accelerate sets it in
     # `accelerate launch` of a DeepSpeed config and leaves it set after any DeepSpeed Accelerator.
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes", "y", "on", "t"):
+    if accelerate_compat.flag_set(accelerate_compat.USE_DEEPSPEED):
         raise PlanError(
             f"ACCELERATE_USE_DEEPSPEED=true is set in this process, so the HF Trainer would run DeepSpeed instead "
             f"of strategy={plan.strategy!r}. It comes from `accelerate launch` with a DeepSpeed config, or from an "

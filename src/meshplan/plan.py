@@ -12,13 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from meshplan.errors import PlanError, shown, shown_key
-from meshplan.tp.apply import STYLES as TP_STYLES
 
 STRATEGIES = ("ddp", "zero", "tp")
 ZERO_STAGES = (1, 2, 3)
 PROCESS_GROUP_BACKENDS = ("gloo", "nccl", "mpi", "ccl", "hccl")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRAINING_OPTIONS = ("mixed_precision", "gradient_accumulation_steps", "gradient_clipping")
+# The styles a tp_plan may name: those of transformers' base_model_tp_plan that meshplan applies
+# (meshplan.tp.apply realizes each with one of torch's ParallelStyles). Megatron's pair is
+# "colwise" (the output stays split for the next layer) then "rowwise" (partial sums are added
+# up); "replicate" leaves a module whole on every rank.
+TP_STYLES = ("colwise", "rowwise", "colwise_gather_output", "colwise_rep", "rowwise_rep", "rowwise_split_input",
+             "embedding_rowwise", "replicate")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from meshplan._compat import accelerate as accelerate_compat
 from meshplan.errors import PlanError, shown, shown_key
 from meshplan.plan import INTEGER_OPTIONS, MIXED_PRECISIONS, ZERO_SECTION_OPTIONS, Plan
 
@@ -200,7 +201,7 @@ def plan_from_accelerate_config(config: Mapping[str, Any], extras: Mapping[str, 
 def started_by_a_launcher(environ: Mapping[str, str] | None = None) -> bool:
     """Whether a launcher (torchrun, ``accelerate launch``, DeepSpeed's) started this process."""
     environ = os.environ if environ is None else environ
-    return "LOCAL_RANK" in environ or "ACCELERATE_USE_DEEPSPEED" in environ
+    return "LOCAL_RANK" in environ or accelerate_compat.USE_DEEPSPEED in environ
 
 
 def plan_from_environment(environ: Mapping[str, str] | None = None, extras: Mapping[str, Any] | None = None) -> Plan | None:
@@ -213,18 +214,16 @@ def plan_from_environment(environ: Mapping[str, str] | None = None, extras: Mapp
     if not started_by_a_launcher(environ):
         return None
     config: dict[str, Any] = {"distributed_type": "MULTI_GPU"}
-    precision = environ.get("ACCELERATE_MIXED_PRECISION")
+    precision = environ.get(accelerate_compat.MIXED_PRECISION)
     if precision:
         config["mixed_precision"] = precision
-    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if accelerate_compat.switched_on(accelerate_compat.USE_DEEPSPEED, environ):
         config["distributed_type"] = "DEEPSPEED"
         config["deepspeed_config"] = _deepspeed_config_from_environment(environ)
-    if environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
-        config["parallelism_config"] = {
-            f"parallelism_config_{name.lower()}": _environment_number(environ, f"PARALLELISM_CONFIG_{name}")
-            for name in ("TP_SIZE", "DP_SHARD_SIZE", "CP_SIZE", "SP_SIZE")
-            if f"PARALLELISM_CONFIG_{name}" in environ
-        }
+    if accelerate_compat.switched_on(accelerate_compat.USE_PARALLELISM_CONFIG, environ):
+        config["parallelism_config"] = {key: _environment_number(environ, variable)
+                                        for variable, key in accelerate_compat.PARALLELISM_VARIABLES.items()
+                                        if variable in environ}
     try:
         return plan_from_accelerate_config(config, extras)
     except PlanError as error:
@@ -266,9 +265,7 @@ def launched_recipe_extras(parent_pid: int | None = None, environ: Mapping[str, 
             return {}
         where = f"recipe {_shown_path(path)}"
         return _header_extras(read_untrusted_text(path, where, missing=f"{where} does not exist."), where)
-    # `accelerate launch` exports these (ACCELERATE_DYNAMO_BACKEND on every path but DeepSpeed's
-    # own launcher, which exports ACCELERATE_USE_DEEPSPEED); a user exporting a setting does not.
-    if "ACCELERATE_DYNAMO_BACKEND" in environ or "ACCELERATE_USE_DEEPSPEED" in environ:
+    if accelerate_compat.launched_by_accelerate(environ):
         raise PlanError(
             "meshplan.accelerator() cannot find the recipe `accelerate launch` started this process with (Accelerate "
             "does not pass the config file's path to its workers, and the launching command line cannot be read "
@@ -288,38 +285,22 @@ def _recipe_of_parent(parent_pid: int | None) -> tuple[bool, Path | None]:
         cwd = (parent / "cwd").resolve()
     except OSError:
         return False, None
-    launcher_names = ("accelerate", "accelerate-launch")
-    if not any(Path(argument).name in launcher_names or "accelerate.commands" in argument for argument in arguments[:3]):
+    if not accelerate_compat.is_accelerate_launch(arguments):
         return False, None
-    for index, argument in enumerate(arguments):
-        value = None
-        if argument == "--config_file" and index + 1 < len(arguments):
-            value = arguments[index + 1]
-        elif argument.startswith("--config_file="):
-            value = argument.split("=", 1)[1]
-        if value:
-            path = Path(value) if Path(value).is_absolute() else cwd / value
-            # Anything there is read (and refused if it is no plain file); nothing there: no recipe.
-            return True, path if os.path.lexists(path) else None
-    from accelerate.commands.config import default_config_file  # what `accelerate launch` reads without one
-
-    return True, Path(default_config_file) if Path(default_config_file).is_file() else None
+    value = accelerate_compat.config_file_argument(arguments)
+    if value:
+        path = Path(value) if Path(value).is_absolute() else cwd / value
+        # Anything there is read (and refused if it is no plain file); nothing there: no recipe.
+        return True, path if os.path.lexists(path) else None
+    default = accelerate_compat.default_config_file()  # what `accelerate launch` reads without one
+    return True, default if default.is_file() else None
 
 
 def _deepspeed_config_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Accelerate's DeepSpeed variables as the typed deepspeed_config section a recipe file holds."""
-    names = {
-        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "zero_stage",
-        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
-        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "offload_param_device",
-        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "gradient_accumulation_steps",
-        "ACCELERATE_GRADIENT_CLIPPING": "gradient_clipping",
-        "ACCELERATE_DEEPSPEED_CONFIG_FILE": "deepspeed_config_file",
-    }
-    numbers = ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
-               "ACCELERATE_GRADIENT_CLIPPING")
-    return {key: _environment_number(environ, variable) if variable in numbers else environ[variable]
-            for variable, key in names.items() if variable in environ}
+    numbers = ("zero_stage", "gradient_accumulation_steps", "gradient_clipping")
+    return {key: _environment_number(environ, variable) if key in numbers else environ[variable]
+            for variable, key in accelerate_compat.DEEPSPEED_VARIABLES.items() if variable in environ}
 
 
 def _environment_number(environ: Mapping[str, str], variable: str) -> Any:

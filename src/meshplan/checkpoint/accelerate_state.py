@@ -19,6 +19,13 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from meshplan._compat.accelerate import (
+    deepspeed_engine,
+    prepared_models,
+    prepared_optimizers,
+    prepared_schedulers,
+    registered_objects,
+)
 from meshplan.checkpoint.engines import deepspeed_counters, deepspeed_counters_problem, restore_deepspeed_counters
 from meshplan.checkpoint.manifest import is_complete, latest_checkpoint
 from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
@@ -52,11 +59,11 @@ class CheckpointingAccelerator(Accelerator):
         """Saves models, optimizers, schedulers, registered objects and RNG states to ``output_dir``
         (or the next automatically named folder); it appears there only once complete. Collective."""
         location = self._save_location(output_dir)
-        engine = self._deepspeed_engine()
+        engine = deepspeed_engine(self)
         state = {
             "step": self.step,
-            "schedulers": [scheduler.state_dict() for scheduler in self._schedulers],
-            "custom_objects": [obj.state_dict() for obj in self._custom_objects],
+            "schedulers": [scheduler.state_dict() for scheduler in prepared_schedulers(self)],
+            "custom_objects": [obj.state_dict() for obj in registered_objects(self)],
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "deepspeed_counters": deepspeed_counters(engine) if engine is not None else None,
         }
@@ -80,9 +87,9 @@ class CheckpointingAccelerator(Accelerator):
             self._check_state(reader.path, state)
             generators = saved_random_states(reader, self.process_index)
             load_training_state(reader, self._named_models(), self._named_optimizers())
-        for scheduler, saved in zip(self._schedulers, state["schedulers"]):
+        for scheduler, saved in zip(prepared_schedulers(self), state["schedulers"]):
             scheduler.load_state_dict(saved)
-        for obj, saved in zip(self._custom_objects, state["custom_objects"]):
+        for obj, saved in zip(registered_objects(self), state["custom_objects"]):
             obj.load_state_dict(saved)
         if self.scaler is not None and state["grad_scaler"] is not None:
             self.scaler.load_state_dict(state["grad_scaler"])
@@ -90,7 +97,7 @@ class CheckpointingAccelerator(Accelerator):
         if self.project_configuration.automatic_checkpoint_naming and input_dir is None:
             # Numbering goes on after the loaded checkpoint, so a restarted job can save again.
             self.project_configuration.iteration = _iteration(Path(location)) + 1
-        engine = self._deepspeed_engine()
+        engine = deepspeed_engine(self)
         if engine is not None:
             restore_deepspeed_counters(engine, state["deepspeed_counters"], self.step)
         if generators is not None:  # a checkpoint from fewer processes has none for this one
@@ -114,21 +121,22 @@ class CheckpointingAccelerator(Accelerator):
         refuse("step", count_problem(state["step"]))
         refuse("schedulers", kind_problem(state["schedulers"], list))
         refuse("custom_objects", kind_problem(state["custom_objects"], list))
-        if len(state["schedulers"]) != len(self._schedulers) or len(state["custom_objects"]) != len(self._custom_objects):
+        schedulers, objects = prepared_schedulers(self), registered_objects(self)
+        if len(state["schedulers"]) != len(schedulers) or len(state["custom_objects"]) != len(objects):
             raise CheckpointError(
                 f"checkpoint {shown_path(checkpoint)} holds {len(state['schedulers'])} schedulers and "
-                f"{len(state['custom_objects'])} registered objects; this script prepared {len(self._schedulers)} and "
-                f"registered {len(self._custom_objects)}."
+                f"{len(state['custom_objects'])} registered objects; this script prepared {len(schedulers)} and "
+                f"registered {len(objects)}."
             )
         skipped = []
-        for index, (scheduler, saved) in enumerate(zip(self._schedulers, state["schedulers"])):
+        for index, (scheduler, saved) in enumerate(zip(schedulers, state["schedulers"])):
             current = scheduler.state_dict()
             saved, stray = without_stray_scalars(saved, current)
             refuse(f"schedulers[{index}]", like_problem(saved, current, "the scheduler"))
             state["schedulers"][index] = saved  # what load_state hands the scheduler
             if stray:
                 skipped.append((f"schedulers[{index}]", stray))
-        for index, (obj, saved) in enumerate(zip(self._custom_objects, state["custom_objects"])):
+        for index, (obj, saved) in enumerate(zip(objects, state["custom_objects"])):
             if isinstance(obj.state_dict(), dict):
                 refuse(f"custom_objects[{index}]", kind_problem(saved, dict))
         if self.scaler is not None and state["grad_scaler"] is not None:
@@ -137,14 +145,10 @@ class CheckpointingAccelerator(Accelerator):
         warn_skipped(checkpoint, STATE_FILE, skipped, "this torch's schedulers")
 
     def _named_models(self) -> dict[str, Any]:
-        return {f"model_{index}": self.unwrap_model(model) for index, model in enumerate(self._models)}
+        return {f"model_{index}": self.unwrap_model(model) for index, model in enumerate(prepared_models(self))}
 
     def _named_optimizers(self) -> dict[str, Any]:
-        return {f"optimizer_{index}": optimizer for index, optimizer in enumerate(self._optimizers)}
-
-    def _deepspeed_engine(self) -> Any:
-        wrapped = getattr(self, "deepspeed_engine_wrapped", None)
-        return wrapped.engine if wrapped is not None else None
+        return {f"optimizer_{index}": optimizer for index, optimizer in enumerate(prepared_optimizers(self))}
 
     def _save_location(self, output_dir: str | None) -> Path:
         if not self.project_configuration.automatic_checkpoint_naming:

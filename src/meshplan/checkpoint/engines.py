@@ -7,14 +7,19 @@ with no collective at all: DTensor shards are read as slices, ZeRO partitions ar
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from meshplan._compat import deepspeed as deepspeed_compat
+from meshplan._compat.deepspeed import full_shape, has_fp32_master, is_zero3_parameter, is_zero_optimizer
+from meshplan._compat.torch import local_shape_and_offset
 from meshplan.checkpoint.state_checks import count_problem, is_count
 from meshplan.errors import shown
 
@@ -33,45 +38,15 @@ class Entry:
 # ---------------------------------------------------------------- engines' own objects
 
 
-def is_zero3(tensor: torch.Tensor) -> bool:
-    """A parameter partitioned by ZeRO stage 3."""
-    return hasattr(tensor, "ds_id")
-
-
-def is_zero12(tensor: torch.Tensor) -> bool:
-    """A parameter whose fp32 master copy ZeRO stage 1 or 2 partitions."""
-    return hasattr(tensor, "_hp_mapping")
-
-
-def zero_optimizer_classes() -> tuple[type, ...]:
-    """DeepSpeed's ZeRO optimizers (stage 1/2 and stage 3), or () without DeepSpeed."""
-    try:
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    except ImportError:
-        return ()
-    return (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)
-
-
 def innermost_optimizer(optimizer: Any) -> Any:
-    """The optimizer that holds the state, through Lightning's, Accelerate's and DeepSpeed's wrappers.
+    """The optimizer that holds the state, through Lightning's and Accelerate's wrappers (each public
+    ``optimizer``; Accelerate's DeepSpeedOptimizerWrapper is an AcceleratedOptimizer).
 
     A ZeRO optimizer is where this stops: the torch optimizer inside it only sees flat partitions.
     """
-    while not is_zero_optimizer(optimizer):
-        inner = getattr(optimizer, "_optimizer", None)  # LightningOptimizer
-        if inner is None and type(optimizer).__module__.startswith(("accelerate.", "deepspeed.")):
-            inner = getattr(optimizer, "optimizer", None)  # AcceleratedOptimizer, DeepSpeedOptimizerWrapper
-        if inner is None:
-            return optimizer
-        optimizer = inner
+    while not is_zero_optimizer(optimizer) and isinstance(optimizer, (LightningOptimizer, AcceleratedOptimizer)):
+        optimizer = optimizer.optimizer
     return optimizer
-
-
-def is_zero_optimizer(optimizer: Any) -> bool:
-    """Whether ``optimizer`` is one of DeepSpeed's ZeRO optimizers."""
-    zero = zero_optimizer_classes()
-    return bool(zero) and isinstance(optimizer, zero)
 
 
 # ---------------------------------------------------------------- model tensors
@@ -94,14 +69,12 @@ def model_entries(prefix: str, module: nn.Module) -> tuple[list[Entry], dict[str
 
 
 def _model_entry(key: str, tensor: torch.Tensor) -> Entry:
-    from_zero_master = tensor.requires_grad and (is_zero12(tensor) or (is_zero3(tensor) and hasattr(tensor, "_z3_optimizer")))
-    if from_zero_master:  # the fp32 master copy: what training continues from
+    if tensor.requires_grad and has_fp32_master(tensor):  # the fp32 master copy: what training continues from
         import deepspeed
 
-        shape = tuple(tensor.ds_shape) if is_zero3(tensor) else tuple(tensor.shape)
-        return Entry(key, shape, torch.float32, lambda: deepspeed.utils.safe_get_full_fp32_param(tensor), True)
-    if is_zero3(tensor):
-        return Entry(key, tuple(tensor.ds_shape), tensor.dtype, lambda: _gathered(tensor), True)
+        return Entry(key, full_shape(tensor), torch.float32, lambda: deepspeed.utils.safe_get_full_fp32_param(tensor), True)
+    if is_zero3_parameter(tensor):
+        return Entry(key, full_shape(tensor), tensor.dtype, lambda: _gathered(tensor), True)
     if isinstance(tensor, DTensor):
         return Entry(key, tuple(tensor.shape), tensor.dtype, lambda: tensor.full_tensor(), True)
     return Entry(key, tuple(tensor.shape), tensor.dtype, lambda: tensor.detach(), False)
@@ -121,11 +94,11 @@ def load_model_tensor(tensor: torch.Tensor, reader: Any, key: str) -> None:
             tensor.to_local().copy_(local_slice(reader, key, tensor))
             return
         full = reader.tensor(key)
-        if is_zero3(tensor):
-            _copy_zero3_partition(tensor, full)
+        if is_zero3_parameter(tensor):
+            deepspeed_compat.set_zero3_partition(tensor, full)
         else:
             tensor.data.copy_(full.to(tensor.dtype))
-        if tensor.requires_grad and (is_zero12(tensor) or hasattr(tensor, "_z3_optimizer")):
+        if tensor.requires_grad and has_fp32_master(tensor):
             _set_zero_master(tensor, full)
 
 
@@ -137,44 +110,28 @@ def _as_master(parameter: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 def _set_zero_master(parameter: torch.Tensor, full: torch.Tensor, state_name: str | None = None) -> None:
     """Sets this rank's part of a parameter's fp32 master copy (``state_name`` None) or optimizer state.
 
-    ZeRO-3's own setter cuts the partition from the whole tensor unpadded, and fails on the last
-    rank when the process count does not divide the parameter's size; the partition is cut here
-    as DeepSpeed cuts parameters (the last one zero-padded).
+    ZeRO-3's own full setter cuts the partition from the whole tensor unpadded, and fails on the
+    last rank when the process count does not divide the parameter's size; the partition is cut
+    here as DeepSpeed cuts parameters (the last one zero-padded) and set with the local setter.
     """
     import deepspeed
 
-    if not is_zero3(parameter):
+    if not is_zero3_parameter(parameter):
         if state_name is None:
             deepspeed.utils.safe_set_full_fp32_param(parameter, _as_master(parameter, full))
         else:
             deepspeed.utils.safe_set_full_optimizer_state(parameter, _as_master(parameter, full), state_name)
         return
-    optimizer = parameter._z3_optimizer
-    target, _ = optimizer._get_fp32_opt_state_partition(parameter, release_swap_buffers=False, optim_state_key=state_name)
-    _copy_partition(target, full, optimizer._get_param_partition_rank(parameter))
-
-
-def _copy_partition(target: torch.Tensor, full: torch.Tensor, rank: int) -> None:
-    """Copies partition ``rank`` (of ``target``'s size) of the flattened ``full`` into ``target``, zero-padded."""
-    size = target.numel()
-    flat = full.reshape(-1).to(target.dtype)
-    start = rank * size
-    count = max(0, min(size, flat.numel() - start))
-    local = target.data.view(-1)
-    local.zero_()
-    local[:count].copy_(flat[start:start + count])
-
-
-def _copy_zero3_partition(parameter: torch.Tensor, full: torch.Tensor) -> None:
-    """This rank's partition of a ZeRO-3 parameter, as DeepSpeed cuts it (the last one zero-padded)."""
-    import torch.distributed as dist
-
-    _copy_partition(parameter.ds_tensor, full, dist.get_rank(group=parameter.ds_process_group))
+    local = deepspeed_compat.zero3_local_part(parameter, full.float())
+    if state_name is None:
+        deepspeed.utils.safe_set_local_fp32_param(parameter, local)
+    else:
+        deepspeed.utils.safe_set_local_optimizer_state(parameter, local, state_name)
 
 
 def local_slice(reader: Any, key: str, tensor: DTensor) -> torch.Tensor:
     """The part of stored tensor ``key`` that this rank holds of ``tensor``'s layout."""
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    shape, offset = local_shape_and_offset(tensor)
     return reader.slice(key, tuple(slice(start, start + size) for start, size in zip(offset, shape)))
 
 
@@ -198,41 +155,20 @@ def optimizer_entries(prefix: str, optimizer: Any, keys: dict[int, str]) -> list
     return entries
 
 
-def zero_lp_groups(optimizer: Any) -> list[list[nn.Parameter]]:
-    """The model parameters of each flat partition ZeRO steps: per parameter group for stages
-    1 and 2, per sub-group (a parameter group may be split in several) for stage 3."""
-    return optimizer.fp16_groups if hasattr(optimizer, "fp16_partitioned_groups_flat") else optimizer.bit16_groups
-
-
-def zero_param_group_members(optimizer: Any) -> list[list[nn.Parameter]]:
-    """The model parameters of each of a ZeRO optimizer's ``param_groups``."""
-    if not hasattr(optimizer, "sub_group_to_group_id"):
-        return optimizer.bit16_groups
-    members: list[list[nn.Parameter]] = [[] for _ in optimizer.param_groups]
-    for sub_group, parameters in enumerate(optimizer.fp16_groups):
-        members[optimizer.sub_group_to_group_id[sub_group]].extend(parameters)
-    return members
-
-
-def zero_flat_partitions(optimizer: Any) -> list[torch.Tensor]:
-    """The flat fp32 partitions the wrapped torch optimizer steps (and keys its state by), per group."""
-    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
-        return optimizer.fp32_partitioned_groups_flat
-    return optimizer.single_partition_of_fp32_groups
-
-
 def _zero_optimizer_entries(prefix: str, optimizer: Any, keys: dict[int, str]) -> list[Entry]:
     import deepspeed
 
     entries = []
-    for parameters, flat in zip(zero_lp_groups(optimizer), zero_flat_partitions(optimizer)):
-        state = optimizer.optimizer.state.get(flat, {})
+    flat_state = deepspeed_compat.zero_flat_state(optimizer)
+    groups, partitions = deepspeed_compat.zero_partition_groups(optimizer), deepspeed_compat.zero_flat_partitions(optimizer)
+    for parameters, flat in zip(groups, partitions):
+        state = flat_state.get(flat, {})
         for parameter in parameters:
-            shape = tuple(parameter.ds_shape) if is_zero3(parameter) else tuple(parameter.shape)
+            shape = full_shape(parameter)
             for name, value in sorted(state.items()):
                 key = f"{prefix}/{keys[id(parameter)]}/{name}"
                 if torch.is_tensor(value) and value.dim() > 0:  # partitioned like the parameter
-                    read = (lambda parameter=parameter, name=name: deepspeed.utils.safe_get_full_optimizer_state(parameter, name))
+                    read = functools.partial(deepspeed.utils.safe_get_full_optimizer_state, parameter, name)
                     entries.append(Entry(key, shape, value.dtype, read, True))
                 else:  # a per-group scalar such as Adam's step
                     scalar = value.detach() if torch.is_tensor(value) else torch.tensor(value)
@@ -276,14 +212,15 @@ def _state_like(parameter: torch.Tensor, reader: Any, key: str, scalars_on_devic
 
 
 def _load_zero_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str, reader: Any) -> None:
-    base = optimizer.optimizer
+    flat_state = deepspeed_compat.zero_flat_state(optimizer)
+    groups = deepspeed_compat.zero_partition_groups(optimizer)
     created = False
-    for parameters, flat in zip(zero_lp_groups(optimizer), zero_flat_partitions(optimizer)):
+    for parameters, flat in zip(groups, deepspeed_compat.zero_flat_partitions(optimizer)):
         stored = {parameter: reader.states_of(f"{prefix}/{keys[id(parameter)]}") for parameter in parameters}
         names = next((names for names in stored.values() if names), None)
         if names is None:
             continue
-        state = base.state.setdefault(flat, {})
+        state = flat_state.setdefault(flat, {})
         for name, key in names.items():
             if len(reader.shape(key)) > 0:
                 if name not in state:
@@ -291,12 +228,11 @@ def _load_zero_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str
                     created = True
             else:
                 state[name] = reader.tensor(key)
-    if created and hasattr(optimizer, "_hp_optimizer_states_linked"):
+    if created:
         # ZeRO 1/2 points each parameter at its fragment of the flat state after the first step;
         # the state made here must be linked the same way.
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-    for parameters in zero_lp_groups(optimizer):
+        deepspeed_compat.link_zero12_optimizer_state(optimizer)
+    for parameters in groups:
         for parameter in parameters:
             for name, key in reader.states_of(f"{prefix}/{keys[id(parameter)]}").items():
                 if len(reader.shape(key)) > 0:
@@ -305,12 +241,12 @@ def _load_zero_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str
 
 # ---------------------------------------------------------------- DeepSpeed's own counters
 
-_DEEPSPEED_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+_DEEPSPEED_COUNTERS = deepspeed_compat.ENGINE_COUNTERS
 
 
 def deepspeed_counters(engine: Any) -> dict[str, int]:
     """The step counters of a DeepSpeed engine, saved with the checkpoint."""
-    return {name: int(getattr(engine, name)) for name in _DEEPSPEED_COUNTERS}
+    return deepspeed_compat.engine_counters(engine)
 
 
 def deepspeed_counters_problem(saved: Any) -> str | None:
@@ -336,5 +272,4 @@ def restore_deepspeed_counters(engine: Any, saved: dict[str, int] | None, steps:
     """
     counters = saved or {"global_steps": steps, "global_samples": steps * engine.train_batch_size(),
                          "micro_steps": steps * engine.gradient_accumulation_steps(), "skipped_steps": 0}
-    for name, value in counters.items():
-        setattr(engine, name, value)
+    deepspeed_compat.set_engine_counters(engine, counters)

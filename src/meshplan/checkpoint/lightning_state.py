@@ -17,6 +17,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from packaging.version import InvalidVersion, Version
 
+from meshplan._compat.lightning import (CHECKPOINT_LOOPS, CHECKPOINT_TENSOR_PARTS, CHECKPOINT_VERSION_KEY, LEGACY_SCALER_KEY,
+                                        checkpoint_key_of)
 from meshplan.checkpoint.engines import deepspeed_counters, deepspeed_counters_problem, restore_deepspeed_counters
 from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
 from meshplan.checkpoint.sharded import STATE_FILE, CheckpointReader, load_training_state, save_training_state
@@ -32,17 +34,14 @@ from meshplan.checkpoint.state_checks import (
 from meshplan.checkpoint.store import plain_data
 from meshplan.errors import shown, shown_key
 
-# The parts of Lightning's checkpoint dict that the tensors replace.
-_TENSOR_PARTS = ("state_dict", "optimizer_states")
-
 
 def save_lightning_checkpoint(strategy: Any, checkpoint: dict[str, Any], filepath: Any) -> None:
     """Saves the LightningModule, the optimizers (unless weights only) and Lightning's state. Collective."""
-    state = plain_data({key: value for key, value in checkpoint.items() if key not in _TENSOR_PARTS})
+    state = plain_data({key: value for key, value in checkpoint.items() if key not in CHECKPOINT_TENSOR_PARTS})
     engine = _deepspeed_engine(strategy)
     if engine is not None:
         state["meshplan_deepspeed_counters"] = deepspeed_counters(engine)
-    optimizers = _optimizers(strategy) if "optimizer_states" in checkpoint else {}
+    optimizers = _named_optimizers(strategy) if "optimizer_states" in checkpoint else {}
     save_training_state(
         filepath, {"module": strategy.lightning_module}, optimizers, state, rank_state=random_states(),
         manifest={"front_end": "lightning", "layout": repr(strategy.plan), "step": int(checkpoint.get("global_step", 0))},
@@ -62,7 +61,7 @@ def load_lightning_checkpoint(strategy: Any, filepath: Any) -> dict[str, Any]:
                               _live_scalers(strategy))
         generators = saved_random_states(reader, strategy.global_rank)
         # Validating or testing from a checkpoint needs the weights only (even if optimizers linger from a fit).
-        load_training_state(reader, {"module": strategy.lightning_module}, _optimizers(strategy) if fitting else {})
+        load_training_state(reader, {"module": strategy.lightning_module}, _named_optimizers(strategy) if fitting else {})
     if generators is not None:  # a checkpoint from fewer processes has none for this one
         set_random_states(generators)
     engine = _deepspeed_engine(strategy)
@@ -71,11 +70,9 @@ def load_lightning_checkpoint(strategy: Any, filepath: Any) -> dict[str, Any]:
     return state
 
 
-# Lightning writes every loop's state; a checkpoint older than Lightning 2.0 would be migrated by
-# Lightning, editing loop states in place, and no meshplan checkpoint is that old.
-_LOOPS = ("fit_loop", "validate_loop", "test_loop", "predict_loop")
+# A checkpoint older than Lightning 2.0 would be migrated by Lightning, editing loop states in
+# place, and no meshplan checkpoint is that old.
 _OLDEST_VERSION = Version("2.0.0")
-_VERSION_KEY = "pytorch-lightning_version"
 
 
 def check_lightning_state(checkpoint: Path, state: dict[str, Any], dict_entries: Iterable[str] = (),
@@ -94,15 +91,15 @@ def check_lightning_state(checkpoint: Path, state: dict[str, Any], dict_entries:
         if problem is not None:
             raise state_error(checkpoint, STATE_FILE, entry, problem)
 
-    version = state.get(_VERSION_KEY)
-    refuse(_VERSION_KEY, kind_problem(version, str) or _version_problem(version))
+    version = state.get(CHECKPOINT_VERSION_KEY)
+    refuse(CHECKPOINT_VERSION_KEY, kind_problem(version, str) or _version_problem(version))
     for name in ("epoch", "global_step"):
         if name in state:
             refuse(name, count_problem(state[name]))
     refuse("meshplan_deepspeed_counters", deepspeed_counters_problem(state.get("meshplan_deepspeed_counters")))
     if state.get("loops") is not None:
         refuse("loops", kind_problem(state["loops"], dict))
-        for loop in _LOOPS:
+        for loop in CHECKPOINT_LOOPS:
             refuse(f"loops[{loop!r}]", kind_problem(state["loops"].get(loop), dict))
     if state.get("callbacks") is not None:
         refuse("callbacks", kind_problem(state["callbacks"], dict))
@@ -139,7 +136,7 @@ def _version_problem(version: str) -> str | None:
 def _dict_entries(strategy: Any) -> list[str]:
     """The entries of Lightning's state that its precision plugin and the datamodule load as dicts."""
     owners = [strategy.precision_plugin, strategy.lightning_module.trainer.datamodule]
-    return [type(owner).__qualname__ for owner in owners if owner is not None] + ["native_amp_scaling_state"]
+    return [checkpoint_key_of(owner) for owner in owners if owner is not None] + [LEGACY_SCALER_KEY]
 
 
 def _live_schedulers(strategy: Any) -> list[dict[str, Any]]:
@@ -154,12 +151,12 @@ def _live_scalers(strategy: Any) -> dict[str, dict[str, Any]]:
     if getattr(plugin, "scaler", None) is None:
         return {}
     current = plugin.scaler.state_dict()
-    return {type(plugin).__qualname__: current, "native_amp_scaling_state": current}
+    return {checkpoint_key_of(plugin): current, LEGACY_SCALER_KEY: current}
 
 
 def _deepspeed_engine(strategy: Any) -> Any:
     return strategy.deepspeed_engine if isinstance(strategy, DeepSpeedStrategy) else None
 
 
-def _optimizers(strategy: Any) -> dict[str, Any]:
+def _named_optimizers(strategy: Any) -> dict[str, Any]:
     return {f"optimizer_{index}": optimizer for index, optimizer in enumerate(strategy.optimizers)}

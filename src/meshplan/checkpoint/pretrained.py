@@ -10,6 +10,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from meshplan._compat.deepspeed import is_zero3_parameter
+
 
 def consolidated_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict of ``module`` on every rank, on the CPU.
@@ -19,7 +21,7 @@ def consolidated_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     state: dict[str, torch.Tensor] = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
-        if hasattr(tensor, "ds_id"):
+        if is_zero3_parameter(tensor):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([tensor]):

@@ -18,15 +18,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from meshplan._compat import deepspeed as deepspeed_compat
+from meshplan._compat.deepspeed import full_shape, is_zero_optimizer, zero_param_group_members
 from meshplan.checkpoint.engines import (
     Entry,
     innermost_optimizer,
-    is_zero_optimizer,
     load_model_tensor,
     load_optimizer_state,
     model_entries,
     optimizer_entries,
-    zero_param_group_members,
 )
 from meshplan.checkpoint.manifest import is_finite_number, is_number, read_manifest
 from meshplan.checkpoint.state_checks import count_problem, is_plain_scalar, like_problem
@@ -200,8 +200,6 @@ def _pretrained_models(module: nn.Module) -> list[dict[str, Any]]:
 
 def _param_groups(optimizer: Any, keys: dict[int, str]) -> list[dict[str, Any]]:
     """Each parameter group's hyperparameters and the keys of its parameters."""
-    from meshplan.checkpoint.engines import is_zero_optimizer, zero_param_group_members
-
     groups = []
     members = zero_param_group_members(optimizer) if is_zero_optimizer(optimizer) else [g["params"] for g in optimizer.param_groups]
     for group, parameters in zip(optimizer.param_groups, members):
@@ -331,32 +329,18 @@ def _load_training_state(reader: CheckpointReader, models: dict[str, nn.Module],
         _check_optimizer(reader, name, inner, keys)
         hyperparameters[name] = _checked_hyperparameters(reader, name, inner)
         _check_optimizer_state(reader, name, inner, keys, hyperparameters[name])
-    zero3 = _zero3_optimizers(tensor for _, tensor in targets)
+    zero3 = deepspeed_compat.zero3_optimizers(tensor for _, tensor in targets)
     for optimizer in zero3:  # persistent (always gathered) parameters are released first...
-        optimizer.checkpoint_event_prologue()
+        deepspeed_compat.release_zero3_parameters(optimizer)
     for stored, tensor in targets:
         load_model_tensor(tensor, reader, stored)
     for optimizer in zero3:  # ... and gathered again from the loaded partitions
-        optimizer.checkpoint_event_epilogue()
+        deepspeed_compat.regather_zero3_parameters(optimizer)
     for name, optimizer in optimizers.items():
         inner = innermost_optimizer(optimizer)
         load_optimizer_state(inner, keys, name, reader)
         _set_hyperparameters(inner, hyperparameters[name])
     _barrier()
-
-
-def _zero3_optimizers(tensors: Any) -> list[Any]:
-    """The ZeRO-3 optimizers that partition any of ``tensors``, each once."""
-    found: dict[int, Any] = {}
-    for tensor in tensors:
-        optimizer = getattr(tensor, "_z3_optimizer", None)
-        if optimizer is not None:
-            found[id(optimizer)] = optimizer
-    return list(found.values())
-
-
-def _global_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    return tuple(tensor.ds_shape) if hasattr(tensor, "ds_id") else tuple(tensor.shape)
 
 
 def _check_targets(reader: CheckpointReader, targets: list[tuple[str, torch.Tensor]]) -> None:
@@ -366,8 +350,8 @@ def _check_targets(reader: CheckpointReader, targets: list[tuple[str, torch.Tens
             f"checkpoint {reader.path} has no tensor for {len(missing)} of the model's tensors: "
             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}."
         )
-    wrong = [f"{key} {shown(reader.shape(key))} (the model has {_global_shape(t)})" for key, t in targets
-             if reader.shape(key) != _global_shape(t)]
+    wrong = [f"{key} {shown(reader.shape(key))} (the model has {full_shape(t)})" for key, t in targets
+             if reader.shape(key) != full_shape(t)]
     if wrong:
         raise CheckpointError(f"checkpoint {reader.path} holds tensors of other shapes: {'; '.join(wrong[:5])}.")
 
@@ -418,10 +402,10 @@ def _check_optimizer_state(reader: CheckpointReader, name: str, optimizer: Any, 
             # ZeRO sets and DTensor shards state cut like its parameter: no other shape fits them.
             exact = zero or isinstance(parameter, DTensor)
             for state_name, state_key in stored.items():
-                problem = _state_problem(reader, state_name, state_key, _global_shape(parameter), exact)
+                problem = _state_problem(reader, state_name, state_key, full_shape(parameter), exact)
                 if problem is not None:
                     raise CheckpointError(f"{where}: state {shown_key(state_key)} {problem}.")
-            dimensions = len(_global_shape(parameter))
+            dimensions = len(full_shape(parameter))
             if dimensions not in first:
                 first[dimensions] = (key, set(stored))
             elif set(stored) != first[dimensions][1]:
@@ -438,7 +422,7 @@ def _check_optimizer_state(reader: CheckpointReader, name: str, optimizer: Any, 
 
 def _keeps_step(optimizer: Any) -> bool:
     """Whether the optimizer's own state (if it has any yet) holds a ``step`` for some parameter."""
-    state = optimizer.optimizer.state if is_zero_optimizer(optimizer) else optimizer.state
+    state = deepspeed_compat.zero_flat_state(optimizer) if is_zero_optimizer(optimizer) else optimizer.state
     return any("step" in per_parameter for per_parameter in state.values())
 
 

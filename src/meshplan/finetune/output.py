@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import stat
 from pathlib import Path
 
+from meshplan._compat.transformers import deleted_by_save_pretrained
 from meshplan.errors import shown
 from meshplan.finetune.errors import FinetuneError
 
@@ -134,16 +134,6 @@ def _check_nothing_deleted(directory: Path, names: list[str], output: str) -> No
             f"--output {shown(output)} holds {shown(doomed[0])}, which saving the model would delete (transformers' "
             f"save_pretrained removes the weight shards of an earlier save); move it away or choose another directory."
         )
-
-
-def deleted_by_save_pretrained(name: str) -> bool:
-    """Whether transformers' ``save_pretrained`` (safetensors) deletes a file of this name in the directory it saves to.
-
-    It removes earlier weight shards: files whose name starts with "model" and, without
-    ".safetensors" and ".bin", ends in ``-NNNNN-of-NNNNN`` (transformers 5, modeling_utils.py).
-    """
-    stem = name.replace(".bin", "").replace(".safetensors", "")
-    return name.startswith("model") and re.fullmatch(r"(.*?)-\d{5}-of-\d{5}", stem) is not None
 
 
 def _reason(error: BaseException) -> str:

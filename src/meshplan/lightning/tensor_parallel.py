@@ -13,13 +13,13 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from meshplan._compat.lightning import optimizers_to_device, set_model_parallel_sizes
 from meshplan.errors import PlanError
 from meshplan.lightning.base import PlanStrategyMixin
 from meshplan.plan import Plan
@@ -60,12 +60,13 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
         self._validate_layout()
         _check_earlier_sharding(self.lightning_module, self.tp_size)  # the clearer message, before plan_models
         self._tp_plans = plan_models(self.lightning_module, self.tp_size, self.plan.tp_plan_dict)
-        self._tensor_parallel_size = self.tp_size
-        self._data_parallel_size = world_size // self.tp_size
+        set_model_parallel_sizes(self, data_parallel=world_size // self.tp_size, tensor_parallel=self.tp_size)
         super().setup_environment()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        # ModelParallelStrategy.setup's body (canary: meshplan._compat.lightning), with meshplan's
+        # sharding in place of its configure_model requirement and materialization.
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         tp_mesh = self.device_mesh["tensor_parallel"]
@@ -85,7 +86,7 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:

@@ -12,12 +12,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies.deepspeed import _validate_device_index_selection
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.nn import Module
 from typing_extensions import override
 
+from meshplan._compat.deepspeed import remove_engine_forward_hooks, use_cpu_accelerator
+from meshplan._compat.lightning import (
+    init_deepspeed_distributed,
+    setup_environment_without_cuda_check,
+    validate_device_index_selection,
+)
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
 from meshplan.lightning.base import PlanStrategyMixin
@@ -56,16 +61,17 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
         self._validate_layout()
         _use_deepspeed_accelerator_for(self.root_device)
         # DeepSpeedStrategy.setup_environment only adds a CUDA-only check; skip to its parent.
-        DDPStrategy.setup_environment(self)
+        setup_environment_without_cuda_check(self)
 
     @override
     def setup_distributed(self) -> None:
-        # As DeepSpeedStrategy's, whose device-index check only makes sense for CUDA devices.
+        # DeepSpeedStrategy's body (canary: meshplan._compat.lightning), whose device-index check
+        # only makes sense for CUDA devices.
         if self.root_device.type == "cuda":
-            _validate_device_index_selection(self.parallel_devices)
+            validate_device_index_selection(self.parallel_devices)
         reset_seed()
         self.set_world_ranks()
-        self._init_deepspeed_distributed()
+        init_deepspeed_distributed(self)
 
     @override
     def init_deepspeed(self) -> None:
@@ -163,19 +169,10 @@ def _unhook_earlier_engines(module: Module) -> None:
         if engine is None:
             continue
         engine.destroy()
-        # The engine's own forward hooks; getattr, as DeepSpeed versions older than 0.19 are not checked here.
-        for name in ("module_forward_pre_hook", "module_forward_post_hook"):
-            handle = getattr(engine, name, None)
-            if handle is not None:
-                handle.remove()
+        remove_engine_forward_hooks(engine)
 
 
 def _use_deepspeed_accelerator_for(device: torch.device) -> None:
     """Points DeepSpeed at the CPU when the Trainer runs on CPU, even on a machine that has GPUs."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.accelerator.real_accelerator import set_accelerator
-
-    if device.type == "cpu" and get_accelerator().device_name() != "cpu":
-        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-        set_accelerator(CPU_Accelerator())
+    if device.type == "cpu":
+        use_cpu_accelerator()

@@ -1,7 +1,8 @@
 """Apply a TP plan (module pattern -> style) to a module on a DeviceMesh with torch DTensor.
 
-The style names are those of transformers' ``base_model_tp_plan``; each maps to one of torch's
-own ParallelStyles, so the sharding and the collectives are torch's.
+The style names are the Plan's vocabulary (``meshplan.plan.TP_STYLES``, those of transformers'
+``base_model_tp_plan``); each maps to one of torch's own ParallelStyles, so the sharding and the
+collectives are torch's.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from meshplan.errors import PlanError
+from meshplan.plan import TP_STYLES
 
-# Style name -> factory of the torch ParallelStyle that realizes it. "replicate" leaves the
-# module whole on every rank. Megatron's pair is colwise (output stays sharded, the next layer
-# consumes the shard) followed by rowwise (partial sums are all-reduced).
+# Each style of the Plan's vocabulary (TP_STYLES) -> factory of the torch ParallelStyle that
+# realizes it; None for "replicate", which leaves the module whole on every rank.
 STYLES: dict[str, Callable[[], ParallelStyle | None]] = {
     "colwise": lambda: ColwiseParallel(),
     "rowwise": lambda: RowwiseParallel(),
@@ -50,10 +51,10 @@ def match_plan(module: nn.Module, tp_plan: dict[str, str]) -> dict[str, str]:
     modules = {name: submodule for name, submodule in module.named_modules() if name}
     resolved: dict[str, str] = {}
     for pattern, style in tp_plan.items():
-        if style not in STYLES:
+        if style not in TP_STYLES:
             raise PlanError(
                 f"tp_plan[{pattern!r}]={style!r}: meshplan cannot apply this style to "
-                f"{type(module).__name__}; valid styles are {', '.join(STYLES)}."
+                f"{type(module).__name__}; valid styles are {', '.join(TP_STYLES)}."
             )
         regex = pattern_to_regex(pattern)
         matches = [name for name in modules if regex.match(name)]

@@ -58,8 +58,8 @@ def tp_plan_source(model: PreTrainedModel, user_plan: dict[str, str] | None = No
 
 
 def own_tp_plan(model: PreTrainedModel) -> dict[str, str]:
-    """The plan transformers resolved for ``model`` (its ``_tp_plan``), empty when it has none."""
-    return dict(getattr(model, "_tp_plan", None) or {})
+    """The plan transformers resolved for ``model`` (its ``tp_plan``), empty when it has none."""
+    return dict(model.tp_plan or {})
 
 
 def resolve_tp_plan(model: PreTrainedModel, user_plan: dict[str, str] | None = None) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Prints the parity figures: every strategy against the single-process reference.
 
-    python scripts/parity_report.py                 # CPU, gloo: 2- and 4-process cases
-    MESHPLAN_TEST_ACCELERATOR=gpu python scripts/parity_report.py --max-processes 8   # CUDA, nccl
+    python tests/scripts/parity_report.py                 # CPU, gloo: 2- and 4-process cases
+    MESHPLAN_TEST_ACCELERATOR=gpu python tests/scripts/parity_report.py --max-processes 8   # CUDA, nccl
 
 Runs the same cases as tests/test_parity.py (cases that need more processes than
 --max-processes are skipped; with one process, each strategy runs on one device) and exits
@@ -16,14 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the helpers package
 
 import torch  # noqa: E402
 
 import meshplan  # noqa: E402
-import parity  # noqa: E402
+from helpers import parity  # noqa: E402
+from helpers.parity_cases import FOUR_PROCESS_CASES, TWO_PROCESS_CASES  # noqa: E402
 from meshplan.testing import spawn  # noqa: E402
-from test_parity import FOUR_PROCESS_CASES, TWO_PROCESS_CASES  # noqa: E402
 
 ONE_PROCESS_CASES = [
     parity.Case(model, label, strategy, parity.GLOBAL_BATCH)

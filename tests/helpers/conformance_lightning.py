@@ -30,7 +30,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import meshplan
-import parity
+from meshplan._compat.deepspeed import has_fp32_master
+
+from . import parity
 
 # name -> strategy factory; every Trainer gets a strategy of its own.
 LAYOUTS: dict[str, Callable[[], Any]] = {
@@ -274,7 +276,7 @@ def _bf16_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
 def _master_dtype(module: ConformanceModule) -> str | None:
     """The dtype of the optimizer's master copy of the weights under DeepSpeed (collective), else None."""
     parameter = next(module.model.parameters())
-    if not (hasattr(parameter, "_hp_mapping") or hasattr(parameter, "ds_id")):
+    if not has_fp32_master(parameter):
         return None
     import deepspeed
 

@@ -1,6 +1,6 @@
 """Prints the checkpoint figures: exact resume per strategy and resume under another layout.
 
-    python scripts/checkpoint_report.py
+    python tests/scripts/checkpoint_report.py
 
 Runs the same spawns as tests/test_checkpoints.py (4 workers for TP 2 x DP 2, 2 workers for
 every strategy and the cross-layout cases, 1 worker for ZeRO-3 -> one process) and prints,
@@ -14,15 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the helpers package
 
 import torch  # noqa: E402
 
-import parity  # noqa: E402
-import resume  # noqa: E402
+from helpers import parity, resume  # noqa: E402
+from helpers.resume import CROSS_LAYOUT, LAYOUTS, RESUMED_AFTER, step_checkpoint  # noqa: E402
 from meshplan.plan import Plan  # noqa: E402
 from meshplan.testing import spawn  # noqa: E402
-from test_checkpoints import CROSS_LAYOUT, LAYOUTS, RESUMED_AFTER, _step  # noqa: E402
 
 
 def main() -> int:
@@ -34,12 +33,12 @@ def main() -> int:
                         references, folder, timeout=300)[0]
         runs = [{"label": label, "model": "llama", "plan": plan} for label, plan in LAYOUTS.items()]
         runs += [{"label": f"{label} -> itself", "model": "llama", "plan": plan,
-                  "resume": str(Path(folder) / _step(label, RESUMED_AFTER))} for label, plan in LAYOUTS.items()]
+                  "resume": str(Path(folder) / step_checkpoint(label, RESUMED_AFTER))} for label, plan in LAYOUTS.items()]
         runs += [{"label": label, "model": "llama", "plan": LAYOUTS[target],
-                  "resume": str(Path(folder) / _step(source, RESUMED_AFTER))} for label, source, target in CROSS_LAYOUT]
+                  "resume": str(Path(folder) / step_checkpoint(source, RESUMED_AFTER))} for label, source, target in CROSS_LAYOUT]
         results.update(spawn(resume.train_and_resume, 2, runs, references, folder, timeout=900)[0])
         results.update(spawn(resume.train_and_resume, 1, [{"label": "ZeRO-3->one-process", "model": "llama", "plan": Plan.build("ddp"),
-                                                          "resume": str(Path(folder) / _step("ZeRO-3", RESUMED_AFTER))}],
+                                                          "resume": str(Path(folder) / step_checkpoint("ZeRO-3", RESUMED_AFTER))}],
                              references, folder, timeout=300)[0])
         reference_losses, _ = torch.load(reference_path, weights_only=True)
     failed = False

@@ -17,9 +17,29 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
-import parity
 from meshplan.lightning import from_plan
 from meshplan.plan import Plan
+
+from . import parity
+
+# The layouts every checkpoint test trains under, by label.
+LAYOUTS = {
+    "DDP": Plan.build("ddp"),
+    "ZeRO-1": Plan.build("zero", zero_stage=1),
+    "ZeRO-2": Plan.build("zero", zero_stage=2),
+    "ZeRO-3": Plan.build("zero", zero_stage=3),
+    "ZeRO-3-offload": Plan.build("zero", zero_stage=3, offload_optimizer=True, offload_parameters=True),
+    "TP-2": Plan.build("tp", tp_size=2),
+}
+RESUMED_AFTER = 2
+# (label, checkpoint written by, layout resumed under)
+CROSS_LAYOUT = [("ZeRO-3->TP-2", "ZeRO-3", "TP-2"), ("TP-2->ZeRO-2", "TP-2", "ZeRO-2"),
+                ("4-processes->ZeRO-2", "TP-2xDP-2", "ZeRO-2")]
+
+
+def step_checkpoint(label: str, step: int) -> str:
+    """The checkpoint the run ``label`` wrote after ``step``, relative to the runs' folder."""
+    return f"{label}/step={step}.ckpt"
 
 
 class StepPerEpochSampler(Sampler[int]):

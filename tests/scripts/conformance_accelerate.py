@@ -1,6 +1,6 @@
 """The shortest Accelerate script under a meshplan recipe: one training step, and no end_training().
 
-    accelerate launch --config_file recipes/zero3.yaml --num_processes 2 tests/conformance_accelerate.py OUT.txt
+    accelerate launch --config_file recipes/zero3.yaml --num_processes 2 tests/scripts/conformance_accelerate.py OUT.txt
 
 Writes the loss of its step on the main process, then returns without calling
 ``accelerator.end_training()``, as many scripts do: the launch must still exit 0. At exit each
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the helpers package
 
 import meshplan  # noqa: E402
-import parity  # noqa: E402
+from helpers import parity  # noqa: E402
 
 
 def main(output: str) -> None:

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from meshplan._compat.deepspeed import is_zero3_parameter
 from meshplan.models import minilm_path
 
 # scripts/gpu_smoke.sh sets "gpu" to run the same checks on CUDA with nccl.
@@ -142,7 +143,7 @@ def full_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter whole, whether ZeRO-3 partitioned it or TP made it a DTensor (collective)."""
     full = {}
     for name, parameter in module.named_parameters():
-        if hasattr(parameter, "ds_id"):
+        if is_zero3_parameter(parameter):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([parameter]):
@@ -182,3 +183,8 @@ def run_cases(cases: list[Case], reference_paths: dict[str, str]) -> dict[str, d
     for case in cases:
         results[f"{case.model}/{case.label}"] = lightning_run(case, reference_paths[case.reference], world)
     return results
+
+
+def load_reference(paths: dict[str, str], key: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The (losses, weights) of one reference run saved by the ``reference_paths`` fixture (tests/conftest.py)."""
+    return torch.load(paths[key], weights_only=True)

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import meshplan
-import parity
+
+from . import parity
 
 EVAL_SAMPLES = 9  # a world of 2 does not divide it: the last batch is padded, then the padding dropped
 EVAL_BATCH = 4  # per device

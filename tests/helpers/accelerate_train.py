@@ -1,28 +1,27 @@
 """A training script written for plain Accelerate; the only meshplan line is meshplan.accelerator().
 
-    accelerate launch --config_file recipes/zero2.yaml --num_processes 2 tests/accelerate_train.py OUT.json REFERENCE.pt \
-        [--loss-scale S] [--accumulate N] [--conformance] [--no-end-training]
+``accelerate launch`` runs it through tests/scripts/accelerate_train.py (its command line);
+meshplan.testing.spawn runs ``main`` with a strategy or recipe in hand, and the tests compute its
+single-process reference with ``reference_run``.
 
-Trains the parity model for parity.STEPS steps on the global batch split over the data-parallel
-ranks, and writes the global loss per step and the worst weight error against the reference.
-With ``--conformance`` it then exercises the rest of what an Accelerate script calls (see
-``_conformance``) and writes each outcome for the test to assert.
+``main`` trains the parity model for parity.STEPS steps on the global batch split over the
+data-parallel ranks, and writes the global loss per step and the worst weight error against the
+reference. With ``conformance=True`` (``--conformance``) it then exercises the rest of what an
+Accelerate script calls (see ``_conformance``) and writes each outcome for the test to assert.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import meshplan
+from meshplan._compat.accelerate import deepspeed_engine
 
-import meshplan  # noqa: E402
-import parity  # noqa: E402
+from . import parity
 
 RESUME_AFTER = 2  # steps before the checkpoint that the script resumes from
 EVAL_SIZE = 9  # no world size of the catalogue divides it: gather_for_metrics must drop the padding
@@ -145,7 +144,7 @@ def _clip_probe(accelerator, model, loader, loss_scale: float, plan_error: type)
     DeepSpeed steps inside backward, so under ZeRO only the refusal of a max_norm that the recipe
     does not set is probed (before any backward).
     """
-    if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
+    if deepspeed_engine(accelerator) is not None:
         measured = float(accelerator.clip_grad_norm_(model.parameters(), float("inf")))
         try:
             accelerator.clip_grad_norm_(model.parameters(), 0.5)
@@ -212,20 +211,3 @@ def first_batch_gradient_norm(weights: dict[str, torch.Tensor], loss_scale: floa
     (model(**batch).loss * loss_scale / accumulation).backward()
     return torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
 
-
-def _arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("output")
-    parser.add_argument("reference")
-    parser.add_argument("recipe", nargs="?")
-    parser.add_argument("--loss-scale", type=float, default=1.0)
-    parser.add_argument("--conformance", action="store_true")
-    parser.add_argument("--no-end-training", action="store_true")
-    parser.add_argument("--accumulate", type=int, default=1)
-    return parser.parse_args(argv)
-
-
-if __name__ == "__main__":
-    arguments = _arguments(sys.argv[1:])
-    main(arguments.output, arguments.reference, arguments.recipe, loss_scale=arguments.loss_scale,
-         conformance=arguments.conformance, end_training=not arguments.no_end_training, accumulation=arguments.accumulate)

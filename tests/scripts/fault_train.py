@@ -1,8 +1,8 @@
 """A Lightning script that checkpoints every step and resumes from the latest checkpoint by itself.
 
-    torchrun --nproc-per-node 2 --max-restarts 2 tests/fault_train.py FOLDER LAYOUT [--kill]
+    torchrun --nproc-per-node 2 --max-restarts 2 tests/scripts/fault_train.py FOLDER LAYOUT [--kill]
 
-It trains the parity model (one step per epoch, see resume.py) under LAYOUT with a checkpoint
+It trains the parity model (one step per epoch, see tests/helpers/resume.py) under LAYOUT with a checkpoint
 after every step in FOLDER/checkpoints, starting from ``meshplan.latest_checkpoint`` of that
 folder. With --kill, rank 1 SIGKILLs itself twice: on the first attempt at the start of step 3
 (mid-training), on the second in the middle of writing the step-3 checkpoint (mid-save).
@@ -21,10 +21,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the helpers package
 
 import meshplan  # noqa: E402
-import resume  # noqa: E402
+from helpers import resume  # noqa: E402
 from meshplan.checkpoint.tensor_files import TensorFileWriter  # noqa: E402
 
 LAYOUTS = {"ddp": meshplan.DDP, "zero2": lambda: meshplan.ZeRO(stage=2), "tp": lambda: meshplan.TensorParallel(tp_size=2)}

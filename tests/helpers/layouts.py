@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from meshplan import PlanError
-from parity import TokenDataset, tiny_llama_config
+from .parity import TokenDataset, tiny_llama_config
 
 
 class TinyModule(pl.LightningModule):
