@@ -104,6 +104,8 @@ def _platforms() -> list[str]:
         f"- **Tested**: Python {platform.python_version()} on Linux ({platform.machine()}), with {versions}, on CPU",
         "  processes (gloo); on a machine with NVIDIA GPUs, `scripts/gpu_smoke.sh` runs the parity checks on CUDA (nccl).",
         f"- **Declared**: Python {metadata['Requires-Python']}; " + ", ".join(f"`{r}`" for r in requirements) + ".",
+        "- **Lowest versions**: `scripts/check_versions.sh` installs every dependency at its declared lower bound",
+        "  and runs the fast tier and a parity spawn for ddp, ZeRO-3 and TP; see [versions](versions.md).",
         "- **Linux** runs everything. Two things need it: `meshplan.accelerator()` finds the recipe of an",
         "  `accelerate launch` through the launcher's command line in `/proc`; on macOS (or under Slurm, pdsh or a",
         "  wrapper script) set `MESHPLAN_RECIPE` to the recipe, or pass it, `meshplan.accelerator(\"zero3\")`, else",
