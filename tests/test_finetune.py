@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,13 +138,18 @@ def test_ctrl_c_stops_every_worker(tmp_path: Path) -> None:
     process = subprocess.Popen([str(MESHPLAN), "finetune", "--max-steps", "100000", "--output", str(tmp_path / "out")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pids = _worker_pids(process)
+    # Keep reading what it prints: a full pipe would block it on a write, as no terminal ever does.
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(process.stderr), daemon=True)
+    reader.start()
     time.sleep(15)  # the workers are importing, loading or training by now
     process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
-        pytest.fail("meshplan finetune did not stop within 30 s of Ctrl-C")
+        pytest.fail("meshplan finetune did not stop within 30 s of Ctrl-C; it printed:\n" + "".join(printed)[-2000:])
+    reader.join(timeout=5)
     assert process.returncode == 130
     for pid in pids:
         assert not _alive(pid), f"worker {pid} outlived Ctrl-C"
