@@ -1,0 +1,122 @@
+"""meshplan.plan_layout: every layout meshplan can run on the hardware, ranked, and the choice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshplan.errors import PlanError
+from meshplan.plan import Plan
+from meshplan.planner.estimate import estimate
+from meshplan.planner.hardware import Links, format_bytes, parse_memory
+from meshplan.planner.model import ModelFacts, model_facts
+from meshplan.planner.types import Candidate, Estimate, LayoutChoice
+
+# When two layouts cost the same, the simpler one wins (fewer moving parts, fewer engine buffers).
+PREFERENCE = ("ddp", "zero1", "zero2", "tp", "tp-dp", "zero3", "zero3-offload")
+# How far plan_layout looks for a node count that fits, when none does on the hardware given.
+MAX_NODES_SEARCHED = 128
+
+
+def candidate_plans(facts: ModelFacts, devices_per_node: int) -> list[Plan]:
+    """The layouts meshplan can run on nodes of ``devices_per_node``: DDP, ZeRO 1-3, ZeRO-3 with
+    offload, and TP over each divisor of the node that the model's heads and MLP allow."""
+    plans = [Plan("ddp"), *(Plan("zero", zero_stage=stage) for stage in (1, 2, 3)),
+             Plan("zero", zero_stage=3, offload_optimizer=True, offload_parameters=True)]
+    for tp_size in range(2, devices_per_node + 1):
+        if devices_per_node % tp_size == 0 and _takes_tp(facts, tp_size):
+            plans.append(Plan("tp", tp_size=tp_size))
+    return plans
+
+
+def _takes_tp(facts: ModelFacts, tp_size: int) -> bool:
+    try:
+        facts.with_tp_styles(tp_size)
+    except PlanError:
+        return False
+    return True
+
+
+def plan_layout(model: Any, *, devices_per_node: int, nodes: int = 1, device_memory: int | str, micro_batch_size: int = 1,
+                seq_len: int = 2048, precision: str = "bf16", gradient_checkpointing: bool = False,
+                host_memory: int | str | None = None, links: Links = Links()) -> LayoutChoice:
+    """Ranks every layout meshplan can run on ``nodes`` x ``devices_per_node`` devices and picks one.
+
+    A layout fits when its estimate's ``total`` is within ``device_memory`` (and, with offload, its
+    ``host_bytes`` within ``host_memory`` per process, when given). Among those that fit, the one
+    whose communication and offload traffic take the least time per step wins (computation is the
+    same for all); ties go to the simpler layout.
+
+    Args:
+        model: as for ``meshplan.estimate``.
+        devices_per_node: processes (GPUs) per machine; TP groups stay inside one.
+        device_memory: bytes per device, or a size such as ``"80GB"``.
+        links: bandwidths that turn bytes into seconds (``meshplan.planner.Links``).
+
+    Raises:
+        PlanError: nothing fits; the message names the smallest device memory, and the smallest
+            number of nodes, that would fit.
+    """
+    facts = model if isinstance(model, ModelFacts) else model_facts(model)
+    memory = parse_memory(device_memory)
+    host = parse_memory(host_memory) if host_memory is not None else None
+    settings = dict(micro_batch_size=micro_batch_size, seq_len=seq_len, precision=precision,
+                    gradient_checkpointing=gradient_checkpointing)
+    candidates = _ranked(facts, devices_per_node, nodes, memory, host, links, settings)
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        raise PlanError(_nothing_fits(facts, candidates, devices_per_node, nodes, memory, host, links, settings))
+    best = fitting[0]
+    return LayoutChoice(best.layout, best.tp_size, best.plan, _reason(best, candidates, memory), tuple(candidates))
+
+
+def _ranked(facts: ModelFacts, devices_per_node: int, nodes: int, memory: int, host: int | None, links: Links,
+            settings: dict[str, Any]) -> list[Candidate]:
+    world_size = devices_per_node * nodes
+    candidates = []
+    for plan in candidate_plans(facts, devices_per_node):
+        result = estimate(facts, plan, world_size=world_size, nodes=nodes, **settings)
+        fits = result.total <= memory and (host is None or result.host_bytes <= host)
+        candidates.append(Candidate(result.layout, result.tp_size, plan, result, fits, step_seconds(result, nodes, links)))
+    return sorted(candidates, key=lambda c: (not c.fits, c.step_seconds if c.fits else c.estimate.total,
+                                             PREFERENCE.index(c.layout), c.tp_size))
+
+
+def step_seconds(result: Estimate, nodes: int, links: Links) -> float:
+    """Seconds a step spends communicating and copying to and from the host, at the links' speeds.
+
+    TP groups stay inside a node; data-parallel collectives cross nodes when there are several,
+    and a ring runs at the speed of its slowest link.
+    """
+    data_parallel = result.communication_bytes_per_step - result.tensor_parallel_bytes_per_step
+    across = links.inter_node if nodes > 1 else links.intra_node
+    return (data_parallel / across + result.tensor_parallel_bytes_per_step / links.intra_node
+            + result.host_traffic_bytes_per_step / links.host)
+
+
+def _reason(best: Candidate, candidates: list[Candidate], memory: int) -> str:
+    name = _named(best)
+    text = (f"{name} is the fastest layout that fits in {format_bytes(memory)} per device: it needs "
+            f"{format_bytes(best.estimate.total)} and sends {format_bytes(best.estimate.communication_bytes_per_step)} per step")
+    faster = [c for c in candidates if not c.fits and c.step_seconds < best.step_seconds]
+    if faster:
+        quickest = min(faster, key=lambda c: c.step_seconds)
+        text += f" ({_named(quickest)}, faster, needs {format_bytes(quickest.estimate.total)})"
+    return text + "."
+
+
+def _named(candidate: Candidate) -> str:
+    return f"{candidate.layout} (tp_size {candidate.tp_size})" if candidate.layout.startswith("tp") else candidate.layout
+
+
+def _nothing_fits(facts: ModelFacts, candidates: list[Candidate], devices_per_node: int, nodes: int, memory: int,
+                  host: int | None, links: Links, settings: dict[str, Any]) -> str:
+    smallest = min(candidates, key=lambda c: c.estimate.total)
+    text = (f"No layout fits {facts.name} ({facts.numel / 1e9:.2f}B parameters) in {format_bytes(memory)} per device on "
+            f"{nodes} node(s) of {devices_per_node} devices: the smallest need is {_named(smallest)}'s "
+            f"{format_bytes(smallest.estimate.total)} per device, so it fits with {format_bytes(smallest.estimate.total)} "
+            f"per device")
+    for more_nodes in range(nodes + 1, MAX_NODES_SEARCHED + 1):
+        fitting = [c for c in _ranked(facts, devices_per_node, more_nodes, memory, host, links, settings) if c.fits]
+        if fitting:
+            return text + f", or on {more_nodes} nodes of {devices_per_node} devices ({_named(fitting[0])})."
+    return text + f"; no number of nodes up to {MAX_NODES_SEARCHED} makes it fit: shorten the sequence, lower the micro-batch or enable gradient checkpointing."

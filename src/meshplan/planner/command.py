@@ -1,0 +1,80 @@
+"""``meshplan plan``: the candidate layouts for a model on some hardware, as a table or JSON, and the choice."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from meshplan.plan import Plan, normalize_precision
+from meshplan.planner.choose import plan_layout
+from meshplan.planner.hardware import format_bytes
+from meshplan.planner.types import COMPONENTS, LayoutChoice
+
+_HEADINGS = ("layout", "tp", "parameters", "gradients", "optimizer", "activations", "buffers", "total", "host",
+             "sent/step", "fits")
+
+
+def add_plan_command(commands: argparse._SubParsersAction, refuse: object) -> None:
+    """Adds ``meshplan plan`` to the ``meshplan`` command's subcommands."""
+    plan = commands.add_parser(
+        "plan", help="which layout fits a model on some GPUs, what each costs per device, and the choice",
+        description="Estimate, for every layout meshplan runs (ddp, zero1-3, zero3 offload, TP over each divisor of a "
+                    "node), the memory per device by component and the bytes each device sends per step, and choose "
+                    "the fastest layout that fits. The formulas are in docs/planning.md.")
+    plan.add_argument("--model", required=True, help="a model directory or config.json path (only the config is read)")
+    plan.add_argument("--devices", type=int, required=True, help="devices (GPUs) per node")
+    plan.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
+    plan.add_argument("--device-memory", required=True, help="memory per device, e.g. 80GB or 80GiB")
+    plan.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    plan.add_argument("--micro-batch", type=int, default=1, help="sequences per device per forward pass (default 1)")
+    plan.add_argument("--precision", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
+    plan.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations in backward")
+    plan.add_argument("--json", action="store_true", help="print the candidates and the choice as JSON")
+    plan.add_argument("--write-recipe", metavar="PATH", help="write the chosen layout as a recipe (an Accelerate config file)")
+    plan.set_defaults(run=lambda args: _plan(args, refuse))
+
+
+def _plan(args: argparse.Namespace, refuse: object) -> int:
+    from meshplan.errors import PlanError
+    from meshplan.recipes import write_recipe
+
+    try:
+        choice = plan_layout(args.model, devices_per_node=args.devices, nodes=args.nodes, device_memory=args.device_memory,
+                             micro_batch_size=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
+                             gradient_checkpointing=args.gradient_checkpointing)
+        if args.write_recipe:
+            write_recipe(_with_precision(choice.plan, args.precision), Path(args.write_recipe),
+                         num_processes=args.devices * args.nodes, num_machines=args.nodes,
+                         description=f"Chosen by meshplan plan for {args.model}: {choice.reason}")
+    except PlanError as error:
+        return refuse("meshplan plan", error)
+    except OSError as error:
+        return refuse("meshplan plan", f"cannot write the recipe {args.write_recipe!r}: {error.strerror or error}")
+    print(json.dumps(choice.to_dict(), indent=2) if args.json else table(choice))
+    return 0
+
+
+def _with_precision(plan: Plan, precision: str) -> Plan:
+    """``plan`` with the precision it was planned for as its mixed_precision setting."""
+    mixed = "no" if precision == "fp32" else normalize_precision(precision)
+    return replace(plan, options=tuple(sorted({**dict(plan.options), "mixed_precision": mixed}.items())))
+
+
+def table(choice: LayoutChoice) -> str:
+    """The candidates as a text table (fastest fitting layout first), then the choice and its reason."""
+    rows = [_HEADINGS]
+    for candidate in choice.candidates:
+        sizes = candidate.estimate.bytes_per_rank()
+        rows.append((candidate.layout, str(candidate.tp_size), *(format_bytes(sizes[name]) for name in COMPONENTS),
+                     format_bytes(sizes["total"]), format_bytes(candidate.estimate.host_bytes),
+                     format_bytes(candidate.estimate.communication_bytes_per_step), "yes" if candidate.fits else "no"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(_HEADINGS))]
+    lines = ["  ".join(cell.rjust(width) if index else cell.ljust(width) for index, (cell, width) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.append("")
+    lines.append("Memory per device; host: what offload keeps in CPU memory; sent/step: bytes each device sends per step.")
+    lines.append(f"Chosen: {choice.chosen}" + (f" (tp_size {choice.tp_size})" if choice.chosen.startswith("tp") else "")
+                 + f". {choice.reason}")
+    return "\n".join(lines)

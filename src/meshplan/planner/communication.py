@@ -1,0 +1,68 @@
+"""Bytes one rank sends per optimizer step, layout by layout.
+
+Each collective is counted as ring algorithms send it, per rank, for a group of n ranks and a
+tensor of M bytes (the convention of nccl-tests' bus bandwidth): an all-reduce sends 2(n-1)/n M,
+an all-gather or a reduce-scatter (n-1)/n M of the whole tensor. The volumes follow the ZeRO
+paper's section 7: DDP, ZeRO-1 and ZeRO-2 move 2 copies of the model per step, ZeRO-3 3 copies
+(its parameters are gathered again for the backward pass); tensor parallelism moves activations,
+one all-reduce per split layer pair in each direction (Megatron's f and g operators).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from meshplan.plan import Plan
+from meshplan.planner.model import ROWWISE_STYLES, ModelFacts
+
+
+def all_reduce(nbytes: float, ranks: int) -> float:
+    """Bytes a rank sends in a ring all-reduce of ``nbytes`` among ``ranks``."""
+    return 2 * (ranks - 1) / ranks * nbytes if ranks > 1 else 0.0
+
+
+def all_gather(nbytes: float, ranks: int) -> float:
+    """Bytes a rank sends in a ring all-gather (or reduce-scatter) of a whole tensor of ``nbytes``."""
+    return (ranks - 1) / ranks * nbytes if ranks > 1 else 0.0
+
+
+def data_parallel_bytes(facts: ModelFacts, plan: Plan, *, dp_size: int, tp_size: int, half: bool) -> float:
+    """What the data-parallel dimension sends per step: gradients reduced, ZeRO's parameters gathered."""
+    trainable = sum(p.local_numel(tp_size) for p in facts.parameters if p.trainable)
+    if plan.strategy != "zero":
+        return all_reduce(4 * trainable, dp_size)  # fp32 gradients, DDP's buckets or TP's replicas
+    weight = 2 if half else 4
+    gradients = all_gather(weight * sum(p.numel for p in facts.parameters if p.trainable), dp_size)  # reduce-scattered
+    if plan.zero_stage < 3:
+        return gradients + all_gather(weight * facts.numel, dp_size)  # the updated parameters, gathered once
+    # ZeRO-3 gathers each parameter for the forward and again for the backward pass, except those
+    # under the persistence threshold, which stay whole and are gathered once after the step.
+    threshold = int(plan.option("stage3_param_persistence_threshold", 100_000))
+    persistent = weight * sum(p.numel for p in facts.parameters if p.numel < threshold)
+    return gradients + all_gather(persistent, dp_size) + 2 * all_gather(weight * facts.numel - persistent, dp_size)
+
+
+def tensor_parallel_bytes(facts: ModelFacts, *, tp_size: int, tokens: int, activation_bytes: int, residual_bytes: int) -> float:
+    """What the TP group sends per micro-batch: per split layer, the activations it all-reduces.
+
+    ``facts`` are those of ``ModelFacts.with_tp_styles(tp_size)``.
+
+    A rowwise layer adds up its partial outputs in the forward pass; a colwise layer adds up its
+    input's partial gradients in the backward pass; a rowwise embedding adds up its output; a
+    layer whose output is gathered whole (the LM head) gathers it.
+    """
+    if tp_size == 1:
+        return 0.0
+    modules = dict(facts.module.named_modules())
+    total = 0.0
+    for name, style in facts.styles.items():
+        module = modules.get(name)
+        if style in ROWWISE_STYLES and isinstance(module, nn.Linear):
+            total += all_reduce(tokens * module.out_features * activation_bytes, tp_size)
+        elif style == "embedding_rowwise" and isinstance(module, nn.Embedding):
+            total += all_reduce(tokens * module.embedding_dim * residual_bytes, tp_size)
+        elif style.startswith("colwise") and isinstance(module, nn.Linear):
+            total += all_reduce(tokens * module.in_features * residual_bytes, tp_size)
+            if style in ("colwise_rep", "colwise_gather_output"):
+                total += all_gather(tokens * module.out_features * activation_bytes, tp_size)
+    return total

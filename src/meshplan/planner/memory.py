@@ -1,0 +1,110 @@
+"""Model states and engine buffers per rank, layout by layout.
+
+The accounting is the ZeRO paper's (Rajbhandari et al. 2020, section 3.1): mixed-precision Adam
+holds 2 bytes of 16-bit weights, 2 of 16-bit gradients and K = 12 of optimizer states (an fp32
+master copy, momentum and variance) per parameter; ZeRO-1 divides the 12 by the N data-parallel
+ranks, ZeRO-2 the gradients too, ZeRO-3 everything. Where an engine departs from the paper, the
+engine wins, because the planner predicts what the engine holds:
+
+- DDP, and TP, under Lightning's and Accelerate's mixed precision keep fp32 weights and
+  gradients and cast to 16 bits inside autocast: 4 + 4 + 8 bytes, plus DDP's gradient buckets
+  (a second fp32 copy of the gradients unless ``gradient_as_bucket_view``).
+- DeepSpeed's ZeRO-3 keeps parameters smaller than ``stage3_param_persistence_threshold``
+  whole on every rank, pads each partition to a whole element per rank, and allocates its
+  reduce bucket (``reduce_bucket_size`` elements) whole.
+- Only trainable parameters carry gradients and optimizer states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshplan.plan import Plan
+from meshplan.planner.model import ModelFacts
+
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py), used when a Plan leaves them unset.
+DEEPSPEED_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+}
+ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq in fp32
+MASTER_BYTES = 4      # the fp32 copy of the weights that mixed precision steps
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes of one rank's model states on the device and in host memory, and its engine buffers."""
+
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    buffers: int
+    host_bytes: int
+
+
+def deepspeed_option(plan: Plan, name: str) -> int:
+    """A DeepSpeed zero_optimization setting as the engine will use it: the Plan's, else DeepSpeed's default."""
+    return int(plan.option(name, DEEPSPEED_DEFAULTS[name]))
+
+
+def model_states(facts: ModelFacts, plan: Plan, *, dp_size: int, tp_size: int, half: bool) -> ModelStates:
+    """Bytes of parameters, gradients, optimizer states and buffers one rank holds under ``plan``.
+
+    ``half`` says whether training runs in 16-bit mixed precision (bf16 or fp16).
+    """
+    if plan.strategy == "zero":
+        return _zero_states(facts, plan, dp_size, half)
+    return _replicated_states(facts, plan, tp_size)
+
+
+def _replicated_states(facts: ModelFacts, plan: Plan, tp_size: int) -> ModelStates:
+    """DDP and TP: fp32 weights, gradients and Adam states for this rank's share of each tensor."""
+    local = sum(p.local_numel(tp_size) for p in facts.parameters)
+    trainable = sum(p.local_numel(tp_size) for p in facts.parameters if p.trainable)
+    buckets = 0
+    if plan.strategy == "ddp" and not plan.option("gradient_as_bucket_view", False):
+        buckets = 4 * trainable  # DDP's flat buckets hold a second copy of every gradient
+    return ModelStates(4 * local, 4 * trainable, ADAM_STATE_BYTES * trainable, buckets, 0)
+
+
+def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> ModelStates:
+    weight = 2 if half else 4
+    stage = plan.zero_stage
+    trainable = [p.numel for p in facts.parameters if p.trainable]
+    trainable_share = sum(_share(n, dp_size) for n in trainable)
+    optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * trainable_share
+    if stage < 3:
+        parameters = weight * facts.numel
+        gradients = weight * (sum(trainable) if stage == 1 else trainable_share)
+        buffers = 0
+    else:
+        threshold = deepspeed_option(plan, "stage3_param_persistence_threshold")
+        persistent = sum(p.numel for p in facts.parameters if p.numel < threshold)
+        parameters = weight * (sum(_share(p.numel, dp_size) for p in facts.parameters) + persistent)
+        gradients = weight * trainable_share
+        # The reduce bucket, and the parameters gathered whole at once: the largest one while it
+        # runs (DeepSpeed's own estimator counts 4 bytes of the largest layer too) plus the prefetch.
+        gathered = max(p.numel for p in facts.parameters) + deepspeed_option(plan, "stage3_prefetch_bucket_size")
+        buffers = weight * (min(deepspeed_option(plan, "reduce_bucket_size"), _padded(sum(trainable), dp_size))
+                            + min(gathered, facts.numel))
+    host = 0
+    if plan.offload_optimizer:
+        # The optimizer steps on the CPU: master weights, Adam states and an fp32 copy of the gradient share.
+        host += optimizer + 4 * trainable_share
+        optimizer = 0
+    if plan.offload_parameters:
+        host += parameters
+        parameters = weight * sum(p.numel for p in facts.parameters if p.numel < deepspeed_option(plan, "stage3_param_persistence_threshold"))
+    return ModelStates(parameters, gradients, optimizer, buffers, host)
+
+
+def _share(numel: int, ranks: int) -> int:
+    """Elements one of ``ranks`` ranks holds of a tensor split evenly, padded to whole elements."""
+    return -(-numel // ranks)
+
+
+def _padded(numel: int, ranks: int) -> int:
+    return _share(numel, ranks) * ranks

@@ -1,0 +1,217 @@
+"""What the planner needs to know about a model: its parameters, its TP plan and how to rebuild it.
+
+A model arrives as a transformers config, a model directory or ``config.json`` path, or a live
+``nn.Module``. Configs are built on the meta device, so a 70-billion-parameter model costs no
+memory; a module is read where it is (a LightningModule or any module holding a transformers
+model works: the transformers model inside it is what is sized).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from meshplan.errors import PlanError
+from meshplan.tp.plans import find_pretrained_models
+from meshplan.tp.shard import plan_models
+
+# TP styles whose module's input arrives split across the TP ranks (what the rowwise layer multiplies).
+ROWWISE_STYLES = ("rowwise", "rowwise_rep", "rowwise_split_input")
+# Styles that leave a module's parameters whole on every rank.
+_WHOLE_STYLES = ("replicate",)
+
+
+@dataclass(frozen=True)
+class ParameterFacts:
+    """One parameter: its name, element count, whether it trains, and its TP style (None: kept whole)."""
+
+    name: str
+    shape: tuple[int, ...]
+    trainable: bool
+    tp_style: str | None = None
+
+    @property
+    def numel(self) -> int:
+        """Elements in the whole parameter."""
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    def local_numel(self, tp_size: int) -> int:
+        """Elements the largest TP rank holds: the split dimension divided by ``tp_size``, rounded up."""
+        dimension = _split_dimension(self.tp_style, len(self.shape))
+        if tp_size == 1 or dimension is None:
+            return self.numel
+        return self.numel // self.shape[dimension] * -(-self.shape[dimension] // tp_size)
+
+
+def _split_dimension(style: str | None, ndim: int) -> int | None:
+    # torch's styles: colwise splits a Linear's weight (out, in) on dim 0 and its bias; rowwise splits
+    # the weight on dim 1 (its bias stays whole); a rowwise embedding (vocab, hidden) splits dim 0.
+    if style is None or style in _WHOLE_STYLES:
+        return None
+    if style.startswith("colwise") or style == "embedding_rowwise":
+        return 0
+    return 1 if ndim == 2 else None
+
+
+@dataclass
+class ModelFacts:
+    """A model as the planner sees it.
+
+    Attributes:
+        name: the model's class name.
+        config: its transformers config (what activations are traced from).
+        model_class: the transformers class to rebuild it from the config.
+        parameters: every parameter once (tied weights once).
+        tp_plans: ``{tp_size: {module name: style}}`` for each TP size the model takes, filled on demand.
+        tp_refusal: why the model cannot run under TP, or None.
+    """
+
+    name: str
+    config: PretrainedConfig
+    model_class: type[PreTrainedModel]
+    parameters: tuple[ParameterFacts, ...]
+    module: nn.Module
+    styles: dict[str, str] = field(default_factory=dict, repr=False)
+    _split: dict[int, "ModelFacts"] = field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def config_text(self) -> str:
+        """The config as JSON: what identifies the architecture, for caching traces."""
+        return self.config.to_json_string()
+
+    @property
+    def numel(self) -> int:
+        """Elements in all parameters."""
+        return sum(p.numel for p in self.parameters)
+
+    @property
+    def trainable_numel(self) -> int:
+        """Elements in the parameters that train."""
+        return sum(p.numel for p in self.parameters if p.trainable)
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the residual stream."""
+        return int(self.text_config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks."""
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        """The config that holds the text model's sizes."""
+        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+
+    def tp_styles(self, tp_size: int) -> dict[str, str]:
+        """``{module name: style}`` under ``tp_size``, names relative to the model.
+
+        Raises:
+            PlanError: the model has no TP plan, or ``tp_size`` does not divide its heads or MLP width.
+        """
+        plans = plan_models(self.module, tp_size)
+        return {_joined(outer, name): style for outer, plan in plans.items() for name, style in plan.items()}
+
+    def with_tp_styles(self, tp_size: int) -> "ModelFacts":
+        """These facts with each parameter's TP style under ``tp_size`` (worked out once per size)."""
+        if tp_size not in self._split:
+            self._split[tp_size] = self._with_styles(tp_size)
+        return self._split[tp_size]
+
+    def _with_styles(self, tp_size: int) -> "ModelFacts":
+        styles = self.tp_styles(tp_size)
+        parameters = tuple(
+            ParameterFacts(p.name, p.shape, p.trainable, styles.get(p.name.rpartition(".")[0])) for p in self.parameters
+        )
+        return ModelFacts(self.name, self.config, self.model_class, parameters, self.module, styles)
+
+
+def _joined(outer: str, name: str) -> str:
+    return f"{outer}.{name}" if outer and name else outer or name
+
+
+def model_facts(model: Any) -> ModelFacts:
+    """Reads ``model``: a ``PretrainedConfig``, a model directory or ``config.json`` path, or an ``nn.Module``.
+
+    Raises:
+        PlanError: the path holds no transformers config, or the module holds no transformers model.
+    """
+    if isinstance(model, nn.Module):
+        return _facts_of_module(model)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_config(model)
+    if not isinstance(model, PretrainedConfig):
+        raise PlanError(
+            f"model={type(model).__name__} is not something the planner can size; pass a transformers "
+            f"PretrainedConfig, a model directory or config.json path, or an nn.Module."
+        )
+    model_class = model_class_for(model)
+    try:
+        with torch.device("meta"):
+            module = model_class(copy.deepcopy(model))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise PlanError(f"{model_class.__name__} cannot be built from this config: {error}") from error
+    return _facts(module, module)
+
+
+def load_config(path: str | os.PathLike) -> PretrainedConfig:
+    """The transformers config in a model directory or at a ``config.json`` path."""
+    path = Path(path)
+    folder = path.parent if path.name.endswith(".json") and path.is_file() else path
+    if not (folder / "config.json").is_file():
+        raise PlanError(
+            f"{str(path)!r} holds no transformers config: pass a model directory with a config.json, or the "
+            f"path of a config.json."
+        )
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError, KeyError) as error:
+        raise PlanError(f"the transformers config in {str(folder)!r} cannot be read: {error}") from error
+
+
+def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The class a config names (its first ``architectures`` entry), else its masked LM (encoders),
+    else its causal LM (decoders), else its base model."""
+    for name in config.architectures or ():
+        found = getattr(transformers, name, None)
+        if isinstance(found, type) and issubclass(found, PreTrainedModel):
+            return found
+    for auto in (transformers.AutoModelForMaskedLM, transformers.AutoModelForCausalLM, transformers.AutoModel):
+        mapping = auto._model_mapping  # noqa: SLF001 - documented lookup table of the Auto classes
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise PlanError(f"transformers has no model class for model_type={config.model_type!r}.")
+
+
+def _facts_of_module(root: nn.Module) -> ModelFacts:
+    found = find_pretrained_models(root)
+    if not found:
+        raise PlanError(
+            f"{type(root).__name__} holds no transformers.PreTrainedModel; the planner sizes Hugging Face models "
+            f"(pass the model, its config or its directory)."
+        )
+    if len(found) > 1:
+        names = ", ".join(name or type(model).__name__ for name, model in found)
+        raise PlanError(f"{type(root).__name__} holds several transformers models ({names}); pass the one to plan for.")
+    return _facts(found[0][1], root)
+
+
+def _facts(model: PreTrainedModel, root: nn.Module) -> ModelFacts:
+    # named_parameters() yields a tied weight once, under its first name, as the optimizer sees it.
+    parameters = tuple(
+        ParameterFacts(name, tuple(parameter.shape), parameter.requires_grad) for name, parameter in root.named_parameters()
+    )
+    return ModelFacts(type(model).__name__, model.config, type(model), parameters, root)

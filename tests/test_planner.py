@@ -1,0 +1,199 @@
+"""meshplan.estimate, meshplan.plan_layout and `meshplan plan`: what they predict, choose and refuse.
+
+Accuracy against what the engines really hold is checked by tests/test_planner_accuracy.py
+(processes, slow); these check the arithmetic, the choices and the errors, in one process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, LlamaConfig, LlamaForCausalLM
+
+import meshplan
+from meshplan.cli import main
+from meshplan.planner import model_facts
+from meshplan.planner.activations import trace_activations
+
+
+def tiny_llama(**sizes: int) -> LlamaConfig:
+    fields = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=512, architectures=["LlamaForCausalLM"])
+    fields.update(sizes)
+    return LlamaConfig(**fields)
+
+
+def llama_8b() -> LlamaConfig:
+    """Llama-3-8B's published dimensions."""
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, architectures=["LlamaForCausalLM"])
+
+
+def test_a_config_is_sized_on_the_meta_device_with_every_parameter_once():
+    facts = model_facts(llama_8b())
+    assert facts.numel == 8_030_261_248
+    assert facts.name == "LlamaForCausalLM"
+
+
+def test_a_model_directory_and_a_module_give_the_same_count(tmp_path):
+    config = tiny_llama()
+    config.save_pretrained(tmp_path)
+    module = LlamaForCausalLM(config)
+    counted = sum(p.numel() for p in module.parameters())
+    assert model_facts(tmp_path).numel == model_facts(tmp_path / "config.json").numel == model_facts(module).numel == counted
+
+
+def test_ddp_holds_sixteen_bytes_per_parameter_and_a_bucket_copy_of_the_gradients():
+    result = meshplan.estimate(tiny_llama(), meshplan.DDP(), world_size=2, seq_len=32)
+    params = model_facts(tiny_llama()).numel
+    assert (result.parameters, result.gradients, result.optimizer_states) == (4 * params, 4 * params, 8 * params)
+    assert result.buffers >= 4 * params
+    assert result.total == sum(result.bytes_per_rank()[name] for name in meshplan.planner.COMPONENTS)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_and_2_divide_the_optimizer_state_and_zero_2_the_gradients(stage):
+    params = model_facts(llama_8b()).numel
+    result = meshplan.estimate(llama_8b(), meshplan.ZeRO(stage=stage), world_size=8)
+    assert result.parameters == 2 * params
+    assert result.optimizer_states == pytest.approx(12 * params / 8, rel=1e-6)
+    assert result.gradients == pytest.approx(2 * params if stage == 1 else 2 * params / 8, rel=1e-6)
+
+
+def test_zero_3_divides_everything_and_offload_moves_it_to_the_host():
+    params = model_facts(llama_8b()).numel
+    sharded = meshplan.estimate(llama_8b(), "zero3", world_size=8)
+    offloaded = meshplan.estimate(llama_8b(), "zero3-offload", world_size=8)
+    assert sharded.model_states == pytest.approx(16 * params / 8, rel=0.01)
+    assert offloaded.parameters + offloaded.optimizer_states < sharded.model_states / 100
+    assert offloaded.host_bytes >= 14 * params / 8
+
+
+def test_tp_divides_the_split_layers_and_keeps_the_norms_whole():
+    facts = model_facts(llama_8b())
+    result = meshplan.estimate(llama_8b(), meshplan.TensorParallel(tp_size=8), world_size=8)
+    assert result.layout == "tp" and result.tp_size == 8
+    assert facts.numel / 8 * 4 < result.parameters < facts.numel / 8 * 4 * 1.01
+    over_pairs = meshplan.estimate(llama_8b(), meshplan.TensorParallel(tp_size=2), world_size=8)
+    assert over_pairs.layout == "tp-dp" and over_pairs.parameters == pytest.approx(4 * result.parameters, rel=0.01)
+
+
+def test_communication_follows_the_zero_paper_two_copies_for_zero_2_three_for_zero_3():
+    zero2 = meshplan.estimate(llama_8b(), "zero2", world_size=8)
+    zero3 = meshplan.estimate(llama_8b(), "zero3", world_size=8)
+    params = model_facts(llama_8b()).numel
+    assert zero2.communication_bytes_per_step == pytest.approx(2 * 7 / 8 * 2 * params, rel=1e-6)
+    assert zero3.communication_bytes_per_step == pytest.approx(3 * 7 / 8 * 2 * params, rel=0.01)
+
+
+def test_fake_tensor_trace_counts_exactly_what_a_real_forward_pass_saves():
+    config = tiny_llama()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in parameter_storages:
+            saved[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(0, 512, (2, 48))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    trace = trace_activations(model_facts(config), micro_batch_size=2, seq_len=48, dtype=torch.float32, autocast=None)
+    assert trace.activations(1, gradient_checkpointing=False) == sum(saved.values())
+
+
+def test_gradient_checkpointing_and_tp_shrink_the_activations():
+    kwargs = dict(world_size=4, seq_len=2048)
+    whole = meshplan.estimate(llama_8b(), "zero2", **kwargs)
+    recomputed = meshplan.estimate(llama_8b(), "zero2", gradient_checkpointing=True, **kwargs)
+    split = meshplan.estimate(llama_8b(), meshplan.TensorParallel(tp_size=4), **kwargs)
+    assert recomputed.activations < whole.activations / 4
+    assert split.activations < whole.activations
+
+
+def test_estimate_refuses_a_bad_layout_or_argument_with_a_plan_error():
+    with pytest.raises(meshplan.PlanError, match="tp_size=3 does not divide the world size 4"):
+        meshplan.estimate(tiny_llama(), meshplan.TensorParallel(tp_size=3), world_size=4)
+    with pytest.raises(meshplan.PlanError, match="precision='int3' is unknown"):
+        meshplan.estimate(tiny_llama(), "ddp", world_size=2, precision="int3")
+    with pytest.raises(meshplan.PlanError, match="seq_len=0 must be a positive integer"):
+        meshplan.estimate(tiny_llama(), "ddp", world_size=2, seq_len=0)
+    with pytest.raises(meshplan.PlanError, match="tp_size=2 does not divide num_attention_heads=3"):
+        meshplan.estimate(BertConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=3, intermediate_size=96),
+                          meshplan.TensorParallel(tp_size=2), world_size=2)
+
+
+def test_a_small_model_picks_a_replicated_layout_for_speed():
+    choice = meshplan.plan_layout(tiny_llama(), devices_per_node=8, device_memory="80GB", seq_len=128)
+    assert choice.chosen in ("ddp", "zero1", "zero2")
+    assert choice.reason.startswith(choice.chosen) and "fits" in choice.reason
+    assert all(candidate.fits for candidate in choice.candidates)
+
+
+def test_a_model_that_fits_only_sharded_picks_zero3_or_tp():
+    choice = meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="40GB")
+    fits = {c.layout for c in choice.candidates if c.fits}
+    assert "ddp" not in fits and "zero1" not in fits
+    assert choice.chosen in ("zero3", "tp", "tp-dp")
+
+
+def test_a_model_that_fits_only_offloaded_picks_offload():
+    choice = meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="16GB", gradient_checkpointing=True)
+    assert [c.layout for c in choice.candidates if c.fits] == ["zero3-offload"]
+    assert choice.chosen == "zero3-offload"
+
+
+def test_a_model_that_fits_nowhere_names_the_memory_and_the_nodes_that_would_fit():
+    with pytest.raises(meshplan.PlanError) as refused:
+        meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="6GB", gradient_checkpointing=True)
+    message = str(refused.value)
+    assert "No layout fits LlamaForCausalLM" in message
+    assert "it fits with 6.8 GB per device" in message and "or on 2 nodes of 8 devices (zero3-offload)" in message
+
+
+def test_when_no_node_count_helps_the_error_says_what_to_change():
+    with pytest.raises(meshplan.PlanError, match="shorten the sequence, lower the micro-batch or enable gradient checkpointing"):
+        meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="12GB")
+
+
+def test_the_cli_prints_the_json_the_issue_specifies(capsys, tmp_path):
+    llama_8b().save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--devices", "8", "--device-memory", "80GB", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) >= {"chosen", "reason", "candidates"}
+    names = {candidate["layout"] for candidate in printed["candidates"]}
+    assert names == {"ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp"}
+    first = printed["candidates"][0]
+    assert set(first["bytes_per_rank"]) == {"parameters", "gradients", "optimizer_states", "activations", "buffers", "total"}
+    assert {"layout", "tp_size", "fits", "host_bytes", "communication_bytes_per_step"} <= set(first)
+    assert printed["chosen"] == first["layout"]
+
+
+def test_the_cli_writes_the_choice_as_a_recipe_that_runs_the_same_layout(capsys, tmp_path):
+    llama_8b().save_pretrained(tmp_path / "model")
+    recipe = tmp_path / "chosen.yaml"
+    assert main(["plan", "--model", str(tmp_path / "model"), "--devices", "8", "--device-memory", "40GB",
+                 "--write-recipe", str(recipe)]) == 0
+    printed = capsys.readouterr().out
+    assert "Chosen:" in printed and "fits" in printed.splitlines()[0]
+    plan = meshplan.from_recipe(str(recipe)).plan
+    assert plan.option("mixed_precision") == "bf16"
+    chosen = printed.split("Chosen: ")[1].split(".")[0].split(" ")[0]
+    assert meshplan.planner.layout_name(plan, 8, 8) == chosen
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--device-memory", "lots"], "is not a size"),
+    (["--device-memory", "1MB"], "No layout fits"),
+])
+def test_the_cli_refuses_bad_input_with_exit_code_2_and_one_paragraph(capsys, tmp_path, arguments, message):
+    tiny_llama().save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--devices", "2", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("meshplan plan: ") and error.count("\n") == 1
