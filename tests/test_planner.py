@@ -151,14 +151,14 @@ def test_a_model_that_fits_only_offloaded_picks_offload():
 
 def test_a_model_that_fits_nowhere_names_the_memory_and_the_nodes_that_would_fit():
     with pytest.raises(meshplan.PlanError) as refused:
-        meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="6GB", gradient_checkpointing=True)
+        meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="16GB", host_memory="10GB", gradient_checkpointing=True)
     message = str(refused.value)
-    assert "No layout fits LlamaForCausalLM" in message
-    assert "it fits with 6.8 GB per device" in message and "or on 2 nodes of 8 devices (zero3-offload)" in message
+    assert "No layout fits LlamaForCausalLM (8.03B parameters) in 16.0 GB per device and 10.0 GB of host memory" in message
+    assert "is zero3's 20.8 GB, so it fits with 20.8 GB per device, or on 2 nodes of 8 devices (zero3)" in message
 
 
 def test_when_no_node_count_helps_the_error_says_what_to_change():
-    with pytest.raises(meshplan.PlanError, match="shorten the sequence, lower the micro-batch or enable gradient checkpointing"):
+    with pytest.raises(meshplan.PlanError, match="no number of nodes up to 128 makes it fit; gradient checkpointing would shrink"):
         meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="12GB")
 
 

@@ -11,8 +11,8 @@ from meshplan.planner.hardware import Links, format_bytes, parse_memory
 from meshplan.planner.model import ModelFacts, model_facts
 from meshplan.planner.types import Candidate, Estimate, LayoutChoice
 
-# When two layouts cost the same, the simpler one wins (fewer moving parts, fewer engine buffers).
-PREFERENCE = ("ddp", "zero1", "zero2", "tp", "tp-dp", "zero3", "zero3-offload")
+# When two layouts cost the same time, the simpler one wins (fewer moving parts; ZeRO-2 holds less than ZeRO-1).
+PREFERENCE = ("ddp", "zero2", "zero1", "tp", "tp-dp", "zero3", "zero3-offload")
 # How far plan_layout looks for a node count that fits, when none does on the hardware given.
 MAX_NODES_SEARCHED = 128
 
@@ -77,8 +77,9 @@ def _ranked(facts: ModelFacts, devices_per_node: int, nodes: int, memory: int, h
         result = estimate(facts, plan, world_size=world_size, nodes=nodes, **settings)
         fits = result.total <= memory and (host is None or result.host_bytes <= host)
         candidates.append(Candidate(result.layout, result.tp_size, plan, result, fits, step_seconds(result, nodes, links)))
-    return sorted(candidates, key=lambda c: (not c.fits, c.step_seconds if c.fits else c.estimate.total,
-                                             PREFERENCE.index(c.layout), c.tp_size))
+    # Fitting layouts by step time, then the simpler first; the rest by how much they need.
+    return sorted(candidates, key=lambda c: (not c.fits, c.step_seconds if c.fits else 0,
+                                             PREFERENCE.index(c.layout) if c.fits else 0, c.estimate.total, c.tp_size))
 
 
 def step_seconds(result: Estimate, nodes: int, links: Links) -> float:
@@ -110,13 +111,19 @@ def _named(candidate: Candidate) -> str:
 
 def _nothing_fits(facts: ModelFacts, candidates: list[Candidate], devices_per_node: int, nodes: int, memory: int,
                   host: int | None, links: Links, settings: dict[str, Any]) -> str:
-    smallest = min(candidates, key=lambda c: c.estimate.total)
-    text = (f"No layout fits {facts.name} ({facts.numel / 1e9:.2f}B parameters) in {format_bytes(memory)} per device on "
-            f"{nodes} node(s) of {devices_per_node} devices: the smallest need is {_named(smallest)}'s "
-            f"{format_bytes(smallest.estimate.total)} per device, so it fits with {format_bytes(smallest.estimate.total)} "
-            f"per device")
+    within_host = [c for c in candidates if host is None or c.estimate.host_bytes <= host] or candidates
+    smallest = min(within_host, key=lambda c: c.estimate.total)
+    host_text = f" and {format_bytes(host)} of host memory per process" if host is not None else ""
+    text = (f"No layout fits {facts.name} ({facts.numel / 1e9:.2f}B parameters) in {format_bytes(memory)} per device{host_text} "
+            f"on {nodes} node(s) of {devices_per_node} devices: the least any layout needs is {_named(smallest)}'s "
+            f"{format_bytes(smallest.estimate.total)}, so it fits with {format_bytes(smallest.estimate.total)} per device")
     for more_nodes in range(nodes + 1, MAX_NODES_SEARCHED + 1):
         fitting = [c for c in _ranked(facts, devices_per_node, more_nodes, memory, host, links, settings) if c.fits]
         if fitting:
-            return text + f", or on {more_nodes} nodes of {devices_per_node} devices ({_named(fitting[0])})."
-    return text + f"; no number of nodes up to {MAX_NODES_SEARCHED} makes it fit: shorten the sequence, lower the micro-batch or enable gradient checkpointing."
+            text += f", or on {more_nodes} nodes of {devices_per_node} devices ({_named(fitting[0])})"
+            break
+    else:
+        text += f"; no number of nodes up to {MAX_NODES_SEARCHED} makes it fit"
+    if not settings["gradient_checkpointing"]:
+        return text + "; gradient checkpointing would shrink the activations."
+    return text + "; a shorter sequence or a smaller micro-batch would shrink the activations."

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from meshplan.plan import Plan
+from meshplan.planner.memory import persistent_numel
 from meshplan.planner.model import ROWWISE_STYLES, ModelFacts
 
 
@@ -37,8 +38,7 @@ def data_parallel_bytes(facts: ModelFacts, plan: Plan, *, dp_size: int, tp_size:
         return gradients + all_gather(weight * facts.numel, dp_size)  # the updated parameters, gathered once
     # ZeRO-3 gathers each parameter for the forward and again for the backward pass, except those
     # under the persistence threshold, which stay whole and are gathered once after the step.
-    threshold = int(plan.option("stage3_param_persistence_threshold", 100_000))
-    persistent = weight * sum(p.numel for p in facts.parameters if p.numel < threshold)
+    persistent = weight * persistent_numel(facts, plan)
     return gradients + all_gather(persistent, dp_size) + 2 * all_gather(weight * facts.numel - persistent, dp_size)
 
 

@@ -75,30 +75,41 @@ def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> Mod
     stage = plan.zero_stage
     trainable = [p.numel for p in facts.parameters if p.trainable]
     trainable_share = sum(_share(n, dp_size) for n in trainable)
-    optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * trainable_share
+    # In fp32, ZeRO-3's partition is itself the master copy; otherwise an fp32 copy is kept beside it.
+    master = 0 if stage == 3 and not half else MASTER_BYTES
+    optimizer = (master + ADAM_STATE_BYTES) * trainable_share
+    bucket = deepspeed_option(plan, "reduce_bucket_size")
     if stage < 3:
         parameters = weight * facts.numel
         gradients = weight * (sum(trainable) if stage == 1 else trainable_share)
-        buffers = 0
+        # setup_buckets allocates a whole reduce bucket every backward (two with overlap_comm);
+        # ZeRO-1 accumulates in fp32 there.
+        buffers = (4 if stage == 1 else weight) * bucket * (2 if plan.option("overlap_comm", False) else 1)
     else:
-        threshold = deepspeed_option(plan, "stage3_param_persistence_threshold")
-        persistent = sum(p.numel for p in facts.parameters if p.numel < threshold)
+        persistent = persistent_numel(facts, plan)
         parameters = weight * (sum(_share(p.numel, dp_size) for p in facts.parameters) + persistent)
         gradients = weight * trainable_share
         # The reduce bucket, and the parameters gathered whole at once: the largest one while it
         # runs (DeepSpeed's own estimator counts 4 bytes of the largest layer too) plus the prefetch.
         gathered = max(p.numel for p in facts.parameters) + deepspeed_option(plan, "stage3_prefetch_bucket_size")
-        buffers = weight * (min(deepspeed_option(plan, "reduce_bucket_size"), _padded(sum(trainable), dp_size))
-                            + min(gathered, facts.numel))
+        buffers = weight * (min(bucket, _padded(sum(trainable), dp_size)) + min(gathered, facts.numel))
     host = 0
     if plan.offload_optimizer:
-        # The optimizer steps on the CPU: master weights, Adam states and an fp32 copy of the gradient share.
-        host += optimizer + 4 * trainable_share
+        # The optimizer steps on the CPU: master weights and Adam states there, and the gradient
+        # share too (DeepSpeed allocates its partition on the offload device) with an fp32 copy.
+        host += optimizer + gradients + (4 * trainable_share if half else 0)
         optimizer = 0
+        gradients = 0
     if plan.offload_parameters:
-        host += parameters
-        parameters = weight * sum(p.numel for p in facts.parameters if p.numel < deepspeed_option(plan, "stage3_param_persistence_threshold"))
+        host += parameters - weight * persistent
+        parameters = weight * persistent
     return ModelStates(parameters, gradients, optimizer, buffers, host)
+
+
+def persistent_numel(facts: ModelFacts, plan: Plan) -> int:
+    """Elements ZeRO-3 keeps whole on every rank: parameters of at most ``stage3_param_persistence_threshold``."""
+    threshold = deepspeed_option(plan, "stage3_param_persistence_threshold")
+    return sum(p.numel for p in facts.parameters if p.numel <= threshold)
 
 
 def _share(numel: int, ranks: int) -> int:

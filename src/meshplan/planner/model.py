@@ -190,9 +190,11 @@ def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
         if isinstance(found, type) and issubclass(found, PreTrainedModel):
             return found
     for auto in (transformers.AutoModelForMaskedLM, transformers.AutoModelForCausalLM, transformers.AutoModel):
-        mapping = auto._model_mapping  # noqa: SLF001 - documented lookup table of the Auto classes
-        if type(config) in mapping:
-            return mapping[type(config)]
+        try:
+            with torch.device("meta"):
+                return type(auto.from_config(copy.deepcopy(config)))
+        except ValueError:  # the Auto class has no model for this config type
+            continue
     raise PlanError(f"transformers has no model class for model_type={config.model_type!r}.")
 
 
