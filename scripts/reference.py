@@ -27,9 +27,10 @@ OUTPUT = ROOT / "docs" / "reference.md"
 
 # Sections of the page and the names of meshplan.__all__ each documents, in reading order.
 SECTIONS = [
-    ("Strategies", ["DDP", "ZeRO", "TensorParallel"]),
+    ("Strategies", ["DDP", "ZeRO", "TensorParallel", "Auto"]),
     ("Recipes and Accelerate", ["from_recipe", "accelerator"]),
     ("The Plan", ["Plan"]),
+    ("Planning", ["plan_layout", "estimate", "LayoutChoice", "Estimate"]),
     ("Checkpoints", ["latest_checkpoint", "export"]),
     ("Errors", ["PlanError", "CheckpointError"]),
     ("Testing", ["testing"]),

@@ -197,3 +197,10 @@ def test_the_cli_refuses_bad_input_with_exit_code_2_and_one_paragraph(capsys, tm
     assert main(["plan", "--model", str(tmp_path), "--devices", "2", *arguments]) == 2
     error = capsys.readouterr().err
     assert message in error and error.startswith("meshplan plan: ") and error.count("\n") == 1
+
+
+def test_on_cpu_offload_frees_nothing_so_its_host_bytes_count_against_the_memory():
+    on_gpus = meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="16GB", gradient_checkpointing=True)
+    assert on_gpus.chosen == "zero3-offload"
+    with pytest.raises(meshplan.PlanError, match="No layout fits"):
+        meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="16GB", gradient_checkpointing=True, device_is_host=True)

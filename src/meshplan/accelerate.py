@@ -32,12 +32,14 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from meshplan._compat import accelerate as accelerate_compat
 from meshplan._compat.accelerate import DATA_PARALLEL_DIMENSION, TENSOR_PARALLEL_DIMENSION
+from meshplan.auto import announcement, choose_layout, is_auto
 from meshplan.checkpoint.accelerate_state import CheckpointingAccelerator
 from meshplan.checkpoint.pretrained import consolidated_state_dict
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
 from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
-from meshplan.plan import Plan
+from meshplan.plan import Plan, normalize_precision
+from meshplan.planner.types import LayoutChoice
 from meshplan.recipes import launched_recipe_extras, plan_from_environment, read_recipe, started_by_a_launcher
 from meshplan.tp.shard import plan_models, shard_models, sharding_mesh
 from meshplan.tp.sync import average_gradients
@@ -54,14 +56,34 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
             config file) or the name of a shipped one ("zero3", see ``meshplan recipes``).
             None realizes the recipe ``accelerate launch`` passed to this process
             (plain data parallelism when the process was not started by a launcher).
+            ``"auto"``: meshplan chooses the layout (below).
         **accelerator_kwargs: passed to ``Accelerator``; ``cpu`` defaults to True when no CUDA
             device is available. A value that contradicts the recipe is a PlanError.
 
+    ``"auto"`` chooses here, once: the layout decides the Accelerator's class and DeepSpeed plugin,
+    which Accelerate fixes when the Accelerator is built, before ``prepare`` ever sees the model.
+    So the model is named up front: ``meshplan.accelerator("auto", model=model)``, with the
+    module, its transformers config or its model directory (a config is sized on the meta device
+    and costs nothing, so the Accelerator can come first in a script, as usual). These planning
+    keywords are taken out of ``accelerator_kwargs``: ``model``; ``micro_batch_size``, the samples
+    per process per forward pass (default 1); ``seq_len`` (default 2048, or the model's
+    ``max_position_embeddings`` when lower); ``device_memory``, bytes or "80GB" per process
+    (default ``meshplan.planner.memory_per_process``: a CUDA device's total memory, or on CPU the
+    host memory divided among the node's processes); ``gradient_checkpointing`` (default: read
+    from the module, False for a config). The world comes from the launcher (WORLD_SIZE,
+    LOCAL_WORLD_SIZE) and the precision from ``mixed_precision`` or the launched recipe. Every
+    process plans from these same figures, so processes that see different device memory (mixed
+    hardware) must be given ``device_memory``; once the Accelerator exists the choices are
+    compared, and a difference is a PlanError. The main process prints ``meshplan: chose ...``
+    with the reason; the choice is kept as ``accelerator.layout_choice``.
+
     Raises:
-        PlanError: the layout cannot run as asked. Refused before any Accelerator is built, among
-            others: ``cpu=True`` under ZeRO while CUDA devices are visible (Accelerate would switch
-            DeepSpeed off; hide the GPUs with ``CUDA_VISIBLE_DEVICES=""`` instead), and
-            ``cpu=False`` without a CUDA device under ZeRO or in a launched job.
+        PlanError: the layout cannot run as asked, or under ``"auto"`` no model was named or no
+            layout fits (the message names the smallest memory or device count that would).
+            Refused before any Accelerator is built, among others: ``cpu=True`` under ZeRO while
+            CUDA devices are visible (Accelerate would switch DeepSpeed off; hide the GPUs with
+            ``CUDA_VISIBLE_DEVICES=""`` instead), and ``cpu=False`` without a CUDA device under
+            ZeRO or in a launched job.
 
     Warns, as the Lightning strategies do, when torchrun (or ``accelerate launch``) will restart
     workers that share its rendezvous store (meshplan.launch.warn_if_restarts_share_the_rendezvous_store).
@@ -70,7 +92,8 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
         # Accelerate's state is shared by every Accelerator of a process: one made before counted
         # the processes, and this one would inherit its count.
         check_launched_world(accelerate_state.AcceleratorState().num_processes)
-    plan = resolve_plan(strategy_or_recipe)
+    choice = _choose_layout(accelerator_kwargs) if is_auto(strategy_or_recipe) else None
+    plan = choice.plan if choice is not None else resolve_plan(strategy_or_recipe)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plan.check_world_size(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if plan.strategy != "zero" and plan.option("gradient_clipping") is not None:
@@ -84,9 +107,50 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
     kwargs = _training_kwargs(plan, accelerator_kwargs)
     result = _build_accelerator(plan, on_cpu, kwargs)
     check_launched_world(result.num_processes)
+    if choice is not None:
+        _adopt_choice(result, choice)
     atexit.unregister(_tear_down_process_group)  # once per process, however many accelerators
     atexit.register(_tear_down_process_group)
     return result
+
+
+# The keywords of meshplan.accelerator("auto", ...) that describe the training to plan for, not the Accelerator.
+_PLANNING_ARGUMENTS = ("model", "micro_batch_size", "seq_len", "device_memory", "gradient_checkpointing")
+
+
+def _choose_layout(accelerator_kwargs: dict[str, Any]) -> LayoutChoice:
+    """The planner's choice for ``meshplan.accelerator("auto", model=..., ...)``; takes the planning keywords
+    out of ``accelerator_kwargs``."""
+    planning = {name: accelerator_kwargs.pop(name) for name in _PLANNING_ARGUMENTS if name in accelerator_kwargs}
+    model = planning.pop("model", None)
+    if model is None:
+        raise PlanError(
+            'meshplan.accelerator("auto") chooses the layout from the model, but Accelerate fixes the layout when the '
+            "Accelerator is built, before prepare() sees the model: name it, meshplan.accelerator(\"auto\", model=model), "
+            "with the module, its transformers config or its model directory."
+        )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    cpu = accelerator_kwargs.get("cpu", not torch.cuda.is_available()) or accelerate_compat.flag_set(accelerate_compat.USE_CPU)
+    device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    precision = accelerator_kwargs.get("mixed_precision") or os.environ.get(accelerate_compat.MIXED_PRECISION) or "no"
+    return choose_layout(model, processes_per_node=per_node, nodes=max(1, world_size // per_node), device=device,
+                         precision=normalize_precision(precision) or "no", **planning)
+
+
+def _adopt_choice(result: Accelerator, choice: LayoutChoice) -> None:
+    """Checks that every process chose alike, keeps the choice on the Accelerator and prints it on the main process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        chosen: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(chosen, (choice.chosen, choice.tp_size))
+        if len(set(chosen)) > 1:
+            raise PlanError(
+                f'meshplan.accelerator("auto") chose differently on different processes ({chosen}, by rank): they see '
+                f"different device memory. Pass the same device_memory=... to every process."
+            )
+    result.layout_choice = choice
+    if result.is_main_process:
+        print(announcement(choice), flush=True)
 
 
 def _runs_on_cpu(plan: Plan, accelerator_kwargs: dict[str, Any]) -> bool:

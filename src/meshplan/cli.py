@@ -55,6 +55,14 @@ def _recipe_file(name: str | os.PathLike) -> str:
     return os.path.abspath(path) if os.path.lexists(path) else str(path)
 
 
+def _finetune_recipe(name: str | None) -> str:
+    """--recipe as the job holds it: "auto" as it is (meshplan chooses the layout), else the recipe file it names (default zero2)."""
+    from meshplan.auto import AUTO
+    from meshplan.finetune.job import DEFAULT_RECIPE
+
+    return AUTO if name == AUTO else _recipe_file(name or DEFAULT_RECIPE)
+
+
 def _print_recipe_path(name: str) -> int:
     """Prints the absolute path of the recipe ``name`` means (a file here, else a catalogue name); 2 when none."""
     from meshplan.recipes import catalogue_listing
@@ -86,16 +94,18 @@ def _finetune(args: argparse.Namespace) -> int:
 
     import datasets
 
-    from meshplan.finetune.job import DEFAULT_RECIPE, FinetuneJob, check_job, default_devices, default_model
+    from meshplan.auto import announcement
+    from meshplan.finetune.job import FinetuneJob, check_job, default_devices, default_model, with_chosen_layout
 
     datasets.disable_progress_bars()  # the checks below load the data; errors must stay one paragraph
     try:
         job = FinetuneJob(
-            model=args.model or default_model(), data=args.data or "reviews", recipe=_recipe_file(args.recipe or DEFAULT_RECIPE),
+            model=args.model or default_model(), data=args.data or "reviews", recipe=_finetune_recipe(args.recipe),
             framework=args.framework, devices=args.devices if args.devices is not None else default_devices(),
             max_steps=args.max_steps, output=str(output),
             checkpoint_every=_checkpoint_every(args), max_restarts=args.max_restarts,
         )
+        job = with_chosen_layout(job)  # --recipe auto: chosen here, once; every worker runs the job's layout
         check_job(job)
         job_path = Path(job.output) / JOB_FILE
         Path(job.output).mkdir(parents=True, exist_ok=True)
@@ -107,6 +117,8 @@ def _finetune(args: argparse.Namespace) -> int:
     threads = max(1, (os.cpu_count() or 1) // job.devices)
     print(f"meshplan finetune: {Path(job.model).name} on {job.data} with {Path(job.recipe).name}, "
           f"{job.framework}, {job.devices} processes, {job.max_steps} steps", flush=True)
+    if job.layout is not None:
+        print(announcement(job.layout), flush=True)
     code, log = _run_finetune_workers(job, job_path, threads, args.verbose)
     if code == 130:
         print("meshplan finetune: interrupted; every worker was stopped.", file=sys.stderr)
@@ -227,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "name here comes first)")
     recipes.set_defaults(run=_list_recipes)
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained transformer under a recipe")
-    finetune.add_argument("--recipe", help="a catalogue name (meshplan recipes) or a recipe file; default zero2")
+    finetune.add_argument("--recipe", help="a catalogue name (meshplan recipes), a recipe file, or auto: meshplan chooses "
+                          "the layout from the model, --devices and the memory per process; default zero2")
     finetune.add_argument("--model", help="local Hugging Face model directory; default the packaged all-MiniLM-L6-v2")
     finetune.add_argument("--data", help="CSV/JSON file, saved data set or data set name; default the packaged reviews")
     finetune.add_argument("--framework", default="lightning", help="lightning, accelerate or trainer (default lightning)")
@@ -252,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", help="the model's prefix, when the checkpoint holds several Hugging Face models")
     export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB (default 5GB)")
     export.set_defaults(run=_export)
+    from meshplan.planner.command import add_plan_command
+
+    add_plan_command(commands, _refuse)
     return parser
 
 

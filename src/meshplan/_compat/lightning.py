@@ -3,8 +3,9 @@
 Read from lightning 2.6.6. meshplan's strategies subclass Lightning's own (DDPStrategy,
 DeepSpeedStrategy, ModelParallelStrategy) and reach past their public surface in a few places:
 to run DeepSpeed on CPU (Lightning's DeepSpeedStrategy refuses anything but CUDA), to size
-ModelParallelStrategy's mesh from the Plan, and to shard the model in ``setup`` without a
-``configure_model`` hook. Each such place is here; ``INTERNALS`` lists a canary per touch point.
+ModelParallelStrategy's mesh from the Plan, to shard the model in ``setup`` without a
+``configure_model`` hook, and to put the strategy meshplan_auto chose into the running Trainer.
+Each such place is here; ``INTERNALS`` lists a canary per touch point.
 
 Public equivalents used instead (no wrapper, no canary): ``LightningOptimizer.optimizer`` for
 ``LightningOptimizer._optimizer``.
@@ -84,6 +85,25 @@ MODEL_PARALLEL_SETUP_FINGERPRINTS = ("7a79a2378fefc19c",)
 def ddp_keyword_arguments(strategy: DDPStrategy) -> dict[str, Any]:
     """The keyword arguments a DDPStrategy forwards to DistributedDataParallel (its constructor's ``**kwargs``; 2.6.6)."""
     return dict(strategy._ddp_kwargs)
+
+
+# -- meshplan_auto: the strategy chosen once the model is known (meshplan.lightning.auto) ------------
+
+def replace_trainer_strategy(trainer: Any, strategy: Any) -> None:
+    """Makes ``strategy`` the Trainer's: ``Trainer.strategy`` reads the accelerator connector's (2.6.6)."""
+    trainer._accelerator_connector.strategy = strategy
+
+
+def hand_over_launch(source: Any, target: Any) -> None:
+    """Gives ``target`` the launcher that started these processes and the layer sync (``sync_batchnorm``)
+    that the Trainer's connector set on ``source`` (stored privately; 2.6.6)."""
+    target._launcher = source.launcher
+    target._layer_sync = source._layer_sync
+
+
+def given_train_loader(trainer: Any) -> Any:
+    """What ``fit`` was given for training: the ``train_dataloaders`` argument, else the datamodule or module (2.6.6)."""
+    return trainer.fit_loop._data_source.instance
 
 
 # -- The checkpoint dict Lightning's Trainer writes and reads (meshplan.checkpoint.lightning_state) --
@@ -176,6 +196,39 @@ def _check_checkpoint_dict() -> None:
     require_source(_CheckpointConnector.restore_precision_plugin_state, f'"{LEGACY_SCALER_KEY}"')
 
 
+def _check_trainer_strategy() -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    require_source(Trainer.strategy.fget, "return self._accelerator_connector.strategy")
+    require_source(_AcceleratorConnector._init_strategy, "self.strategy =")
+
+
+def _check_launcher() -> None:
+    from lightning.pytorch.strategies import Strategy
+
+    require_source(Strategy.launcher.fget, "return self._launcher")
+    require_source(DDPStrategy._configure_launcher, "self._launcher =")
+
+
+def _check_layer_sync() -> None:
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    assert DDPStrategy()._layer_sync is None, "a new DDPStrategy has no _layer_sync of None"
+    require_source(_AcceleratorConnector._lazy_init_strategy, "self.strategy._layer_sync = self._layer_sync")
+    require_source(DDPStrategy.setup, "self._layer_sync")
+
+
+def _check_train_data_source() -> None:
+    from lightning.pytorch.loops import _FitLoop
+    from lightning.pytorch.trainer.connectors.data_connector import _DataConnector, _DataLoaderSource
+
+    require_source(_FitLoop.__init__, "self._data_source = _DataLoaderSource(")
+    require_source(_DataConnector.attach_dataloaders,
+                   "trainer.fit_loop._data_source.instance = train_dataloaders if train_dataloaders is not None else model")
+    require_attributes(_DataLoaderSource(None, "train_dataloader"), "instance")
+
+
 def _internal(name: str, purpose: str, check: Any) -> Internal:
     return Internal("lightning", name, purpose, READ_FROM, check)
 
@@ -208,6 +261,18 @@ INTERNALS: list[Internal] = [
     _internal("DDPStrategy._ddp_kwargs",
               "tests read the DistributedDataParallel arguments a DDP strategy forwards",
               _check_ddp_kwargs),
+    _internal("Trainer._accelerator_connector.strategy",
+              "meshplan_auto puts the strategy it chose in the Trainer once the model is known",
+              _check_trainer_strategy),
+    _internal("Strategy._launcher",
+              "meshplan_auto gives the strategy it chose the launcher that started the processes",
+              _check_launcher),
+    _internal("ParallelStrategy._layer_sync",
+              "meshplan_auto gives the strategy it chose the Trainer's sync_batchnorm",
+              _check_layer_sync),
+    _internal("_FitLoop._data_source.instance",
+              "meshplan_auto plans for the batch size of the DataLoader passed to fit",
+              _check_train_data_source),
     _internal("_CheckpointConnector.dump_checkpoint (checkpoint dict entries)",
               "meshplan.checkpoint.lightning_state saves, checks and restores the entries of Lightning's checkpoint dict",
               _check_checkpoint_dict),

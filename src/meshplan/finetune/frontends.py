@@ -36,6 +36,7 @@ def _metrics(job: FinetuneJob, before: float, after: float, steps: int, seconds:
         "train_seconds": round(seconds, 2),
         "samples_per_second": round(steps_run * job.batch_size / seconds, 2) if seconds > 0 else 0.0,
         "recipe": job.recipe,
+        "layout": job.layout_record(),  # with --recipe auto: the layout chosen, and why
         "framework": job.framework,
         "devices": job.devices,
         "model": job.model,
@@ -57,11 +58,11 @@ def _latest(job: FinetuneJob) -> str | None:
 
 
 def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
-    """Lightning's Trainer with the recipe as its strategy; checkpoints through ModelCheckpoint."""
+    """Lightning's Trainer with the job's layout as its strategy; checkpoints through ModelCheckpoint."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    import meshplan
+    from meshplan.lightning import from_plan
 
     reporter = ProgressReporter()
 
@@ -117,7 +118,7 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     callbacks = [ModelCheckpoint(dirpath=job.checkpoints, filename="{step}", every_n_train_steps=job.checkpoint_every,
                                  save_top_k=1)] if job.checkpoint_every else []
     trainer = pl.Trainer(
-        accelerator=job.accelerator, devices=job.devices, strategy=meshplan.from_recipe(job.recipe), max_steps=job.max_steps,
+        accelerator=job.accelerator, devices=job.devices, strategy=from_plan(job.plan), max_steps=job.max_steps,
         max_epochs=-1, logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks, enable_model_summary=False,
         use_distributed_sampler=False, enable_progress_bar=False,  # the launcher draws meshplan's own bar
     )
@@ -153,12 +154,12 @@ class _Progress:
 
 
 def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
-    """A plain Accelerate loop; meshplan.accelerator() realizes the recipe; save_state/load_state checkpoint it."""
+    """A plain Accelerate loop; meshplan.accelerator() realizes the job's layout; save_state/load_state checkpoint it."""
     import meshplan
 
     reporter = ProgressReporter()
 
-    accelerator = meshplan.accelerator(job.recipe)
+    accelerator = meshplan.accelerator(job.plan)
     tp_size = getattr(accelerator, "tp_size", 1)
     dp_size, dp_rank = accelerator.num_processes // tp_size, accelerator.process_index // tp_size
     optimizer = torch.optim.AdamW(prepared.model.parameters(), lr=job.learning_rate)
@@ -216,10 +217,10 @@ def _save_only_latest(accelerator: Any, job: FinetuneJob, step: int) -> None:
 
 
 def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
-    """The HF Trainer, with TrainingArguments from strategy.training_arguments()."""
+    """The HF Trainer, with TrainingArguments from meshplan's training_arguments() for the job's layout."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    import meshplan
+    from meshplan.hf_trainer import training_arguments
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     arguments = TrainingArguments(
@@ -230,7 +231,7 @@ def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
         # expecting its loss to divide by num_items_in_batch; a classifier's loss ignores it, so its
         # loss (and gradients) would be the world size times too large.
         average_tokens_across_devices=prepared.task == "causal-lm",
-        **meshplan.from_recipe(job.recipe).training_arguments(),
+        **training_arguments(job.plan),
     )
     reporter = ProgressReporter()
     started: dict[str, float] = {}

@@ -42,6 +42,9 @@ class FinetuneJob:
             resumes from the latest complete checkpoint.
         batch_size: the global batch (split over the data-parallel ranks).
         learning_rate, max_length, seed: training settings.
+        layout: with ``recipe="auto"``, the layout the planner chose before any worker started:
+            ``{"chosen", "tp_size", "reason", "plan"}``, the Plan as ``plan_to_json`` writes it,
+            so that every worker runs that very layout. None for a recipe.
     """
 
     model: str
@@ -57,6 +60,7 @@ class FinetuneJob:
     learning_rate: float = 1e-4
     max_length: int = 48
     seed: int = 0
+    layout: dict[str, Any] | None = None
 
     def to_json(self, path: Path) -> None:
         """Writes the job for the workers, marked as meshplan's, replacing any earlier one in one step.
@@ -85,8 +89,16 @@ class FinetuneJob:
 
     @property
     def plan(self) -> Plan:
-        """The layout of the recipe."""
+        """The layout of the recipe, or the one chosen for ``recipe="auto"``."""
+        if self.layout is not None:
+            return plan_from_json(self.layout["plan"])
         return read_recipe(self.recipe).plan
+
+    def layout_record(self) -> dict[str, Any] | None:
+        """The chosen layout as metrics.json records it (``{"chosen", "tp_size", "reason"}``), or None for a recipe."""
+        if self.layout is None:
+            return None
+        return {key: self.layout[key] for key in ("chosen", "tp_size", "reason")}
 
     @property
     def checkpoints(self) -> Path:
@@ -112,8 +124,60 @@ def available_devices() -> int:
     return torch.cuda.device_count() or max(os.cpu_count() or 1, 2)
 
 
+# The front ends that cannot run tensor parallelism (the HF Trainer refuses it, see meshplan.hf_trainer).
+WITHOUT_TENSOR_PARALLEL = ("trainer",)
+
+
+def with_chosen_layout(job: FinetuneJob) -> FinetuneJob:
+    """``job`` with the layout the planner chooses when its recipe is "auto" (else ``job`` as it is).
+
+    The planner sizes the model for ``job.devices`` processes on this machine, each with its share
+    of the global batch (``batch_size // devices``) of ``max_length`` tokens, in fp32, and the
+    memory of one process (``meshplan.planner.memory_per_process``: a GPU's, or the host's memory
+    divided among the workers). The HF Trainer cannot run tensor parallelism: for it, the fastest
+    fitting layout without TP is taken.
+
+    Raises:
+        PlanError: no layout fits (the message names the smallest memory or device count that would).
+        FinetuneError: the model directory holds no model.
+    """
+    from meshplan.auto import choose_layout, is_auto, without_tensor_parallel
+
+    if not is_auto(job.recipe):
+        return job
+    check_settings(job)  # the planner needs a valid device count
+    load_config(job.model)  # a FinetuneError for a path that holds no model, as for a recipe
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    choice = choose_layout(job.model, processes_per_node=job.devices, device=device,
+                           micro_batch_size=max(1, job.batch_size // job.devices), seq_len=job.max_length, precision="no")
+    if job.framework in WITHOUT_TENSOR_PARALLEL:
+        choice = without_tensor_parallel(choice, "the HF Trainer (--framework trainer) does not run tensor parallelism")
+    layout = {"chosen": choice.chosen, "tp_size": choice.tp_size, "reason": choice.reason, "plan": plan_to_json(choice.plan)}
+    return dataclasses.replace(job, layout=layout)
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """``plan`` as JSON values; ``plan_from_json`` reads it back."""
+    return {"strategy": plan.strategy, "zero_stage": plan.zero_stage, "offload_optimizer": plan.offload_optimizer,
+            "offload_parameters": plan.offload_parameters, "tp_size": plan.tp_size, "tp_plan": plan.tp_plan_dict,
+            "options": dict(plan.options)}
+
+
+def plan_from_json(fields: dict[str, Any]) -> Plan:
+    """The Plan ``plan_to_json`` wrote (validated again, as every Plan is)."""
+    return Plan.build(fields["strategy"], zero_stage=fields["zero_stage"], offload_optimizer=fields["offload_optimizer"],
+                      offload_parameters=fields["offload_parameters"], tp_size=fields["tp_size"],
+                      tp_plan=fields["tp_plan"], options=fields["options"])
+
+
 def check_job(job: FinetuneJob) -> None:
     """Every check that needs no process group: raises PlanError or FinetuneError with one readable message."""
+    check_settings(job)
+    _check_layout(job)
+
+
+def check_settings(job: FinetuneJob) -> None:
+    """The checks of the job's own settings (front end, devices, steps, checkpoints), which need no layout."""
     if job.framework not in FRAMEWORKS:
         raise FinetuneError(f"--framework {job.framework!r} is unknown; valid frameworks are {', '.join(FRAMEWORKS)}.")
     if job.devices < 1:
@@ -130,6 +194,10 @@ def check_job(job: FinetuneJob) -> None:
     if job.checkpoint_every and job.framework == "trainer":
         raise FinetuneError("--checkpoint-every and --max-restarts need --framework lightning or accelerate: the HF "
                             "Trainer writes DeepSpeed's own checkpoints, which resume only in the layout that wrote them.")
+
+
+def _check_layout(job: FinetuneJob) -> None:
+    """The checks of the layout against the machine, the model and the data."""
     plan = job.plan
     plan.check_world_size(job.devices, job.devices)
     config = load_config(job.model)

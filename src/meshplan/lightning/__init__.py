@@ -2,12 +2,13 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from meshplan.lightning.auto import Auto
 from meshplan.lightning.ddp import DDP
 from meshplan.lightning.tensor_parallel import TensorParallel
 from meshplan.lightning.zero import ZeRO
 from meshplan.plan import Plan
 
-__all__ = ["DDP", "TensorParallel", "ZeRO", "REGISTERED_STRATEGIES", "from_plan", "register_strategies"]
+__all__ = ["Auto", "DDP", "TensorParallel", "ZeRO", "REGISTERED_STRATEGIES", "from_plan", "register_strategies"]
 
 # name -> (strategy class, preset arguments, description). tp_size=None in meshplan_tp means
 # "every process of a node", the common layout of TP within a node.
@@ -22,6 +23,7 @@ REGISTERED_STRATEGIES = {
         "meshplan ZeRO-3 with optimizer state and parameters offloaded to CPU memory (DeepSpeed)",
     ),
     "meshplan_tp": (TensorParallel, {"tp_size": None}, "meshplan tensor parallel over the processes of each node (DTensor)"),
+    "meshplan_auto": (Auto, {}, "meshplan chooses the layout from the model, world size and memory per process"),
 }
 
 

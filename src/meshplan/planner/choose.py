@@ -38,7 +38,7 @@ def _takes_tp(facts: ModelFacts, tp_size: int) -> bool:
 
 def plan_layout(model: Any, *, devices_per_node: int, nodes: int = 1, device_memory: int | str, micro_batch_size: int = 1,
                 seq_len: int = 2048, precision: str = "bf16", gradient_checkpointing: bool = False,
-                host_memory: int | str | None = None, links: Links = Links()) -> LayoutChoice:
+                host_memory: int | str | None = None, device_is_host: bool = False, links: Links = Links()) -> LayoutChoice:
     """Ranks every layout meshplan can run on ``nodes`` x ``devices_per_node`` devices and picks one.
 
     A layout fits when its estimate's ``total`` is within ``device_memory`` (and, with offload, its
@@ -50,6 +50,9 @@ def plan_layout(model: Any, *, devices_per_node: int, nodes: int = 1, device_mem
         model: as for ``meshplan.estimate``.
         devices_per_node: processes (GPUs) per machine; TP groups stay inside one.
         device_memory: bytes per device, or a size such as ``"80GB"``.
+        host_memory: CPU memory per process for what offload keeps there; None: not checked.
+        device_is_host: the processes train on the CPU, so offloading frees nothing: what offload
+            keeps in host memory counts against ``device_memory`` too.
         links: bandwidths that turn bytes into seconds (``meshplan.planner.Links``).
 
     Raises:
@@ -61,6 +64,8 @@ def plan_layout(model: Any, *, devices_per_node: int, nodes: int = 1, device_mem
     host = parse_memory(host_memory) if host_memory is not None else None
     settings = dict(micro_batch_size=micro_batch_size, seq_len=seq_len, precision=precision,
                     gradient_checkpointing=gradient_checkpointing)
+    if device_is_host:
+        host = 0  # checked by _fits against device_memory instead
     candidates = _ranked(facts, devices_per_node, nodes, memory, host, links, settings)
     fitting = [c for c in candidates if c.fits]
     if not fitting:
@@ -75,11 +80,18 @@ def _ranked(facts: ModelFacts, devices_per_node: int, nodes: int, memory: int, h
     candidates = []
     for plan in candidate_plans(facts, devices_per_node):
         result = estimate(facts, plan, world_size=world_size, nodes=nodes, **settings)
-        fits = result.total <= memory and (host is None or result.host_bytes <= host)
+        fits = _fits(result, memory, host)
         candidates.append(Candidate(result.layout, result.tp_size, plan, result, fits, step_seconds(result, nodes, links)))
     # Fitting layouts by step time, then the simpler first; the rest by how much they need.
     return sorted(candidates, key=lambda c: (not c.fits, c.step_seconds if c.fits else 0,
                                              PREFERENCE.index(c.layout) if c.fits else 0, c.estimate.total, c.tp_size))
+
+
+def _fits(result: Estimate, memory: int, host: int | None) -> bool:
+    # host == 0: the device is the host, so offloaded bytes share its memory.
+    if host == 0:
+        return result.total + result.host_bytes <= memory
+    return result.total <= memory and (host is None or result.host_bytes <= host)
 
 
 def step_seconds(result: Estimate, nodes: int, links: Links) -> float:
@@ -111,9 +123,9 @@ def _named(candidate: Candidate) -> str:
 
 def _nothing_fits(facts: ModelFacts, candidates: list[Candidate], devices_per_node: int, nodes: int, memory: int,
                   host: int | None, links: Links, settings: dict[str, Any]) -> str:
-    within_host = [c for c in candidates if host is None or c.estimate.host_bytes <= host] or candidates
-    smallest = min(within_host, key=lambda c: c.estimate.total)
-    host_text = f" and {format_bytes(host)} of host memory per process" if host is not None else ""
+    within_host = [c for c in candidates if not host or c.estimate.host_bytes <= host] or candidates
+    smallest = min(within_host, key=lambda c: c.estimate.total + (c.estimate.host_bytes if host == 0 else 0))
+    host_text = f" and {format_bytes(host)} of host memory per process" if host else ""
     text = (f"No layout fits {facts.name} ({facts.numel / 1e9:.2f}B parameters) in {format_bytes(memory)} per device{host_text} "
             f"on {nodes} node(s) of {devices_per_node} devices: the least any layout needs is {_named(smallest)}'s "
             f"{format_bytes(smallest.estimate.total)}, so it fits with {format_bytes(smallest.estimate.total)} per device")
