@@ -25,7 +25,7 @@ import meshplan
 from helpers import auto_layout, parity
 from helpers.parity import load_reference
 from meshplan.auto import announcement, choose_layout, default_seq_len, without_tensor_parallel
-from meshplan.finetune.job import FinetuneJob, check_job, with_chosen_layout
+from meshplan.finetune.job import FinetuneJob, check_job, load_config, model_class, task_of, with_chosen_layout
 from meshplan.lightning import DDP, Auto, TensorParallel, ZeRO
 from meshplan.models import minilm_path
 from meshplan.planner import memory_per_process, plan_layout
@@ -108,7 +108,8 @@ def test_a_data_parallel_choice_keeps_the_trainers_precision_plugin() -> None:
     auto = trainer.strategy
     plugin = auto.precision_plugin
     auto.connect(auto_layout.AutoParityModule("llama", SHARE))
-    auto.choice = plan_layout(auto.lightning_module, devices_per_node=2, device_memory="1GB", precision="fp32")
+    auto.choice = plan_layout(auto.lightning_module, devices_per_node=2, device_memory="1GB", seq_len=parity.SEQUENCE,
+                              precision="fp32")
     assert auto.choice.chosen == "ddp"  # the tiny model in fp32, with room to spare
     chosen = auto.build_chosen(trainer)
     assert type(chosen) is DDP and chosen.precision_plugin is plugin and isinstance(plugin, MixedPrecision)
@@ -161,7 +162,10 @@ def _reviews_job(framework: str, tmp_path: Path) -> FinetuneJob:
 @pytest.mark.parametrize("framework", ["lightning", "trainer"])
 def test_finetune_auto_chooses_once_and_the_job_carries_the_plan(framework: str, tmp_path: Path) -> None:
     job = with_chosen_layout(_reviews_job(framework, tmp_path))
-    expected = choose_layout(job.model, processes_per_node=2, device=CPU, micro_batch_size=job.batch_size // 2,
+    config = load_config(job.model)
+    with torch.device("meta"):  # the sequence classifier the workers train, not the config's bare BertModel
+        trained = model_class(task_of(config)).from_config(config)
+    expected = choose_layout(trained, processes_per_node=2, device=CPU, global_batch_size=job.batch_size,
                              seq_len=job.max_length, precision="no")
     if framework == "trainer":  # the HF Trainer runs no tensor parallelism
         expected = without_tensor_parallel(expected, "the HF Trainer (--framework trainer) does not run tensor parallelism")

@@ -30,7 +30,8 @@ def is_auto(layout: Any) -> bool:
 
 def choose_layout(model: Any, *, processes_per_node: int, nodes: int = 1, device: torch.device | None = None,
                   device_memory: int | str | None = None, micro_batch_size: int | None = None, seq_len: int | None = None,
-                  precision: str = "no", gradient_checkpointing: bool | None = None) -> LayoutChoice:
+                  precision: str = "no", gradient_checkpointing: bool | None = None,
+                  global_batch_size: int | None = None) -> LayoutChoice:
     """The layout the planner chooses for ``model`` on ``nodes`` x ``processes_per_node`` processes.
 
     Args:
@@ -49,6 +50,8 @@ def choose_layout(model: Any, *, processes_per_node: int, nodes: int = 1, device
         precision: "no", "bf16" or "fp16" (see meshplan.plan.normalize_precision).
         gradient_checkpointing: None reads it from the module (``is_gradient_checkpointing`` of the
             transformers model inside), False for a config or path.
+        global_batch_size: samples per step over all processes, when that is what is fixed: each
+            layout then plans with its share per data-parallel rank (see ``plan_layout``).
 
     Raises:
         PlanError: no layout fits; the message names the smallest memory or device count that would.
@@ -62,7 +65,7 @@ def choose_layout(model: Any, *, processes_per_node: int, nodes: int = 1, device
     return plan_layout(
         model, devices_per_node=processes_per_node, nodes=nodes, device_memory=device_memory,
         micro_batch_size=micro_batch_size or 1, seq_len=seq_len or default_seq_len(model), precision=precision,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, global_batch_size=global_batch_size,
         # Offload moves states from the device to the host's memory, which the node's processes share.
         host_memory=host_memory() // max(1, processes_per_node) if _is_cuda(device) else None,
         device_is_host=not _is_cuda(device),

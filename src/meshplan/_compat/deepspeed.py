@@ -4,8 +4,9 @@ meshplan saves and loads ZeRO's state one whole tensor at a time, in any layout;
 must tell ZeRO's parameters and optimizers apart, find each parameter's flat fp32 partition and
 cut a whole tensor as ZeRO-3 cuts it. DeepSpeed's public ``deepspeed.utils`` getters and setters
 (``safe_get_full_*``, ``safe_set_full_*``, ``safe_set_local_*``, ``lazy_init_hp_params_optimizer_state``)
-do the rest and are called directly. DeepSpeed is imported only where it is used: ``import
-meshplan`` does not load it.
+do the rest and are called directly. The planner's measurements also read which gradient
+buffers a ZeRO optimizer holds and what its offload keeps on the CPU. DeepSpeed is imported only
+where it is used: ``import meshplan`` does not load it.
 """
 
 from __future__ import annotations
@@ -210,6 +211,81 @@ def build_cpu_communication_op() -> None:
     ShareMemCommBuilder().load()
 
 
+# ---------------------------------------------------------------- what ZeRO holds (planner/measure.py)
+
+
+def zero3_partition(parameter: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of a ZeRO-3 parameter (its ``ds_tensor``; deepspeed 0.19.8). The parameter's own
+    data is empty, or the whole tensor while it is gathered or persistent (small parameters stay whole)."""
+    return parameter.ds_tensor
+
+
+def zero_gradient_tensors(optimizer: Any) -> list[torch.Tensor]:
+    """The gradient buffers a ZeRO optimizer holds now, besides the parameters' ``.grad`` (deepspeed 0.19.8):
+    the reduced gradient partitions (``averaged_gradients``; stage 1/2's ``grads_in_partition``, stage 3's
+    ``grad_partitions_flat_buffer``) and the fp32 gradient of each flat fp32 partition, while the step has
+    it (offload keeps it). Communication buckets are not gradients and are left out."""
+    tensors = [flat.grad for flat in zero_flat_partitions(optimizer) if flat.grad is not None]
+    for value in getattr(optimizer, "averaged_gradients", {}).values():  # group -> list, tensor or None
+        tensors += [value] if isinstance(value, torch.Tensor) else [tensor for tensor in value or [] if tensor is not None]
+    buffer_name = "grad_partitions_flat_buffer" if _is_zero3_optimizer(optimizer) else "grads_in_partition"
+    buffer = getattr(optimizer, buffer_name, None)  # made on first use (stage 1/2 offload) or at init (stage 3)
+    return tensors + ([buffer] if buffer is not None else [])
+
+
+def zero_offload(optimizer: Any) -> tuple[bool, bool]:
+    """Whether a ZeRO optimizer keeps its optimizer states and fp32 masters on the CPU, and whether it keeps
+    the parameters' partitions there (stage 3): ``cpu_offload`` (stage 1/2), ``offload_optimizer`` and
+    ``offload_param`` (stage 3); deepspeed 0.19.8."""
+    if _is_zero3_optimizer(optimizer):
+        return bool(optimizer.offload_optimizer), bool(optimizer.offload_param)
+    return bool(optimizer.cpu_offload), False
+
+
+def zero_offloaded_tensors(optimizer: Any) -> list[torch.Tensor]:
+    """The model-state tensors a ZeRO optimizer's offload keeps on the CPU (deepspeed 0.19.8): with an
+    offloaded optimizer the fp32 partitions, their gradients and the optimizer state (and stage 3's gradient
+    partitions, which it then makes on the CPU); with offloaded parameters every parameter's partition."""
+    optimizer_offloaded, parameters_offloaded = zero_offload(optimizer)
+    tensors: list[torch.Tensor] = []
+    if optimizer_offloaded:
+        for flat in zero_flat_partitions(optimizer):
+            tensors += [flat] + ([flat.grad] if flat.grad is not None else [])
+        tensors += [value for state in zero_flat_state(optimizer).values() for value in state.values()
+                    if isinstance(value, torch.Tensor)]
+        if _is_zero3_optimizer(optimizer) and optimizer.grad_partitions_flat_buffer is not None:
+            tensors.append(optimizer.grad_partitions_flat_buffer)
+    if parameters_offloaded:
+        tensors += [zero3_partition(parameter) for group in zero_partition_groups(optimizer) for parameter in group]
+    return tensors
+
+
+def forget_zero3_module(module: nn.Module) -> None:
+    """Lets a finished ZeRO-3 model, its engine and their buffers be freed (deepspeed 0.19.8), for a process
+    that trains several engines one after the other: each engine puts its model on a process-wide stack of
+    modules in forward when it is built and never takes it off (``parameter_offload.FWD_MODULE_STACK``), and
+    its parameter coordinator caches, for the whole process, which parameters each submodule releases
+    (``PartitionedParameterCoordinator.__params_to_release``, an ``lru_cache`` keyed by the coordinator and
+    submodule). ``destroy`` leaves both. This drops ``module`` and its submodules from the stack (a forward
+    recomputed by activation checkpointing leaves submodules there too) and empties the cache (which live
+    engines fill again as they go)."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    owned = {id(submodule) for submodule in module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [entry for entry in parameter_offload.FWD_MODULE_STACK if id(entry) not in owned]
+    _params_to_release_cache().cache_clear()
+
+
+def _params_to_release_cache() -> Any:
+    """The ``lru_cache`` of ``PartitionedParameterCoordinator.__params_to_release``, under DeepSpeed's
+    ``instrument_w_nvtx`` wrapper, which keeps it in its closure."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    function = vars(PartitionedParameterCoordinator)["_PartitionedParameterCoordinator__params_to_release"]
+    candidates = [function, *(cell.cell_contents for cell in function.__closure__ or ())]
+    return next(candidate for candidate in candidates if hasattr(candidate, "cache_clear"))
+
+
 # ---------------------------------------------------------------- canaries
 
 
@@ -325,6 +401,28 @@ def _check_cpu_communication_op() -> None:
     require_source(importlib.import_module("deepspeed.comm.torch"), 'create_op_builder("ShareMemCommBuilder")')
 
 
+
+def _check_gradient_buffers() -> None:
+    require_source(_stage12().__init__, "self.averaged_gradients = {}")
+    require_source(_stage12(), "self.grads_in_partition = torch.empty(", "self.single_partition_of_fp32_groups[i].grad =")
+    require_source(_stage3(), "self.averaged_gradients = {}", "self.grad_partitions_flat_buffer: Tensor = torch.zeros(",
+                   "self.fp32_partitioned_groups_flat[sub_group_id].grad = single_grad_partition")
+
+
+def _check_offload_flags() -> None:
+    require_source(_stage12().__init__, "self.cpu_offload = True")
+    require_source(_stage3(), "self.offload_optimizer = True", "self.offload_param = True",
+                   "self.device = get_accelerator().current_device_name() if not self.offload_optimizer else OffloadDeviceEnum.cpu")
+
+
+def _check_module_stack() -> None:
+    from deepspeed.runtime.zero import parameter_offload
+
+    assert isinstance(parameter_offload.FWD_MODULE_STACK, list), "FWD_MODULE_STACK is no longer a list"
+    require_source(parameter_offload.DeepSpeedZeRoOffload, "FWD_MODULE_STACK.append(self.module)")
+    assert callable(_params_to_release_cache().cache_clear), "PartitionedParameterCoordinator.__params_to_release has no cache"
+
+
 INTERNALS: list[Internal] = [
     Internal("deepspeed", "Parameter.ds_id, ds_shape, ds_tensor, ds_process_group (ZeRO-3)",
              "tell ZeRO-3 parameters, their whole shape and their partition (checkpoint/, lightning tests)",
@@ -363,4 +461,13 @@ INTERNALS: list[Internal] = [
     Internal("deepspeed", "deepspeed.ops.op_builder.cpu.ShareMemCommBuilder",
              "build DeepSpeed's CPU communication op once before tests start workers (tests/conftest.py)",
              READ_FROM, _check_cpu_communication_op),
+    Internal("deepspeed", "DeepSpeedZeroOptimizer.averaged_gradients, grads_in_partition; DeepSpeedZeroOptimizer_Stage3."
+                          "averaged_gradients, grad_partitions_flat_buffer; the fp32 partitions' .grad",
+             "count the gradient bytes a ZeRO rank holds (planner/measure.py)", READ_FROM, _check_gradient_buffers),
+    Internal("deepspeed", "DeepSpeedZeroOptimizer.cpu_offload; DeepSpeedZeroOptimizer_Stage3.offload_optimizer, offload_param, device",
+             "tell the model states ZeRO's offload keeps on the CPU (planner/measure.py)", READ_FROM, _check_offload_flags),
+    Internal("deepspeed", "deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK, "
+                          "PartitionedParameterCoordinator.__params_to_release (its lru_cache)",
+             "let a finished ZeRO-3 engine and its model be freed before the next layout (tests/scripts/planner_measure.py)",
+             READ_FROM, _check_module_stack),
 ]

@@ -132,7 +132,7 @@ def with_chosen_layout(job: FinetuneJob) -> FinetuneJob:
     """``job`` with the layout the planner chooses when its recipe is "auto" (else ``job`` as it is).
 
     The planner sizes the model for ``job.devices`` processes on this machine, each with its share
-    of the global batch (``batch_size // devices``) of ``max_length`` tokens, in fp32, and the
+    of the global batch (``batch_size`` over each layout's data-parallel ranks) of ``max_length`` tokens, in fp32, and the
     memory of one process (``meshplan.planner.memory_per_process``: a GPU's, or the host's memory
     divided among the workers). The HF Trainer cannot run tensor parallelism: for it, the fastest
     fitting layout without TP is taken.
@@ -146,10 +146,12 @@ def with_chosen_layout(job: FinetuneJob) -> FinetuneJob:
     if not is_auto(job.recipe):
         return job
     check_settings(job)  # the planner needs a valid device count
-    load_config(job.model)  # a FinetuneError for a path that holds no model, as for a recipe
+    config = load_config(job.model)  # a FinetuneError for a path that holds no model, as for a recipe
+    with torch.device("meta"):  # the model the workers train (its task's head), sized without memory
+        model = model_class(task_of(config)).from_config(config)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    choice = choose_layout(job.model, processes_per_node=job.devices, device=device,
-                           micro_batch_size=max(1, job.batch_size // job.devices), seq_len=job.max_length, precision="no")
+    choice = choose_layout(model, processes_per_node=job.devices, device=device, global_batch_size=job.batch_size,
+                           seq_len=job.max_length, precision="no")
     if job.framework in WITHOUT_TENSOR_PARALLEL:
         choice = without_tensor_parallel(choice, "the HF Trainer (--framework trainer) does not run tensor parallelism")
     layout = {"chosen": choice.chosen, "tp_size": choice.tp_size, "reason": choice.reason, "plan": plan_to_json(choice.plan)}

@@ -35,9 +35,13 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from meshplan._compat.lightning import given_train_loader, hand_over_launch, replace_trainer_strategy
-from meshplan.auto import announcement, choose_layout
+from meshplan.auto import announcement, choose_layout, without_tensor_parallel
 from meshplan.plan import normalize_precision
 from meshplan.planner.types import LayoutChoice
+
+
+# The precisions Lightning's connector lets ModelParallelStrategy (meshplan's TP) run with.
+TENSOR_PARALLEL_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
 
 
 class Auto(DDPStrategy):
@@ -97,12 +101,16 @@ class Auto(DDPStrategy):
         plan from the smallest memory and the largest batch: the same figures, the same layout.
         """
         memory, batch = self._agreed(self.device_memory, self._micro_batch_size(trainer))
-        return choose_layout(
+        choice = choose_layout(
             self.lightning_module, processes_per_node=self.num_processes, nodes=self.num_nodes, device=self.root_device,
             device_memory=memory, micro_batch_size=batch, seq_len=self.seq_len,
             precision=normalize_precision(self.planned_precision or trainer.precision) or "no",
             gradient_checkpointing=self.gradient_checkpointing,
         )
+        if str(trainer.precision) not in TENSOR_PARALLEL_PRECISIONS:
+            choice = without_tensor_parallel(
+                choice, f"Lightning's ModelParallelStrategy, which TP runs on, does not take precision={trainer.precision!r}")
+        return choice
 
     def build_chosen(self, trainer: Any) -> Strategy:
         """The strategy of ``self.choice``, set up as the Trainer's connector would have, and now the Trainer's."""

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from meshplan._compat.torch import CopiesOf, fake_tensor_mode, storage_key
+from meshplan.errors import PlanError
 from meshplan.planner.model import ROWWISE_STYLES, ModelFacts
 from meshplan.tp.apply import match_plan
 from meshplan.tp.plans import resolve_tp_plan
@@ -70,14 +71,29 @@ class ActivationTrace:
 
 
 def trace_activations(facts: ModelFacts, *, micro_batch_size: int, seq_len: int, dtype: torch.dtype,
-                      autocast: torch.dtype | None) -> ActivationTrace:
+                      autocast: torch.dtype | None, tp_plan: tuple[tuple[str, str], ...] | None = None) -> ActivationTrace:
     """Counts what ``facts``' model saves for backward at this micro-batch and sequence length.
 
     ``dtype`` is the parameters' dtype (bf16 when an engine casts the model, as DeepSpeed does);
     ``autocast`` the dtype of autocast around the forward pass (fp32 parameters under Lightning's
-    and Accelerate's mixed precision), or None.
+    and Accelerate's mixed precision), or None. ``tp_plan`` is a layout's own TP plan (None: the
+    model's), which says which layers take a split input.
+
+    Raises:
+        PlanError: the model's forward pass cannot run on token ids alone (a vision or
+            encoder-decoder model), so its activations cannot be counted.
     """
-    return _cached_trace(_ConfigKey(facts.config, facts.config_text), facts.model_class, micro_batch_size, seq_len, dtype, autocast)
+    try:
+        return _cached_trace(_ConfigKey(facts.config, facts.config_text), facts.model_class, micro_batch_size, seq_len,
+                             dtype, autocast, tp_plan)
+    except PlanError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the trial forward pass is a model the planner cannot size
+        raise PlanError(
+            f"the planner cannot count the activations of {facts.name}: its forward pass on {micro_batch_size} x {seq_len} "
+            f"token ids failed ({type(error).__name__}: {str(error)[:200]}). It sizes text models that take input_ids "
+            f"(decoders and encoders)."
+        ) from error
 
 
 class _ConfigKey:
@@ -96,8 +112,8 @@ class _ConfigKey:
 
 @functools.lru_cache(maxsize=64)
 def _cached_trace(key: _ConfigKey, model_class: type[PreTrainedModel], micro_batch_size: int, seq_len: int,
-                  dtype: torch.dtype, autocast: torch.dtype | None) -> ActivationTrace:
-    traces = [_saved_by(_with_layers(key.config, layers), model_class, micro_batch_size, seq_len, dtype, autocast)
+                  dtype: torch.dtype, autocast: torch.dtype | None, tp_plan: tuple[tuple[str, str], ...] | None) -> ActivationTrace:
+    traces = [_saved_by(_with_layers(key.config, layers), model_class, micro_batch_size, seq_len, dtype, autocast, tp_plan)
               for layers in (1, 2)]
     one, two = traces
     per_layer = two[0] - one[0]
@@ -120,12 +136,12 @@ def _with_layers(config: PretrainedConfig, layers: int) -> PretrainedConfig:
 
 
 def _saved_by(config: PretrainedConfig, model_class: type[PreTrainedModel], micro_batch_size: int, seq_len: int,
-              dtype: torch.dtype, autocast: torch.dtype | None) -> tuple[Saved, int]:
+              dtype: torch.dtype, autocast: torch.dtype | None, tp_plan: tuple[tuple[str, str], ...] | None) -> tuple[Saved, int]:
     """(bytes saved, logits bytes) by one forward pass of a fake model built from ``config``."""
     with fake_tensor_mode():
         model = _built(model_class, config, dtype)
         parameter_keys = {storage_key(p) for p in model.parameters()}
-        split_inputs = _rowwise_inputs(model)
+        split_inputs = _rowwise_inputs(model, tp_plan)
         saved: dict[int, tuple[int, bool]] = {}
         tokens = micro_batch_size * seq_len
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -163,7 +179,7 @@ def _built(model_class: type[PreTrainedModel], config: PretrainedConfig, dtype: 
     return model.train()
 
 
-def _rowwise_inputs(model: PreTrainedModel) -> set[int]:
+def _rowwise_inputs(model: PreTrainedModel, tp_plan: tuple[tuple[str, str], ...] | None) -> set[int]:
     """Registers hooks that collect the storage keys of the inputs of the layers TP splits by row.
 
     A rowwise layer's input is split across the TP ranks (each multiplies its slice of the rows);
@@ -171,8 +187,8 @@ def _rowwise_inputs(model: PreTrainedModel) -> set[int]:
     """
     keys: set[int] = set()
     try:
-        plan = match_plan(model, resolve_tp_plan(model))
-    except Exception:  # noqa: BLE001 - a model without a TP plan saves nothing split; TP is refused for it elsewhere
+        plan = match_plan(model, resolve_tp_plan(model, dict(tp_plan) if tp_plan is not None else None))
+    except PlanError:  # a model without a TP plan saves nothing split; TP is refused for it elsewhere
         return keys
     modules = dict(model.named_modules())
     for name, style in plan.items():

@@ -6,12 +6,16 @@ from typing import Any
 
 from meshplan.errors import PlanError
 from meshplan.plan import Plan
-from meshplan.planner.estimate import estimate
+from meshplan.planner.estimate import check_positive, estimate
 from meshplan.planner.hardware import Links, format_bytes, parse_memory
 from meshplan.planner.model import ModelFacts, model_facts
 from meshplan.planner.types import Candidate, Estimate, LayoutChoice
 
-# When two layouts cost the same time, the simpler one wins (fewer moving parts; ZeRO-2 holds less than ZeRO-1).
+# The order of docs/choosing-a-layout.md: layouts that keep whole weights on every device first
+# (their gradient traffic overlaps the backward pass), then those that shard the weights (ZeRO-3
+# and TP, which communicate inside every layer), then offload (bound by the host link).
+TIERS = {"ddp": 0, "zero1": 0, "zero2": 0, "tp": 1, "tp-dp": 1, "zero3": 1, "zero3-offload": 2}
+# When two layouts of a tier cost the same time, the simpler one wins (ZeRO-2 holds less than ZeRO-1).
 PREFERENCE = ("ddp", "zero2", "zero1", "tp", "tp-dp", "zero3", "zero3-offload")
 # How far plan_layout looks for a node count that fits, when none does on the hardware given.
 MAX_NODES_SEARCHED = 128
@@ -38,13 +42,16 @@ def _takes_tp(facts: ModelFacts, tp_size: int) -> bool:
 
 def plan_layout(model: Any, *, devices_per_node: int, nodes: int = 1, device_memory: int | str, micro_batch_size: int = 1,
                 seq_len: int = 2048, precision: str = "bf16", gradient_checkpointing: bool = False,
-                host_memory: int | str | None = None, device_is_host: bool = False, links: Links = Links()) -> LayoutChoice:
+                host_memory: int | str | None = None, device_is_host: bool = False, global_batch_size: int | None = None,
+                links: Links = Links()) -> LayoutChoice:
     """Ranks every layout meshplan can run on ``nodes`` x ``devices_per_node`` devices and picks one.
 
     A layout fits when its estimate's ``total`` is within ``device_memory`` (and, with offload, its
-    ``host_bytes`` within ``host_memory`` per process, when given). Among those that fit, the one
-    whose communication and offload traffic take the least time per step wins (computation is the
-    same for all); ties go to the simpler layout.
+    ``host_bytes`` within ``host_memory`` per process, when given). Among those that fit, layouts
+    that keep whole weights on every device (ddp, zero1, zero2) come first, then those that shard
+    the weights (zero3, TP), then offload; within each, the one whose communication and offload
+    traffic take the least time per step wins (computation is the same for all), and ties go to
+    the simpler layout.
 
     Args:
         model: as for ``meshplan.estimate``.
@@ -53,17 +60,23 @@ def plan_layout(model: Any, *, devices_per_node: int, nodes: int = 1, device_mem
         host_memory: CPU memory per process for what offload keeps there; None: not checked.
         device_is_host: the processes train on the CPU, so offloading frees nothing: what offload
             keeps in host memory counts against ``device_memory`` too.
+        global_batch_size: sequences per step over all processes; when given, each layout plans
+            with its own micro-batch, this divided among its data-parallel ranks (a TP group
+            shares one), in place of ``micro_batch_size``.
         links: bandwidths that turn bytes into seconds (``meshplan.planner.Links``).
 
     Raises:
         PlanError: nothing fits; the message names the smallest device memory, and the smallest
             number of nodes, that would fit.
     """
+    check_positive(devices_per_node=devices_per_node, nodes=nodes)
     facts = model if isinstance(model, ModelFacts) else model_facts(model)
     memory = parse_memory(device_memory)
     host = parse_memory(host_memory) if host_memory is not None else None
+    if global_batch_size is not None:
+        check_positive(global_batch_size=global_batch_size)
     settings = dict(micro_batch_size=micro_batch_size, seq_len=seq_len, precision=precision,
-                    gradient_checkpointing=gradient_checkpointing)
+                    gradient_checkpointing=gradient_checkpointing, global_batch_size=global_batch_size)
     if device_is_host:
         host = 0  # checked by _fits against device_memory instead
     candidates = _ranked(facts, devices_per_node, nodes, memory, host, links, settings)
@@ -77,13 +90,18 @@ def plan_layout(model: Any, *, devices_per_node: int, nodes: int = 1, device_mem
 def _ranked(facts: ModelFacts, devices_per_node: int, nodes: int, memory: int, host: int | None, links: Links,
             settings: dict[str, Any]) -> list[Candidate]:
     world_size = devices_per_node * nodes
+    settings = dict(settings)
+    global_batch_size = settings.pop("global_batch_size")
     candidates = []
     for plan in candidate_plans(facts, devices_per_node):
+        if global_batch_size is not None:
+            replicas = world_size // (plan.tp_size if plan.strategy == "tp" else 1)
+            settings["micro_batch_size"] = max(1, -(-global_batch_size // replicas))
         result = estimate(facts, plan, world_size=world_size, nodes=nodes, **settings)
         fits = _fits(result, memory, host)
         candidates.append(Candidate(result.layout, result.tp_size, plan, result, fits, step_seconds(result, nodes, links)))
-    # Fitting layouts by step time, then the simpler first; the rest by how much they need.
-    return sorted(candidates, key=lambda c: (not c.fits, c.step_seconds if c.fits else 0,
+    # Fitting layouts by tier and step time, then the simpler first; the rest by how much they need.
+    return sorted(candidates, key=lambda c: (not c.fits, TIERS[c.layout] if c.fits else 0, c.step_seconds if c.fits else 0,
                                              PREFERENCE.index(c.layout) if c.fits else 0, c.estimate.total, c.tp_size))
 
 
@@ -107,14 +125,18 @@ def step_seconds(result: Estimate, nodes: int, links: Links) -> float:
 
 
 def _reason(best: Candidate, candidates: list[Candidate], memory: int) -> str:
-    name = _named(best)
-    text = (f"{name} is the fastest layout that fits in {format_bytes(memory)} per device: it needs "
-            f"{format_bytes(best.estimate.total)} and sends {format_bytes(best.estimate.communication_bytes_per_step)} per step")
-    faster = [c for c in candidates if not c.fits and c.step_seconds < best.step_seconds]
-    if faster:
-        quickest = min(faster, key=lambda c: c.step_seconds)
-        text += f" ({_named(quickest)}, faster, needs {format_bytes(quickest.estimate.total)})"
-    return text + "."
+    name, tier = _named(best), TIERS[best.layout]
+    need = f"it needs {format_bytes(best.estimate.total)} of {format_bytes(memory)} per device"
+    sent = f"{format_bytes(best.estimate.communication_bytes_per_step)} sent per step"
+    if tier == 0:
+        return f"{name} keeps whole weights on every device and fits ({need}); of those that do, it communicates least ({sent})."
+    replicated = min(c.estimate.total for c in candidates if TIERS[c.layout] == 0)
+    if tier == 1:
+        return (f"{name} fits once the weights are sharded ({need}; ddp, zero1 and zero2 need at least "
+                f"{format_bytes(replicated)}); of the sharded layouts it communicates least ({sent}).")
+    sharded = min(c.estimate.total for c in candidates if TIERS[c.layout] < 2)
+    return (f"{name} is the only layout that fits ({need}, and {format_bytes(best.estimate.host_bytes)} in host memory): "
+            f"every layout that keeps its states on the device needs at least {format_bytes(sharded)}.")
 
 
 def _named(candidate: Candidate) -> str:

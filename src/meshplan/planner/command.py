@@ -6,17 +6,21 @@ import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 from meshplan.plan import Plan, normalize_precision
 from meshplan.planner.choose import plan_layout
+from meshplan.planner.model import model_facts
 from meshplan.planner.hardware import format_bytes
 from meshplan.planner.types import COMPONENTS, LayoutChoice
 
+# The sequence length planned for when none is given (the model's limit when that is lower).
+DEFAULT_SEQ_LEN = 2048
 _HEADINGS = ("layout", "tp", "parameters", "gradients", "optimizer", "activations", "buffers", "total", "host",
              "sent/step", "fits")
 
 
-def add_plan_command(commands: argparse._SubParsersAction, refuse: object) -> None:
+def add_plan_command(commands: Any, refuse: Callable[[str, Exception | str], int]) -> None:
     """Adds ``meshplan plan`` to the ``meshplan`` command's subcommands."""
     plan = commands.add_parser(
         "plan", help="which layout fits a model on some GPUs, what each costs per device, and the choice",
@@ -27,7 +31,7 @@ def add_plan_command(commands: argparse._SubParsersAction, refuse: object) -> No
     plan.add_argument("--devices", type=int, required=True, help="devices (GPUs) per node")
     plan.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
     plan.add_argument("--device-memory", required=True, help="memory per device, e.g. 80GB or 80GiB")
-    plan.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    plan.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, or the model's limit when lower)")
     plan.add_argument("--micro-batch", type=int, default=1, help="sequences per device per forward pass (default 1)")
     plan.add_argument("--precision", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
     plan.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations in backward")
@@ -36,13 +40,19 @@ def add_plan_command(commands: argparse._SubParsersAction, refuse: object) -> No
     plan.set_defaults(run=lambda args: _plan(args, refuse))
 
 
-def _plan(args: argparse.Namespace, refuse: object) -> int:
+def _plan(args: argparse.Namespace, refuse: Callable[[str, Exception | str], int]) -> int:
     from meshplan.errors import PlanError
     from meshplan.recipes import write_recipe
 
+    for option, value in (("--devices", args.devices), ("--nodes", args.nodes), ("--seq-len", args.seq_len),
+                          ("--micro-batch", args.micro_batch)):
+        if value is not None and value < 1:
+            return refuse("meshplan plan", f"{option} {value} must be a positive integer.")
     try:
-        choice = plan_layout(args.model, devices_per_node=args.devices, nodes=args.nodes, device_memory=args.device_memory,
-                             micro_batch_size=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
+        facts = model_facts(args.model)
+        seq_len = args.seq_len or min(DEFAULT_SEQ_LEN, facts.max_positions or DEFAULT_SEQ_LEN)
+        choice = plan_layout(facts, devices_per_node=args.devices, nodes=args.nodes, device_memory=args.device_memory,
+                             micro_batch_size=args.micro_batch, seq_len=seq_len, precision=args.precision,
                              gradient_checkpointing=args.gradient_checkpointing)
         if args.write_recipe:
             write_recipe(_with_precision(choice.plan, args.precision), Path(args.write_recipe),

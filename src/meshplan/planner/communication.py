@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from meshplan.plan import Plan
-from meshplan.planner.memory import persistent_numel
+from meshplan.planner.memory import deepspeed_option, reused_numel
 from meshplan.planner.model import ROWWISE_STYLES, ModelFacts
 
 
@@ -29,17 +29,27 @@ def all_gather(nbytes: float, ranks: int) -> float:
 
 def data_parallel_bytes(facts: ModelFacts, plan: Plan, *, dp_size: int, tp_size: int, half: bool) -> float:
     """What the data-parallel dimension sends per step: gradients reduced, ZeRO's parameters gathered."""
-    trainable = sum(p.local_numel(tp_size) for p in facts.parameters if p.trainable)
     if plan.strategy != "zero":
-        return all_reduce(4 * trainable, dp_size)  # fp32 gradients, DDP's buckets or TP's replicas
+        # fp32 gradients, in DDP's buckets or across TP's replicas (each its local share).
+        return all_reduce(4 * sum(p.local_gradient_numel(tp_size) for p in facts.parameters if p.trainable), dp_size)
     weight = 2 if half else 4
-    gradients = all_gather(weight * sum(p.numel for p in facts.parameters if p.trainable), dp_size)  # reduce-scattered
     if plan.zero_stage < 3:
-        return gradients + all_gather(weight * facts.numel, dp_size)  # the updated parameters, gathered once
-    # ZeRO-3 gathers each parameter for the forward and again for the backward pass, except those
-    # under the persistence threshold, which stay whole and are gathered once after the step.
-    persistent = weight * persistent_numel(facts, plan)
-    return gradients + all_gather(persistent, dp_size) + 2 * all_gather(weight * facts.numel - persistent, dp_size)
+        # DeepSpeed all-reduces each gradient bucket, then gathers the updated parameters once.
+        trainable = weight * sum(p.numel for p in facts.parameters if p.trainable)
+        return all_reduce(trainable, dp_size) + all_gather(weight * facts.numel, dp_size)
+    # ZeRO-3 reduce-scatters the gradients and gathers each parameter for the forward pass; for the
+    # backward pass again only those that were released in between: DeepSpeed keeps a parameter
+    # gathered when fewer than stage3_max_reuse_distance elements are gathered before its next use.
+    # Parameters under the persistence threshold stay whole and are gathered once, after the step.
+    gradients = all_gather(weight * sum(p.numel for p in facts.parameters if p.trainable), dp_size)
+    return gradients + all_gather(weight * facts.numel, dp_size) + all_gather(weight * regathered_numel(facts, plan), dp_size)
+
+
+def regathered_numel(facts: ModelFacts, plan: Plan) -> int:
+    """Elements ZeRO-3 gathers a second time, for the backward pass: those it did not keep."""
+    threshold = deepspeed_option(plan, "stage3_param_persistence_threshold")
+    gathered = sum(p.numel for p in facts.parameters if p.numel > threshold)
+    return gathered - min(gathered, reused_numel(facts, plan))
 
 
 def tensor_parallel_bytes(facts: ModelFacts, *, tp_size: int, tokens: int, activation_bytes: int, residual_bytes: int) -> float:

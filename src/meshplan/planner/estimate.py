@@ -40,20 +40,27 @@ def estimate(model: Any, layout: Any, *, world_size: int, nodes: int = 1, micro_
     facts = model if isinstance(model, ModelFacts) else model_facts(model)
     plan = layout_plan(layout)
     half = _half(precision)
-    _check_positive(world_size=world_size, nodes=nodes, micro_batch_size=micro_batch_size, seq_len=seq_len)
+    check_positive(world_size=world_size, nodes=nodes, micro_batch_size=micro_batch_size, seq_len=seq_len)
+    if not isinstance(gradient_checkpointing, bool):
+        raise PlanError(f"gradient_checkpointing={gradient_checkpointing!r} must be True or False.")
     if world_size % nodes:
         raise PlanError(f"world_size={world_size} is not a multiple of nodes={nodes}: every node runs as many processes.")
     plan.check_world_size(world_size, world_size // nodes)
+    if facts.max_positions is not None and seq_len > facts.max_positions:
+        raise PlanError(f"seq_len={seq_len} is longer than {facts.name} takes (max_position_embeddings={facts.max_positions}); "
+                        f"plan for at most {facts.max_positions} tokens.")
     tp_size = plan.resolved_tp_size(world_size // nodes) if plan.strategy == "tp" else 1
     dp_size = world_size // tp_size
     if tp_size > 1:
-        facts = facts.with_tp_styles(tp_size)
+        facts = facts.with_tp_styles(tp_size, plan.tp_plan)
     states = model_states(facts, plan, dp_size=dp_size, tp_size=tp_size, half=half is not None)
     activations, weight_copies, logits = _activations(facts, plan, half, micro_batch_size, seq_len, gradient_checkpointing, tp_size)
     compute_bytes = 2 if half is not None else 4
     residual_bytes = compute_bytes if plan.strategy == "zero" else 4
+    # TP's collectives carry the residual stream's dtype: fp32 under autocast (measured: DTensor
+    # reduces the rowwise outputs and gathers the logits in fp32 there too).
     within_tp = tensor_parallel_bytes(facts, tp_size=tp_size, tokens=micro_batch_size * seq_len,
-                                      activation_bytes=compute_bytes, residual_bytes=residual_bytes)
+                                      activation_bytes=residual_bytes, residual_bytes=residual_bytes)
     sent = data_parallel_bytes(facts, plan, dp_size=dp_size, tp_size=tp_size, half=half is not None) + within_tp
     # Temporary full tensors at the peak, the start of the backward pass: autocast's 16-bit copies of
     # the weights, kept for backward, and the gradient of the logits, as large as the logits.
@@ -90,7 +97,8 @@ def _activations(facts: ModelFacts, plan: Plan, half: torch.dtype | None, micro_
         dtype, autocast = half, None
     else:
         dtype, autocast = torch.float32, half
-    trace = trace_activations(facts, micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype, autocast=autocast)
+    trace = trace_activations(facts, micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype, autocast=autocast,
+                              tp_plan=plan.tp_plan)
     copies = trace.outside.weight_copies + trace.num_layers * trace.per_layer.weight_copies
     return trace.activations(tp_size, gradient_checkpointing), -(-copies // tp_size), trace.logits_bytes
 
@@ -126,7 +134,8 @@ def _half(precision: str) -> torch.dtype | None:
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[normalized]
 
 
-def _check_positive(**values: Any) -> None:
+def check_positive(**values: Any) -> None:
+    """Raises a PlanError naming the first of ``values`` that is not a positive integer."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PlanError(f"{name}={value!r} must be a positive integer.")

@@ -29,6 +29,7 @@ DEEPSPEED_DEFAULTS = {
     "stage3_prefetch_bucket_size": 50_000_000,
     "stage3_param_persistence_threshold": 100_000,
     "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
 }
 ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq in fp32
 MASTER_BYTES = 4      # the fp32 copy of the weights that mixed precision steps
@@ -64,10 +65,11 @@ def _replicated_states(facts: ModelFacts, plan: Plan, tp_size: int) -> ModelStat
     """DDP and TP: fp32 weights, gradients and Adam states for this rank's share of each tensor."""
     local = sum(p.local_numel(tp_size) for p in facts.parameters)
     trainable = sum(p.local_numel(tp_size) for p in facts.parameters if p.trainable)
+    gradients = sum(p.local_gradient_numel(tp_size) for p in facts.parameters if p.trainable)
     buckets = 0
     if plan.strategy == "ddp" and not plan.option("gradient_as_bucket_view", False):
         buckets = 4 * trainable  # DDP's flat buckets hold a second copy of every gradient
-    return ModelStates(4 * local, 4 * trainable, ADAM_STATE_BYTES * trainable, buckets, 0)
+    return ModelStates(4 * local, 4 * gradients, ADAM_STATE_BYTES * trainable, buckets, 0)
 
 
 def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> ModelStates:
@@ -81,29 +83,55 @@ def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> Mod
     bucket = deepspeed_option(plan, "reduce_bucket_size")
     if stage < 3:
         parameters = weight * facts.numel
-        gradients = weight * (sum(trainable) if stage == 1 else trainable_share)
-        # setup_buckets allocates a whole reduce bucket every backward (two with overlap_comm);
-        # ZeRO-1 accumulates in fp32 there.
-        buffers = (4 if stage == 1 else weight) * bucket * (2 if plan.option("overlap_comm", False) else 1)
+        # DeepSpeed reduces the gradients through its bucket and keeps only this rank's share, at
+        # stage 1 as at stage 2 (measured: the same bytes); setup_buckets allocates a whole reduce
+        # bucket every backward, two with overlap_comm.
+        gradients = weight * trainable_share
+        buffers = weight * bucket * (2 if plan.option("overlap_comm", False) else 1)
     else:
         persistent = persistent_numel(facts, plan)
         parameters = weight * (sum(_share(p.numel, dp_size) for p in facts.parameters) + persistent)
         gradients = weight * trainable_share
-        # The reduce bucket, and the parameters gathered whole at once: the largest one while it
-        # runs (DeepSpeed's own estimator counts 4 bytes of the largest layer too) plus the prefetch.
-        gathered = max(p.numel for p in facts.parameters) + deepspeed_option(plan, "stage3_prefetch_bucket_size")
-        buffers = weight * (min(bucket, _padded(sum(trainable), dp_size)) + min(gathered, facts.numel))
+        # The whole reduce bucket (stage3.py allocates reduce_bucket_size elements whatever the
+        # model), and the parameters gathered whole at the peak, the turn from forward to backward:
+        # those DeepSpeed keeps for their reuse, plus the prefetch (at least the largest parameter).
+        buffers = weight * (bucket + kept_gathered_numel(facts, plan))
     host = 0
     if plan.offload_optimizer:
         # The optimizer steps on the CPU: master weights and Adam states there, and the gradient
         # share too (DeepSpeed allocates its partition on the offload device) with an fp32 copy.
-        host += optimizer + gradients + (4 * trainable_share if half else 0)
+        host += optimizer + gradients + 4 * trainable_share
         optimizer = 0
         gradients = 0
     if plan.offload_parameters:
         host += parameters - weight * persistent
         parameters = weight * persistent
     return ModelStates(parameters, gradients, optimizer, buffers, host)
+
+
+def kept_gathered_numel(facts: ModelFacts, plan: Plan) -> int:
+    """Elements ZeRO-3 holds gathered at the turn from forward to backward: those it keeps for
+    their reuse (at least the largest parameter, which runs whole), plus the prefetch bucket."""
+    kept = max(reused_numel(facts, plan), max(p.numel for p in facts.parameters))
+    return min(kept + deepspeed_option(plan, "stage3_prefetch_bucket_size"), facts.numel)
+
+
+def reused_numel(facts: ModelFacts, plan: Plan) -> int:
+    """Elements of gathered parameters ZeRO-3 keeps gathered from their forward to their backward use.
+
+    Parameters run backward in the reverse order of forward, so between a parameter's two uses
+    every gathered parameter after it is used twice; DeepSpeed keeps it when that distance is
+    within ``stage3_max_reuse_distance`` elements, up to ``stage3_max_live_parameters`` in all.
+    """
+    reuse = deepspeed_option(plan, "stage3_max_reuse_distance")
+    threshold = deepspeed_option(plan, "stage3_param_persistence_threshold")
+    kept, after = 0, 0
+    for parameter in reversed(facts.parameters):
+        if parameter.numel > threshold:
+            if 2 * after <= reuse:
+                kept += parameter.numel
+            after += parameter.numel
+    return min(kept, deepspeed_option(plan, "stage3_max_live_parameters"))
 
 
 def persistent_numel(facts: ModelFacts, plan: Plan) -> int:
@@ -117,5 +145,3 @@ def _share(numel: int, ranks: int) -> int:
     return -(-numel // ranks)
 
 
-def _padded(numel: int, ranks: int) -> int:
-    return _share(numel, ranks) * ranks

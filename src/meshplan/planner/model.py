@@ -55,6 +55,15 @@ class ParameterFacts:
         return self.numel // self.shape[dimension] * -(-self.shape[dimension] // tp_size)
 
 
+    def local_gradient_numel(self, tp_size: int) -> int:
+        """Elements of this parameter's gradient on the largest TP rank.
+
+        As the parameter's share, except for a rowwise-split embedding: torch 2.13's backward of
+        it yields a replicated gradient, whole on every rank (measured: a Replicate DTensor).
+        """
+        return self.numel if self.tp_style == "embedding_rowwise" and tp_size > 1 else self.local_numel(tp_size)
+
+
 def _split_dimension(style: str | None, ndim: int) -> int | None:
     # torch's styles: colwise splits a Linear's weight (out, in) on dim 0 and its bias; rowwise splits
     # the weight on dim 1 (its bias stays whole); a rowwise embedding (vocab, hidden) splits dim 0.
@@ -84,7 +93,7 @@ class ModelFacts:
     parameters: tuple[ParameterFacts, ...]
     module: nn.Module
     styles: dict[str, str] = field(default_factory=dict, repr=False)
-    _split: dict[int, "ModelFacts"] = field(default_factory=dict, repr=False, compare=False)
+    _split: dict[tuple[Any, ...], "ModelFacts"] = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def config_text(self) -> str:
@@ -116,23 +125,31 @@ class ModelFacts:
         """The config that holds the text model's sizes."""
         return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
 
-    def tp_styles(self, tp_size: int) -> dict[str, str]:
-        """``{module name: style}`` under ``tp_size``, names relative to the model.
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes (``max_position_embeddings``), or None when unbounded."""
+        limit = getattr(self.text_config, "max_position_embeddings", None)
+        return limit if isinstance(limit, int) and limit > 0 else None
+
+    def tp_styles(self, tp_size: int, tp_plan: tuple[tuple[str, str], ...] | None = None) -> dict[str, str]:
+        """``{module name: style}`` under ``tp_size`` and a layout's own ``tp_plan`` (None: the model's), names
+        relative to the model.
 
         Raises:
             PlanError: the model has no TP plan, or ``tp_size`` does not divide its heads or MLP width.
         """
-        plans = plan_models(self.module, tp_size)
+        plans = plan_models(self.module, tp_size, dict(tp_plan) if tp_plan is not None else None)
         return {_joined(outer, name): style for outer, plan in plans.items() for name, style in plan.items()}
 
-    def with_tp_styles(self, tp_size: int) -> "ModelFacts":
-        """These facts with each parameter's TP style under ``tp_size`` (worked out once per size)."""
-        if tp_size not in self._split:
-            self._split[tp_size] = self._with_styles(tp_size)
-        return self._split[tp_size]
+    def with_tp_styles(self, tp_size: int, tp_plan: tuple[tuple[str, str], ...] | None = None) -> "ModelFacts":
+        """These facts with each parameter's TP style under ``tp_size`` (worked out once per size and plan)."""
+        key = (tp_size, tp_plan)
+        if key not in self._split:
+            self._split[key] = self._with_styles(tp_size, tp_plan)
+        return self._split[key]
 
-    def _with_styles(self, tp_size: int) -> "ModelFacts":
-        styles = self.tp_styles(tp_size)
+    def _with_styles(self, tp_size: int, tp_plan: tuple[tuple[str, str], ...] | None) -> "ModelFacts":
+        styles = self.tp_styles(tp_size, tp_plan)
         parameters = tuple(
             ParameterFacts(p.name, p.shape, p.trainable, styles.get(p.name.rpartition(".")[0])) for p in self.parameters
         )
@@ -170,16 +187,16 @@ def model_facts(model: Any) -> ModelFacts:
 def load_config(path: str | os.PathLike) -> PretrainedConfig:
     """The transformers config in a model directory or at a ``config.json`` path."""
     path = Path(path)
-    folder = path.parent if path.name.endswith(".json") and path.is_file() else path
-    if not (folder / "config.json").is_file():
+    source = path if path.is_file() and path.suffix == ".json" else path / "config.json"
+    if not source.is_file():
         raise PlanError(
             f"{str(path)!r} holds no transformers config: pass a model directory with a config.json, or the "
-            f"path of a config.json."
+            f"path of a config file."
         )
     try:
-        return AutoConfig.from_pretrained(folder)
-    except (ValueError, OSError, KeyError) as error:
-        raise PlanError(f"the transformers config in {str(folder)!r} cannot be read: {error}") from error
+        return AutoConfig.from_pretrained(source)
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise PlanError(f"the transformers config {str(source)!r} cannot be read: {error}") from error
 
 
 def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
