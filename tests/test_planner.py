@@ -50,7 +50,10 @@ def test_ddp_holds_sixteen_bytes_per_parameter_and_a_bucket_copy_of_the_gradient
     params = model_facts(tiny_llama()).numel
     assert (result.parameters, result.gradients, result.optimizer_states) == (4 * params, 4 * params, 8 * params)
     assert result.buffers >= 4 * params
-    assert result.total == sum(result.bytes_per_rank()[name] for name in meshplan.planner.COMPONENTS)
+    # Gradients peak in the optimizer step, activations where the backward pass starts: the peak is
+    # the states and buckets plus the larger of the two moments, less than every component added up.
+    components = sum(result.bytes_per_rank()[name] for name in meshplan.planner.COMPONENTS)
+    assert 4 * params + 8 * params + 4 * params + max(result.activations, 4 * params) <= result.total < components
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -168,7 +171,8 @@ def test_a_model_that_fits_nowhere_names_the_memory_and_the_nodes_that_would_fit
         meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="16GB", host_memory="10GB", gradient_checkpointing=True)
     message = str(refused.value)
     assert "No layout fits LlamaForCausalLM (8.03B parameters) in 16.0 GB per device and 10.0 GB of host memory" in message
-    assert "is zero3's 20.8 GB, so it fits with 20.8 GB per device, or on 2 nodes of 8 devices (zero3)" in message
+    assert "the least any layout needs is tp (tp_size 8)'s 22.1 GB, so it fits with 22.1 GB per device" in message
+    assert "or on 2 nodes of 8 devices (zero3)" in message
 
 
 def test_when_no_node_count_helps_the_error_says_what_to_change():

@@ -239,6 +239,39 @@ def _tear_down(accelerator: Any) -> None:
     gc.collect()
 
 
+# ---------------------------------------------------------------- measured against the estimate
+
+
+def comparisons(records: list[dict[str, Any]], arguments: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each record beside ``meshplan.estimate`` for the same model, layout and settings.
+
+    Model states: parameters, gradients at their peak (after backward) and optimizer states,
+    wherever they are (host bytes included); the peak of the step less what earlier combinations
+    left, against ``total`` (plus ``host_bytes``: on the CPU offload keeps them in the same memory);
+    bytes sent per step. Errors are measured / estimated - 1.
+    """
+    rows = []
+    for record in records:
+        model = build_model(record["family"], arguments, record["seq_len"])
+        layout = strategy(record["layout"], record["world_size"], arguments.zero_options)
+        predicted = meshplan.estimate(
+            model, layout, world_size=record["world_size"], micro_batch_size=record["micro_batch_size"],
+            seq_len=record["seq_len"], precision="fp32" if record["precision"] == "no" else record["precision"],
+            gradient_checkpointing=record["gradient_checkpointing"])
+        states = record["parameters"] + record["gradients"] + record["optimizer_states"]
+        peak = record["peak"] - record["leftover"]
+        rows.append({
+            **{key: record[key] for key in ("family", "layout", "world_size", "rank", "precision", "seq_len", "gradient_checkpointing")},
+            "states": states, "states_estimate": predicted.model_states + predicted.host_bytes,
+            "peak": peak, "peak_estimate": predicted.total + predicted.host_bytes,
+            "sent": record["communication_bytes_per_step"], "sent_estimate": predicted.communication_bytes_per_step,
+        })
+    for row in rows:
+        for name in ("states", "peak", "sent"):
+            row[f"{name}_error"] = row[name] / row[f"{name}_estimate"] - 1 if row[f"{name}_estimate"] else 0.0
+    return rows
+
+
 # ---------------------------------------------------------------- command line
 
 

@@ -10,11 +10,18 @@ one all-reduce per split layer pair in each direction (Megatron's f and g operat
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from meshplan.plan import Plan
 from meshplan.planner.memory import deepspeed_option, reused_numel
 from meshplan.planner.model import ROWWISE_STYLES, ModelFacts
+
+
+# A module inside one of the repeated transformer layers (model.layers.3.mlp..., encoder.layer.0...),
+# which gradient checkpointing recomputes.
+_IN_A_LAYER = re.compile(r"\.\d+\.")
 
 
 def all_reduce(nbytes: float, ranks: int) -> float:
@@ -52,10 +59,13 @@ def regathered_numel(facts: ModelFacts, plan: Plan) -> int:
     return gathered - min(gathered, reused_numel(facts, plan))
 
 
-def tensor_parallel_bytes(facts: ModelFacts, *, tp_size: int, tokens: int, activation_bytes: int, residual_bytes: int) -> float:
+def tensor_parallel_bytes(facts: ModelFacts, *, tp_size: int, tokens: int, activation_bytes: int, residual_bytes: int,
+                          recomputed: bool = False) -> float:
     """What the TP group sends per micro-batch: per split layer, the activations it all-reduces.
 
-    ``facts`` are those of ``ModelFacts.with_tp_styles(tp_size)``.
+    ``facts`` are those of ``ModelFacts.with_tp_styles(tp_size)``. With gradient checkpointing
+    (``recomputed``) each transformer layer runs its forward pass again in the backward pass, so the
+    rowwise layers inside them reduce their outputs twice.
 
     A rowwise layer adds up its partial outputs in the forward pass; a colwise layer adds up its
     input's partial gradients in the backward pass; a rowwise embedding adds up its output; a
@@ -68,7 +78,8 @@ def tensor_parallel_bytes(facts: ModelFacts, *, tp_size: int, tokens: int, activ
     for name, style in facts.styles.items():
         module = modules.get(name)
         if style in ROWWISE_STYLES and isinstance(module, nn.Linear):
-            total += all_reduce(tokens * module.out_features * activation_bytes, tp_size)
+            runs = 2 if recomputed and _IN_A_LAYER.search(name) else 1
+            total += runs * all_reduce(tokens * module.out_features * activation_bytes, tp_size)
         elif style == "embedding_rowwise" and isinstance(module, nn.Embedding):
             total += all_reduce(tokens * module.embedding_dim * residual_bytes, tp_size)
         elif style.startswith("colwise") and isinstance(module, nn.Linear):

@@ -60,17 +60,23 @@ def estimate(model: Any, layout: Any, *, world_size: int, nodes: int = 1, micro_
     # TP's collectives carry the residual stream's dtype: fp32 under autocast (measured: DTensor
     # reduces the rowwise outputs and gathers the logits in fp32 there too).
     within_tp = tensor_parallel_bytes(facts, tp_size=tp_size, tokens=micro_batch_size * seq_len,
-                                      activation_bytes=residual_bytes, residual_bytes=residual_bytes)
+                                      activation_bytes=residual_bytes, residual_bytes=residual_bytes,
+                                      recomputed=gradient_checkpointing)
     sent = data_parallel_bytes(facts, plan, dp_size=dp_size, tp_size=tp_size, half=half is not None) + within_tp
-    # Temporary full tensors at the peak, the start of the backward pass: autocast's 16-bit copies of
-    # the weights, kept for backward, and the gradient of the logits, as large as the logits.
-    buffers = states.buffers + weight_copies + logits
+    # Temporary full tensors of the backward pass: autocast's 16-bit copies of the weights, kept for
+    # backward, and the gradient of the logits, as large as the logits.
+    # The step peaks either where the backward pass starts or in the optimizer step (see Estimate.total).
+    backward = activations + weight_copies + logits + states.backward_buffers
+    step = (0 if states.gradients_resident else states.gradients) + states.step_temporaries
+    peak = states.parameters + states.optimizer_states + states.resident_buffers + max(backward, step)
+    buffers = states.buffers + max(weight_copies + logits, states.step_temporaries)
     return Estimate(
         layout=layout_name(plan, world_size, world_size // nodes), tp_size=tp_size, world_size=world_size,
         parameters=states.parameters, gradients=states.gradients, optimizer_states=states.optimizer_states,
         activations=activations, buffers=buffers, host_bytes=states.host_bytes,
         communication_bytes_per_step=round(sent), tensor_parallel_bytes_per_step=round(within_tp),
         host_traffic_bytes_per_step=host_traffic(facts, plan, dp_size, compute_bytes if plan.strategy == "zero" else 4),
+        peak=peak + (states.gradients if states.gradients_resident else 0),
     )
 
 

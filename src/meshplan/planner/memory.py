@@ -37,13 +37,33 @@ MASTER_BYTES = 4      # the fp32 copy of the weights that mixed precision steps
 
 @dataclass(frozen=True)
 class ModelStates:
-    """Bytes of one rank's model states on the device and in host memory, and its engine buffers."""
+    """Bytes of one rank's model states on the device and in host memory, and its engine's buffers.
+
+    Attributes:
+        resident_buffers: buffers held through the whole step (DDP's buckets, ZeRO-3's reduce bucket).
+        backward_buffers: buffers that exist only in the forward and backward passes (ZeRO-1/2's
+            reduce bucket, ZeRO-3's gathered parameters).
+        step_temporaries: what the optimizer step allocates beside the states: twice the largest
+            fp32 tensor it updates at once (a parameter for torch's AdamW, which steps CPU
+            tensors one at a time; a rank's whole flat partition for DeepSpeed: its fp32 gradient
+            copy and Adam's temporary).
+        gradients_resident: the gradients outlive the step (ZeRO-3's partition), so they are
+            there in the backward pass too.
+    """
 
     parameters: int
     gradients: int
     optimizer_states: int
-    buffers: int
+    resident_buffers: int
+    backward_buffers: int
+    step_temporaries: int
     host_bytes: int
+    gradients_resident: bool = False
+
+    @property
+    def buffers(self) -> int:
+        """Every engine buffer, resident or not."""
+        return self.resident_buffers + self.backward_buffers
 
 
 def deepspeed_option(plan: Plan, name: str) -> int:
@@ -69,7 +89,8 @@ def _replicated_states(facts: ModelFacts, plan: Plan, tp_size: int) -> ModelStat
     buckets = 0
     if plan.strategy == "ddp" and not plan.option("gradient_as_bucket_view", False):
         buckets = 4 * trainable  # DDP's flat buckets hold a second copy of every gradient
-    return ModelStates(4 * local, 4 * gradients, ADAM_STATE_BYTES * trainable, buckets, 0)
+    largest = max((p.local_gradient_numel(tp_size) for p in facts.parameters if p.trainable), default=0)
+    return ModelStates(4 * local, 4 * gradients, ADAM_STATE_BYTES * trainable, buckets, 0, 2 * 4 * largest, 0)
 
 
 def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> ModelStates:
@@ -77,9 +98,9 @@ def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> Mod
     stage = plan.zero_stage
     trainable = [p.numel for p in facts.parameters if p.trainable]
     trainable_share = sum(_share(n, dp_size) for n in trainable)
-    # In fp32, ZeRO-3's partition is itself the master copy; otherwise an fp32 copy is kept beside it.
-    master = 0 if stage == 3 and not half else MASTER_BYTES
-    optimizer = (master + ADAM_STATE_BYTES) * trainable_share
+    # DeepSpeed keeps an fp32 master copy of its partition beside the working one, in fp32 too (measured).
+    optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * trainable_share
+    temporaries = 2 * 4 * trainable_share
     bucket = deepspeed_option(plan, "reduce_bucket_size")
     if stage < 3:
         parameters = weight * facts.numel
@@ -87,7 +108,7 @@ def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> Mod
         # stage 1 as at stage 2 (measured: the same bytes); setup_buckets allocates a whole reduce
         # bucket every backward, two with overlap_comm.
         gradients = weight * trainable_share
-        buffers = weight * bucket * (2 if plan.option("overlap_comm", False) else 1)
+        resident, backward = 0, weight * bucket * (2 if plan.option("overlap_comm", False) else 1)
     else:
         persistent = persistent_numel(facts, plan)
         parameters = weight * (sum(_share(p.numel, dp_size) for p in facts.parameters) + persistent)
@@ -95,18 +116,17 @@ def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> Mod
         # The whole reduce bucket (stage3.py allocates reduce_bucket_size elements whatever the
         # model), and the parameters gathered whole at the peak, the turn from forward to backward:
         # those DeepSpeed keeps for their reuse, plus the prefetch (at least the largest parameter).
-        buffers = weight * (bucket + kept_gathered_numel(facts, plan))
+        resident, backward = weight * bucket, weight * kept_gathered_numel(facts, plan)
     host = 0
     if plan.offload_optimizer:
         # The optimizer steps on the CPU: master weights and Adam states there, and the gradient
         # share too (DeepSpeed allocates its partition on the offload device) with an fp32 copy.
         host += optimizer + gradients + 4 * trainable_share
-        optimizer = 0
-        gradients = 0
+        optimizer = gradients = temporaries = 0
     if plan.offload_parameters:
         host += parameters - weight * persistent
         parameters = weight * persistent
-    return ModelStates(parameters, gradients, optimizer, buffers, host)
+    return ModelStates(parameters, gradients, optimizer, resident, backward, temporaries, host, gradients_resident=stage == 3)
 
 
 def kept_gathered_numel(facts: ModelFacts, plan: Plan) -> int:

@@ -25,13 +25,15 @@ class Estimate:
             precision under ZeRO, the fp32 master weights).
         activations: bytes saved for the backward pass at the end of the forward pass.
         buffers: bytes of communication buckets, gathered ZeRO-3 parameters and temporary full
-            tensors (such as the gradient of the logits) alive at the peak.
+            tensors (autocast's weight copies, the gradient of the logits, the optimizer step's
+            temporaries), each at its largest.
         host_bytes: bytes that offload keeps in CPU memory instead (0 without offload).
         communication_bytes_per_step: bytes this rank sends per optimizer step, counted per
             collective as ring algorithms send them (all-reduce 2(n-1)/n, all-gather and
             reduce-scatter (n-1)/n of the whole tensor, for a group of n ranks).
         tensor_parallel_bytes_per_step: the part of it sent inside a TP group (inside one node).
         host_traffic_bytes_per_step: bytes offload copies between host and device per step.
+        peak: the peak ``total`` reports (see there).
     """
 
     layout: str
@@ -46,11 +48,20 @@ class Estimate:
     communication_bytes_per_step: int
     tensor_parallel_bytes_per_step: int = 0
     host_traffic_bytes_per_step: int = 0
+    peak: int = 0
 
     @property
     def total(self) -> int:
-        """Peak bytes on the device: the five components together."""
-        return sum(getattr(self, name) for name in COMPONENTS)
+        """Peak bytes on the device during a step.
+
+        Parameters, optimizer states and resident buffers are there throughout; on top comes the
+        larger of the two moments a step peaks: the start of the backward pass (activations and
+        the backward pass's buffers) and the optimizer step (gradients and the step's
+        temporaries). So ``total`` is less than the five components added up, which is what a
+        step would hold if gradients stayed alive into the next forward pass (gradient
+        accumulation): read ``sum(bytes_per_rank()[c] for c in COMPONENTS)`` for that bound.
+        """
+        return self.peak or sum(getattr(self, name) for name in COMPONENTS)
 
     @property
     def model_states(self) -> int:
