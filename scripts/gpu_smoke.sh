@@ -16,3 +16,5 @@ MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 tests/scripts/parity_re
 if [ "$gpus" -ge 4 ]; then
     MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 tests/scripts/checkpoint_report.py
 fi
+# The planner: its estimate beside CUDA's memory counters for a ~1B Llama in one process.
+PYTHONUNBUFFERED=1 python3 scripts/planner_gpu.py

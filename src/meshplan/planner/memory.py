@@ -30,6 +30,7 @@ DEEPSPEED_DEFAULTS = {
     "stage3_param_persistence_threshold": 100_000,
     "stage3_max_live_parameters": 1_000_000_000,
     "stage3_max_reuse_distance": 1_000_000_000,
+    "sub_group_size": 1_000_000_000,
 }
 ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq in fp32
 MASTER_BYTES = 4      # the fp32 copy of the weights that mixed precision steps
@@ -46,7 +47,7 @@ class ModelStates:
         step_temporaries: what the optimizer step allocates beside the states: twice the largest
             fp32 tensor it updates at once (a parameter for torch's AdamW, which steps CPU
             tensors one at a time; a rank's whole flat partition for DeepSpeed: its fp32 gradient
-            copy and Adam's temporary).
+            copy and Adam's temporary; ZeRO-3 steps it ``sub_group_size`` elements at a time).
         gradients_resident: the gradients outlive the step (ZeRO-3's partition), so they are
             there in the backward pass too.
     """
@@ -100,7 +101,9 @@ def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> Mod
     trainable_share = sum(_share(n, dp_size) for n in trainable)
     # DeepSpeed keeps an fp32 master copy of its partition beside the working one, in fp32 too (measured).
     optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * trainable_share
-    temporaries = 2 * 4 * trainable_share
+    # ZeRO-3 steps its partition sub_group_size elements at a time; ZeRO-1/2 the whole partition.
+    stepped = min(trainable_share, deepspeed_option(plan, "sub_group_size")) if stage == 3 else trainable_share
+    temporaries = 2 * 4 * stepped
     bucket = deepspeed_option(plan, "reduce_bucket_size")
     if stage < 3:
         parameters = weight * facts.numel
