@@ -44,8 +44,9 @@ def runs(quick: bool) -> list[tuple[str, list[str]]]:
 def measure(arguments: list[str], folder: Path) -> list[dict[str, Any]]:
     """The worker's rows (measured beside estimated) for one launch."""
     output = folder / f"launch{len(list(folder.iterdir()))}.json"
-    subprocess.run([sys.executable, str(WORKER), str(output), *arguments], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, cwd=folder)
+    finished = subprocess.run([sys.executable, str(WORKER), str(output), *arguments], capture_output=True, text=True, cwd=folder)
+    if finished.returncode != 0:
+        raise SystemExit(f"planner_accuracy: the launch {' '.join(arguments)} failed:\n{(finished.stdout + finished.stderr)[-4000:]}")
     worker = _worker_module()
     records = json.loads(output.read_text())["records"]
     return worker.comparisons(records, worker._arguments([str(output), *arguments]))

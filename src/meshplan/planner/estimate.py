@@ -124,7 +124,8 @@ def layout_plan(layout: Any) -> Plan:
 
 def layout_name(plan: Plan, world_size: int, processes_per_node: int) -> str:
     """The catalogue's name for ``plan``: ddp, zero1, zero2, zero3, zero3-offload, tp (TP over every
-    process) or tp-dp (TP groups, data parallel across them)."""
+    process) or tp-dp (TP groups, data parallel across them). The catalogue names offload at stage 3
+    only: ``ZeRO(stage=2, offload_optimizer=True)`` is "zero2" (its estimate shows the offload)."""
     if plan.strategy == "zero":
         offloaded = plan.zero_stage == 3 and (plan.offload_optimizer or plan.offload_parameters)
         return "zero3-offload" if offloaded else f"zero{plan.zero_stage}"

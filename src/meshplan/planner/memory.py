@@ -101,8 +101,11 @@ def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> Mod
     trainable_share = sum(_share(n, dp_size) for n in trainable)
     # DeepSpeed keeps an fp32 master copy of its partition beside the working one, in fp32 too (measured).
     optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * trainable_share
-    # ZeRO-3 steps its partition sub_group_size elements at a time; ZeRO-1/2 the whole partition.
-    stepped = min(trainable_share, deepspeed_option(plan, "sub_group_size")) if stage == 3 else trainable_share
+    # ZeRO-3 steps its partition a sub-group at a time (closed once it reaches sub_group_size, so up
+    # to one parameter's share more); ZeRO-1/2 the whole partition.
+    largest_share = max((_share(n, dp_size) for n in trainable), default=0)
+    sub_group = deepspeed_option(plan, "sub_group_size") + largest_share - 1
+    stepped = min(trainable_share, sub_group) if stage == 3 else trainable_share
     temporaries = 2 * 4 * stepped
     bucket = deepspeed_option(plan, "reduce_bucket_size")
     if stage < 3:
@@ -150,10 +153,10 @@ def reused_numel(facts: ModelFacts, plan: Plan) -> int:
     threshold = deepspeed_option(plan, "stage3_param_persistence_threshold")
     kept, after = 0, 0
     for parameter in reversed(facts.parameters):
-        if parameter.numel > threshold:
-            if 2 * after <= reuse:
-                kept += parameter.numel
-            after += parameter.numel
+        # DeepSpeed counts every parameter it walks, persistent ones too, and keeps while under the limit.
+        if parameter.numel > threshold and 2 * after < reuse:
+            kept += parameter.numel
+        after += parameter.numel
     return min(kept, deepspeed_option(plan, "stage3_max_live_parameters"))
 
 

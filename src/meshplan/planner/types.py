@@ -57,7 +57,7 @@ class Estimate:
         Parameters, optimizer states and resident buffers are there throughout; on top comes the
         larger of the two moments a step peaks: the start of the backward pass (activations and
         the backward pass's buffers) and the optimizer step (gradients and the step's
-        temporaries). So ``total`` is less than the five components added up, which is what a
+        temporaries). So ``total`` is at most the five components added up, which is what a
         step would hold if gradients stayed alive into the next forward pass (gradient
         accumulation): read ``sum(bytes_per_rank()[c] for c in COMPONENTS)`` for that bound.
         """
