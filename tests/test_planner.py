@@ -222,3 +222,12 @@ def test_on_cpu_offload_frees_nothing_so_its_host_bytes_count_against_the_memory
     assert on_gpus.chosen == "zero3-offload"
     with pytest.raises(meshplan.PlanError, match="No layout fits"):
         meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="16GB", gradient_checkpointing=True, device_is_host=True)
+
+
+def test_zero_candidates_size_deepspeeds_buckets_to_a_small_model_and_keep_its_defaults_for_a_large_one():
+    small = {c.layout: c.plan for c in meshplan.plan_layout(tiny_llama(), devices_per_node=2, device_memory="80GB", seq_len=64).candidates}
+    trainable = model_facts(tiny_llama()).trainable_numel
+    assert small["zero2"].option("reduce_bucket_size") == trainable
+    assert small["zero3"].option("stage3_prefetch_bucket_size") == trainable
+    large = {c.layout: c.plan for c in meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="80GB").candidates}
+    assert large["zero2"].options == () and large["zero3"].options == ()

@@ -8,6 +8,7 @@ from meshplan.errors import PlanError
 from meshplan.plan import Plan
 from meshplan.planner.estimate import check_positive, estimate
 from meshplan.planner.hardware import Links, format_bytes, parse_memory
+from meshplan.planner.memory import DEEPSPEED_DEFAULTS
 from meshplan.planner.model import ModelFacts, model_facts
 from meshplan.planner.types import Candidate, Estimate, LayoutChoice
 
@@ -24,12 +25,28 @@ MAX_NODES_SEARCHED = 128
 def candidate_plans(facts: ModelFacts, devices_per_node: int) -> list[Plan]:
     """The layouts meshplan can run on nodes of ``devices_per_node``: DDP, ZeRO 1-3, ZeRO-3 with
     offload, and TP over each divisor of the node that the model's heads and MLP allow."""
-    plans = [Plan("ddp"), *(Plan("zero", zero_stage=stage) for stage in (1, 2, 3)),
-             Plan("zero", zero_stage=3, offload_optimizer=True, offload_parameters=True)]
+    buckets = bucket_options(facts)
+    plans = [Plan("ddp"), *(Plan.build("zero", zero_stage=stage, options=buckets.get(stage)) for stage in (1, 2, 3)),
+             Plan.build("zero", zero_stage=3, offload_optimizer=True, offload_parameters=True, options=buckets.get(3))]
     for tp_size in range(2, devices_per_node + 1):
         if devices_per_node % tp_size == 0 and _takes_tp(facts, tp_size):
             plans.append(Plan("tp", tp_size=tp_size))
     return plans
+
+
+def bucket_options(facts: ModelFacts) -> dict[int, dict[str, int]]:
+    """DeepSpeed bucket sizes for a model smaller than its buckets, by ZeRO stage.
+
+    DeepSpeed allocates its whole reduce bucket (5e8 elements: 1 GB in bf16, 2 GB in fp32) and
+    prefetches up to 5e7 elements whatever the model; a model with fewer trainable elements than
+    that gains nothing from the rest, so the planner's ZeRO layouts size them to the model. Larger
+    models keep DeepSpeed's defaults (an empty mapping).
+    """
+    trainable = max(1, facts.trainable_numel)
+    reduce = {"reduce_bucket_size": trainable} if trainable < DEEPSPEED_DEFAULTS["reduce_bucket_size"] else {}
+    prefetch = ({"stage3_prefetch_bucket_size": trainable}
+                if trainable < DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"] else {})
+    return {1: reduce, 2: reduce, 3: {**reduce, **prefetch}}
 
 
 def _takes_tp(facts: ModelFacts, tp_size: int) -> bool:
