@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
 
 from helpers import parity
+
+# DeepSpeed compiles its ops with the first `ninja` on PATH, into one cache shared by every
+# process. With .venv/bin off PATH, processes that find the environment's ninja (pip's 1.13) and
+# those that find the system's (1.11) disagree on the build log's format and rebuild the op in
+# turn (about a minute each, with every ZeRO process waiting on the build lock). The environment's
+# own bin directory first makes the whole session, and every process it starts, use one ninja.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="session", autouse=True)

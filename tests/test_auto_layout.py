@@ -224,7 +224,8 @@ def test_accelerate_trains_the_chosen_layout_as_one_process_would(reference_path
 
 
 @pytest.mark.slow
-def test_finetune_auto_announces_records_and_trains_the_chosen_layout(tmp_path: Path) -> None:
+def test_finetune_auto_trains_a_causal_lm_on_a_text_file_announcing_and_recording_its_layout(tmp_path: Path) -> None:
+    # Also finetune's causal-LM path (a text file, next-token accuracy): one spawn checks both.
     model_dir = tmp_path / "tiny-llama"
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=30522)).save_pretrained(model_dir)
@@ -242,5 +243,6 @@ def test_finetune_auto_announces_records_and_trains_the_chosen_layout(tmp_path: 
     assert announcement(expected.layout) in run.stdout.splitlines()
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["recipe"] == "auto" and metrics["layout"] == expected.layout_record() and metrics["train_steps"] == 2
+    assert 0.0 <= metrics["eval_accuracy_after"] <= 1.0
     assert FinetuneJob.from_json(str(output / "job.json")).plan == expected.plan  # what every worker ran
     assert isinstance(LlamaForCausalLM.from_pretrained(output), LlamaForCausalLM)

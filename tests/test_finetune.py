@@ -97,23 +97,6 @@ def _encoded_test_split(model_dir: Path):
 
 
 @pytest.mark.slow
-def test_finetune_trains_a_causal_lm_on_a_text_file(tmp_path: Path) -> None:
-    model_dir = tmp_path / "tiny-llama"
-    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=30522)).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(model_dir)
-    data = tmp_path / "notes.json"
-    data.write_text("\n".join(json.dumps({"text": f"note number {i} says the build is green"}) for i in range(40)))
-    output = tmp_path / "out"
-    run = _finetune("--model", str(model_dir), "--data", str(data), "--recipe", str(CATALOGUE_DIR / "ddp.yaml"),
-                    "--max-steps", "2", "--output", str(output))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    metrics = json.loads((output / "metrics.json").read_text())
-    assert metrics["train_steps"] == 2 and 0.0 <= metrics["eval_accuracy_after"] <= 1.0
-    assert isinstance(LlamaForCausalLM.from_pretrained(output), LlamaForCausalLM)
-
-
-@pytest.mark.slow
 def test_a_failing_worker_shows_its_traceback_from_this_run(tmp_path: Path) -> None:
     model_dir = tmp_path / "torn-model"
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,

@@ -1,8 +1,8 @@
 """meshplan.estimate against what real engines hold and send, on 2 CPU processes.
 
-One launch of tests/scripts/planner_measure.py trains a Llama-style decoder and a BERT-style
-encoder under ddp, ZeRO-2, ZeRO-3 and TP through meshplan.accelerator, measures one step, and
-each figure is compared with the estimate for the same model and settings. The full matrix (every
+One launch of tests/scripts/planner_measure.py trains a Llama-style decoder under ddp, ZeRO-2,
+ZeRO-3 and TP through meshplan.accelerator, measures one step, and each figure is compared with
+the estimate for the same model and settings. The full matrix (a BERT-style encoder too, every
 layout, 2 and 4 processes, two sequence lengths, with and without checkpointing) is
 bench/planner_accuracy.py; its figures are in docs/planning.md.
 """
@@ -21,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).parent / "scripts" / "planner_measure.py"
-ARGUMENTS = ["--nprocs", "2", "--families", "llama,bert", "--layouts", "ddp,zero2,zero3,tp", "--precision", "bf16",
+ARGUMENTS = ["--nprocs", "2", "--families", "llama", "--layouts", "ddp,zero2,zero3,tp", "--precision", "bf16",
              "--seq-len", "64", "--zero-option", "reduce_bucket_size=1000000", "--zero-option", "stage3_prefetch_bucket_size=1000000"]
 # The issue's bounds: model states within 3%, bytes sent within 5%, the peak of a step within 15%.
 TOLERANCES = {"states": 0.03, "sent": 0.05, "peak": 0.15}
@@ -40,7 +40,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory, deepspeed_ops: None) -> list[
 
 def test_every_layout_and_family_was_measured_on_every_rank(rows):
     assert {(r["family"], r["layout"], r["rank"]) for r in rows} == {
-        (family, layout, rank) for family in ("llama", "bert") for layout in ("ddp", "zero2", "zero3", "tp") for rank in (0, 1)}
+        (family, layout, rank) for family in ("llama",) for layout in ("ddp", "zero2", "zero3", "tp") for rank in (0, 1)}
 
 
 @pytest.mark.parametrize("quantity", ["states", "sent", "peak"])
