@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
 
 import meshplan
 from meshplan._compat.accelerate import shared_state
 from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
-from helpers.layouts import accelerator_plan_error, plan_errors
+from helpers.layouts import TinyModule, accelerator_plan_error, plan_errors
 from meshplan.recipes import CATALOGUE_DIR
 from meshplan.testing import spawn
 
@@ -93,6 +95,39 @@ def test_accelerator_refuses_cpu_false_without_cuda_in_a_launched_job(monkeypatc
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(meshplan.PlanError, match="each would train alone"):
         meshplan.accelerator(meshplan.DDP(), cpu=False)
+
+
+# A TP group split across nodes: tp_size=2 on two nodes of one process each. Every front end
+# refuses it before any process group exists.
+SPLIT_TP_GROUP = "tp_size=2 does not divide the 1 processes of each node: a tensor-parallel group would span nodes"
+
+
+def test_accelerator_refuses_a_tensor_parallel_group_split_across_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nnodes 2 --nproc_per_node 1 exports
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    state_before = shared_state()
+    with pytest.raises(meshplan.PlanError, match=SPLIT_TP_GROUP):
+        meshplan.accelerator(meshplan.TensorParallel(tp_size=2))
+    assert shared_state() == state_before and not dist.is_initialized()
+
+
+def test_a_recipe_for_two_machines_refuses_a_tensor_parallel_group_split_across_them(tmp_path) -> None:
+    with pytest.raises(meshplan.PlanError, match=SPLIT_TP_GROUP):
+        meshplan.TensorParallel(tp_size=2).to_recipe(tmp_path / "tp.yaml", num_processes=2, num_machines=2)
+    assert not (tmp_path / "tp.yaml").exists()
+
+
+def test_lightning_refuses_a_tensor_parallel_group_split_across_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # devices=1: Lightning starts no other process, and this one fails before init_process_group.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(name, "")  # recorded, so that what Lightning's launcher sets is undone afterwards
+        monkeypatch.delenv(name)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy=meshplan.TensorParallel(tp_size=2),
+                         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(meshplan.PlanError, match=SPLIT_TP_GROUP):
+        trainer.fit(TinyModule("llama"))
+    assert not dist.is_initialized()
 
 
 RESTARTS_SHARING_THE_STORE = {"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True", "RANK": "0"}

@@ -106,6 +106,19 @@ def test_world_size_not_divisible_by_tp_size() -> None:
     plan.check_world_size(6, processes_per_node=6)
 
 
+def test_a_tensor_parallel_group_split_across_nodes_is_refused() -> None:
+    # Two nodes of one process: tp_size=2 divides the world of 2, but each TP group would span both nodes.
+    with pytest.raises(PlanError, match=r"tp_size=2 does not divide the 1 processes of each node: a tensor-parallel "
+                                        r"group would span nodes") as error:
+        TensorParallel(tp_size=2).plan.check_world_size(2, processes_per_node=1)
+    assert "run a multiple of 2 processes on every node" in str(error.value)
+    with pytest.raises(PlanError, match="tp_size=4 does not divide the 2 processes of each node"):
+        TensorParallel(tp_size=4).plan.check_world_size(8, processes_per_node=2)
+    TensorParallel(tp_size=2).plan.check_world_size(4, processes_per_node=2)  # tp-dp: TP inside each node, DP across
+    TensorParallel().plan.check_world_size(6, processes_per_node=3)  # None: every process of one node
+    DDP().plan.check_world_size(2, processes_per_node=1)  # nothing to split without TP
+
+
 def test_tp_size_none_means_every_process_of_a_node() -> None:
     plan = TensorParallel().plan
     assert plan.tp_size is None

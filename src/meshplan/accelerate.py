@@ -309,8 +309,9 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
 
     def __init__(self, plan: Plan, **kwargs: Any) -> None:
         super().__init__(plan, **kwargs)
-        self.tp_size = plan.resolved_tp_size(int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes)))
-        plan.check_world_size(self.num_processes, self.tp_size)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes))
+        self.tp_size = plan.resolved_tp_size(per_node)
+        plan.check_world_size(self.num_processes, per_node)
         # Accelerate's data loaders read these dimension names to shard by data-parallel rank.
         accelerate_compat.set_device_mesh(self, init_device_mesh(
             self.device.type, (self.num_processes // self.tp_size, self.tp_size),

@@ -163,12 +163,22 @@ class Plan:
 
     def check_world_size(self, world_size: int, processes_per_node: int) -> None:
         """Raises a PlanError when ``world_size`` processes cannot hold this layout."""
+        # A tensor-parallel group is tp_size consecutive ranks, and launchers number ranks node by
+        # node: a tp_size that does not divide the processes of a node puts a group on two nodes.
         tp_size = self.resolved_tp_size(processes_per_node)
         if world_size % tp_size:
             raise PlanError(
                 f"tp_size={tp_size} does not divide the world size {world_size}: the world is split "
                 f"into groups of tp_size processes. Use a tp_size that divides {world_size} "
                 f"({', '.join(str(d) for d in _divisors(world_size))}) or launch a multiple of {tp_size} processes."
+            )
+        if processes_per_node % tp_size:
+            # TP communicates inside every layer; across nodes that traffic would cross the network.
+            raise PlanError(
+                f"tp_size={tp_size} does not divide the {processes_per_node} processes of each node: a tensor-parallel "
+                f"group would span nodes. Keep each group inside one node: use a tp_size that divides {processes_per_node} "
+                f"({', '.join(str(d) for d in _divisors(processes_per_node))}), or run a multiple of {tp_size} processes "
+                f"on every node (torchrun --nproc_per_node, Lightning's devices); data parallelism spans the nodes."
             )
 
 
