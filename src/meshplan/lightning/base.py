@@ -102,9 +102,17 @@ class PlanStrategyMixin:
                 return
             discard_checkpoint(path)
 
+    def _process_counts(self) -> tuple[int, int]:
+        """The world size and the processes per node that the layout is checked and sized against.
+
+        Lightning's count by default: ``num_nodes`` x ``devices``. Under Ray Train each worker's
+        Trainer sees only its own device (``devices="auto"``), so meshplan.ray counts Ray's workers.
+        """
+        return self.num_nodes * self.num_processes, self.num_processes
+
     def _validate_layout(self) -> None:
         """Checks the layout against the world size and the Trainer before any process group exists."""
-        self.plan.check_world_size(self.num_nodes * self.num_processes, self.num_processes)
+        self.plan.check_world_size(*self._process_counts())
         warn_if_restarts_share_the_rendezvous_store()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None:

@@ -51,12 +51,12 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
     @property
     def tp_size(self) -> int:
         """The tensor-parallel size; ``tp_size=None`` resolves to the processes of one node."""
-        return self.plan.resolved_tp_size(self.num_processes)
+        return self.plan.resolved_tp_size(self._process_counts()[1])
 
     @override
     def setup_environment(self) -> None:
         # Everything that can be wrong with the layout is checked before the process group exists.
-        world_size = self.num_nodes * self.num_processes
+        world_size = self._process_counts()[0]
         self._validate_layout()
         _check_earlier_sharding(self.lightning_module, self.tp_size)  # the clearer message, before plan_models
         self._tp_plans = plan_models(self.lightning_module, self.tp_size, self.plan.tp_plan_dict)
