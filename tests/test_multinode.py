@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import meshplan
-from helpers import multinode_workers, parity
+from helpers import multinode_workers, parity, trainer_train
 from meshplan.launch import free_port
 from meshplan.recipes import CATALOGUE_DIR
 
@@ -55,7 +55,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("multinode-references")
     paths = {"parity": str(folder / "parity.pt"), "trainer": str(folder / "trainer.pt")}
     torch.save(parity.reference_run("llama"), paths["parity"])
-    torch.save(multinode_workers.trainer_reference_run(), paths["trainer"])
+    torch.save(trainer_train.plain_loop_reference(), paths["trainer"])
     return paths
 
 

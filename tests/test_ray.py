@@ -35,7 +35,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 import meshplan
 import meshplan.ray
-from helpers import parity, ray_train
+from helpers import parity, ray_train, trainer_train
 from helpers.parity import load_reference
 from meshplan import PlanError
 from meshplan.checkpoint.manifest import read_manifest
@@ -130,7 +130,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def trainer_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], str]:
     """The single-process reference of the HF Trainer runs (their optimizer and clipping differ from parity's)."""
     path = tmp_path_factory.mktemp("trainer-reference") / "reference.pt"
-    torch.save(ray_train.trainer_reference_run(), path)
+    torch.save(trainer_train.plain_loop_reference(), path)
     return torch.load(path, weights_only=True)[0], str(path)
 
 

@@ -10,7 +10,6 @@ so that the test can check that the job really spanned two nodes and kept each T
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import time
@@ -20,7 +19,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from transformers import TrainingArguments
 
 import meshplan
 from meshplan._compat.accelerate import TENSOR_PARALLEL_DIMENSION, deepspeed_engine, reset_process_state
@@ -121,12 +119,12 @@ def trainer_layouts(reference_path: str, output_dir: str) -> dict[str, dict[str,
     """The HF Trainer (trainer_train.train) with ``strategy.training_arguments()`` under each layout it can run.
 
     The training set is read in order, so that every step's global batch is the one of
-    ``trainer_reference_run``, whose result ``reference_path`` holds.
+    ``trainer_train.plain_loop_reference``, whose result ``reference_path`` holds.
     """
     world_size = int(os.environ["WORLD_SIZE"])
     results = {}
     for layout in TRAINER_LAYOUTS:
-        arguments = {**LAYOUTS[layout]().training_arguments(), "train_sampling_strategy": "sequential"}
+        arguments = {**LAYOUTS[layout]().training_arguments(), **trainer_train.DATA_IN_ORDER}
         results[layout] = _timed(lambda: _trainer_run(str(Path(output_dir) / layout), parity.GLOBAL_BATCH // world_size,
                                                       arguments, reference_path))
     return results
@@ -144,24 +142,6 @@ def _timed(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     result = run()
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
-
-
-def trainer_reference_run() -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process, a plain PyTorch loop with the settings trainer_train.train gives the Trainer: AdamW
-    without weight decay, gradients clipped at TrainingArguments' default max_grad_norm, the global
-    batch in order. Returns the losses per step and the final weights."""
-    max_grad_norm = next(field.default for field in dataclasses.fields(TrainingArguments) if field.name == "max_grad_norm")
-    model = parity.build_model("llama")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE["llama"], eps=parity.ADAM_EPS, weight_decay=0.0)
-    losses = []
-    for batch in DataLoader(parity.TokenDataset("llama"), batch_size=parity.GLOBAL_BATCH):
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, {key: value.detach().clone() for key, value in model.named_parameters()}
 
 
 def _weight_error(model: torch.nn.Module, reference_path: str) -> float:

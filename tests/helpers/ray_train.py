@@ -43,26 +43,6 @@ OTHER_FRONT_ENDS = [("accelerate", "ddp"), ("accelerate", "tp"), ("hf_trainer", 
                     ("accelerate", "zero3"), ("hf_trainer", "zero2"), ("hf_trainer", "zero3")]
 KILLED_AT_STEP = 3
 KILLED_LAYOUT = "tp"  # no DeepSpeed to import again in the restarted workers; Ray has no TP strategy of its own
-# The HF Trainer's batches in the dataset's order, so that a plain loop is its single-process reference.
-TRAINER_DATA_IN_ORDER = {"train_sampling_strategy": "sequential"}
-TRAINER_MAX_GRAD_NORM = 1.0  # TrainingArguments' default, which trainer_train.train keeps
-
-
-def trainer_reference_run() -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The HF Trainer runs' single-process reference: a plain loop over the global batches in order, with
-    what trainer_train.train asks the Trainer for (AdamW without weight decay, a constant learning
-    rate, gradients clipped at the Trainer's default norm)."""
-    model = parity.build_model("llama")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE["llama"], eps=parity.ADAM_EPS, weight_decay=0.0)
-    losses = []
-    for batch in DataLoader(parity.TokenDataset("llama"), batch_size=parity.GLOBAL_BATCH):
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), TRAINER_MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, {key: value.detach().clone() for key, value in model.named_parameters()}
 
 
 def _documented_trainer(strategy: Any, callbacks: list[pl.Callback] = (), **trainer_arguments: Any) -> pl.Trainer:
@@ -202,7 +182,7 @@ def _accelerate_run(layout: str, reference: dict[str, torch.Tensor], out: Path) 
 
 
 def _trainer_run(layout: str, reference: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
-    arguments = {**meshplan.from_recipe(layout).training_arguments(), **TRAINER_DATA_IN_ORDER}
+    arguments = {**meshplan.from_recipe(layout).training_arguments(), **trainer_train.DATA_IN_ORDER}
     losses, trainer = trainer_train.train(str(out / f"hf-{layout}"), parity.GLOBAL_BATCH // dist.get_world_size(), arguments)
     weights = parity.full_parameters(trainer.model)
     return {"losses": losses, "weight_error": _weight_error(weights, reference), "deepspeed": trainer.is_deepspeed_enabled,

@@ -8,6 +8,7 @@ records what happened; the tests judge it against independent computations.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import meshplan
@@ -29,6 +30,8 @@ EVAL_BATCH = 4  # per device
 # eval_loss is the mean loss over the set only when the world's eval batches divide the set.
 EVEN_EVAL_SAMPLES = 8
 EVERY = 2  # evaluate and save every 2 of the parity.STEPS steps
+# The Trainer's batches in the dataset's order, so that a plain loop is its single-process reference.
+DATA_IN_ORDER = {"train_sampling_strategy": "sequential"}
 
 
 class _LossRecorder(TrainerCallback):
@@ -146,3 +149,22 @@ def _resume(folder: Path, recipe: str) -> tuple[list[float], Trainer]:
 def trainer_world_size() -> int:
     """The number of workers, as the launcher set it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def plain_loop_reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The single-process reference of ``train`` given DATA_IN_ORDER: a plain loop over the global batches
+    in order with what ``train`` asks the Trainer for (AdamW without weight decay, a constant
+    learning rate, gradients clipped at TrainingArguments' default max_grad_norm). Returns the
+    losses per step and the final weights."""
+    model = parity.build_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE["llama"], eps=parity.ADAM_EPS, weight_decay=0.0)
+    max_grad_norm = next(field.default for field in dataclasses.fields(TrainingArguments) if field.name == "max_grad_norm")
+    losses = []
+    for batch in DataLoader(parity.TokenDataset("llama"), batch_size=parity.GLOBAL_BATCH):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, {key: value.detach().clone() for key, value in model.named_parameters()}
