@@ -200,6 +200,32 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slurm(args: argparse.Namespace) -> int:
+    from meshplan.errors import PlanError
+    from meshplan.slurm import SlurmJob, sbatch_script
+
+    try:
+        print(sbatch_script(SlurmJob(
+            recipe=args.recipe, command=tuple(args.training_command), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+            cpu_processes_per_node=args.cpu_processes_per_node, partition=args.partition, time=args.time,
+            lightning=args.lightning, port=args.port, cpus_per_process=args.cpus_per_process,
+        )), end="")
+    except PlanError as error:
+        return _refuse("meshplan slurm", error)
+    return 0
+
+
+def _training_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``meshplan slurm ... -- train.py ARGS``: (the arguments before the first --, the training command after it).
+
+    Split before argparse sees them, which would take the script's own options for meshplan's.
+    """
+    if argv[:1] == ["slurm"] and "--" in argv:
+        split = argv.index("--")
+        return argv[:split], argv[split + 1:]
+    return argv, []
+
+
 def _refuse(command: str, error: Exception | str) -> int:
     """Prints ``error`` as one line on stderr (any line breaks in it joined) and returns exit code 2."""
     message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -265,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", help="the model's prefix, when the checkpoint holds several Hugging Face models")
     export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB (default 5GB)")
     export.set_defaults(run=_export)
+    slurm = commands.add_parser(
+        "slurm", help="print an sbatch script that runs a recipe on N nodes of a Slurm cluster",
+        usage="meshplan slurm RECIPE --nodes N (--gpus-per-node G | --cpu-processes-per-node K) [options] -- train.py ARGS",
+        description="Print an sbatch script (submit it with sbatch) that runs train.py ARGS under the recipe on N nodes. "
+                    "By default each node runs `accelerate launch` with the recipe (one Slurm task per node, c10d "
+                    "rendezvous at the first node; the script creates meshplan.accelerator()). With --lightning, srun "
+                    "starts one task per process and Lightning's SLURMEnvironment takes the ranks from Slurm; the "
+                    "Trainer must then say num_nodes=N and devices=G (or K).")
+    slurm.add_argument("recipe", help="a catalogue name (meshplan recipes) or a recipe file")
+    slurm.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
+    processes = slurm.add_mutually_exclusive_group(required=True)
+    processes.add_argument("--gpus-per-node", type=int, metavar="G", help="GPU nodes: G GPUs per node, one process each")
+    processes.add_argument("--cpu-processes-per-node", type=int, metavar="K", help="CPU-only nodes: K processes per "
+                           "node and no GPU request (gloo)")
+    slurm.add_argument("--partition", help="the Slurm partition (default: the cluster's default partition)")
+    slurm.add_argument("--time", help="the job's time limit, e.g. 90 (minutes), 4:00:00 or 1-00:00:00")
+    slurm.add_argument("--lightning", action="store_true", help="run train.py with srun, one task per process, for "
+                       "a Lightning Trainer (default: accelerate launch, one task per node)")
+    slurm.add_argument("--port", type=int, help="rank 0's port (default: 15000 + the job id modulo 10000, as Lightning does)")
+    slurm.add_argument("--cpus-per-process", type=int, metavar="C", help="CPUs per training process (default 4 on "
+                       "GPU nodes, 1 on CPU-only nodes)")
+    slurm.set_defaults(run=_slurm, training_command=[])
     from meshplan.planner.command import add_plan_command
 
     add_plan_command(commands, _refuse)
@@ -273,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``meshplan`` console script; returns the exit code (2 for bad input)."""
+    argv, training_command = _training_command(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    if training_command:
+        args.training_command = training_command
     return args.run(args)
 
 
