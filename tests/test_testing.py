@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 
+import huggingface_hub.constants
+
 import pytest
 
+from helpers.environment_probe import environment_as_imported
 from helpers.layouts import fail_on_rank_one, rank_and_world, sleep_forever
 from meshplan.testing import WorkerError, WorkerTimeout, spawn
 
@@ -29,3 +32,13 @@ def test_a_hang_is_killed_at_the_timeout() -> None:
     with pytest.raises(WorkerTimeout, match=r"ranks \[0, 1\] did not finish within 20 s"):
         spawn(sleep_forever, 2, timeout=20)
     assert time.monotonic() - started < 40
+
+
+def test_workers_see_the_callers_environment_even_where_a_module_reads_it_at_import(monkeypatch) -> None:
+    # Earlier spawns started the fork server, whose transformers import read HF_HUB_OFFLINE once;
+    # after the caller changes it, workers must import under the new value, as fresh processes would.
+    spawn(rank_and_world, 1, timeout=120)
+    offline = not huggingface_hub.constants.HF_HUB_OFFLINE  # the opposite of what this process read
+    monkeypatch.setenv("HF_HUB_OFFLINE", str(int(offline)))
+    monkeypatch.setenv("MESHPLAN_PROBE", "the caller's")
+    assert spawn(environment_as_imported, 1, "MESHPLAN_PROBE", timeout=120) == [("the caller's", offline)]

@@ -20,10 +20,14 @@ a process started by a launcher.
 
 Workers are forked from a server process (Python's "forkserver" start method, the default on
 Linux from Python 3.14) that imports torch, transformers, Lightning, Accelerate, DeepSpeed and
-meshplan once, when the first ``spawn`` of the session starts it: a worker then starts in a
-fraction of a second instead of spending seconds on those imports. Where a GPU is visible the
-server imports nothing ahead (CUDA cannot be used in a process forked after it was initialized),
-and every worker imports what it needs itself.
+meshplan once, when the first ``spawn`` of the process starts it: a worker then starts in a
+fraction of a second instead of spending seconds on those imports. Those modules read some
+environment variables when imported (HF_HUB_OFFLINE, DS_ACCELERATOR, ...), so the server serves
+only calls made from the environment it started with (launcher variables aside); after the
+caller's environment changed, workers start as fresh interpreters (the "spawn" method) that
+import under it. ``env`` is applied as each worker starts running ``fn``, after meshplan and what
+it imports are loaded, under either method. Where a GPU is visible the server imports nothing
+ahead (CUDA cannot be used in a process forked after it was initialized).
 """
 
 from __future__ import annotations
@@ -71,14 +75,15 @@ def _worker(fn: Callable[..., Any], args: tuple, env: dict[str, str], results: A
 
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300.0,
           nnodes: int = 1, env: dict[str, str] | None = None) -> list[Any]:
-    """Runs ``fn(*args)`` in ``nprocs`` fresh worker processes and returns their results by rank.
+    """Runs ``fn(*args)`` in ``nprocs`` new worker processes and returns their results by rank.
 
     Args:
         fn: a module-level function; its return value must be picklable.
         nprocs: the world size.
         timeout: seconds after which every worker is killed and WorkerTimeout is raised.
         nnodes: pretend the world spans this many nodes (ranks are split evenly).
-        env: extra environment variables for every worker.
+        env: extra environment variables for every worker, set before ``fn`` runs (modules that
+            were imported earlier, such as meshplan's dependencies, do not see them).
 
     Raises:
         WorkerError: a worker raised; the others are killed at once.
@@ -86,9 +91,10 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300.
     """
     if nprocs < 1 or nprocs % nnodes:
         raise ValueError(f"nprocs={nprocs} must be a positive multiple of nnodes={nnodes}")
-    context = _worker_context()
-    results = context.Queue()
     port = free_port()
+    launcher_variables = set(worker_environment(0, nprocs, port, nnodes=nnodes))
+    context = _worker_context({key: value for key, value in os.environ.items() if key not in launcher_variables})
+    results = context.Queue()
     processes = []
     for rank in range(nprocs):
         worker_env = {**os.environ, **worker_environment(rank, nprocs, port, nnodes=nnodes), **(env or {})}
@@ -106,14 +112,24 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300.
             process.join(timeout=10)
 
 
-def _worker_context() -> Any:
-    """The forkserver context, whose server preloads PRELOADED_MODULES unless a GPU is visible."""
+# The environment the fork server started with (its preloaded modules read it); None before it starts.
+_server_environment: dict[str, str] | None = None
+
+
+def _worker_context(environment: dict[str, str]) -> Any:
+    """The forkserver context when this process's ``environment`` is the server's, else the spawn context.
+
+    The first call starts the server (at its first process, with this environment), which
+    preloads PRELOADED_MODULES unless a GPU is visible and keeps running for the rest of the process.
+    """
+    global _server_environment
     import torch
 
-    context = multiprocessing.get_context("forkserver")
-    # Only the first spawn's choice counts: the server keeps running for the rest of the process.
-    context.set_forkserver_preload([] if torch.cuda.is_available() else list(PRELOADED_MODULES))
-    return context
+    if _server_environment is None:
+        _server_environment = environment
+        multiprocessing.get_context("forkserver").set_forkserver_preload(
+            [] if torch.cuda.is_available() else list(PRELOADED_MODULES))
+    return multiprocessing.get_context("forkserver" if environment == _server_environment else "spawn")
 
 
 def _collect(processes: list, results: Any, timeout: float) -> list[Any]:
