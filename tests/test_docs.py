@@ -220,6 +220,7 @@ def _commands_in_docs() -> list[tuple[str, str, str]]:
                 line = re.sub(r"(^|\s)#.*$", "", line)  # a shell comment
                 for name, rest in _COMMAND.findall(line):
                     rest = re.split(r"[);|&]", rest)[0]
+                    rest = re.split(r"(?:^|\s)--(?:\s|$)", rest)[0]  # after a lone --: the training script's own
                     found.append((where, name, " ".join(re.findall(r"(?<![\w-])--?[a-zA-Z][\w-]*", rest))))
     return found
 

@@ -69,18 +69,20 @@ def _run_two_nodes(commands: list[list[str]], folder: Path) -> tuple[dict, list[
     logs = [folder / f"node{rank}.log" for rank in range(len(commands))]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                    "CUDA_VISIBLE_DEVICES": ""}  # 2 processes per node: CPU and gloo, even where a GPU is lent
-    agents = []
-    for command, log in zip(commands, logs):
-        with log.open("w") as output:
-            agents.append(subprocess.Popen(command, cwd=folder, env=environment, stdout=output, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while any(agent.poll() is None for agent in agents) and time.monotonic() < deadline:
-        if any(agent.poll() not in (None, 0) for agent in agents):
-            break
-        time.sleep(0.5)
-    codes = [agent.poll() for agent in agents]
-    if codes != [0] * len(agents):
+    agents: list[subprocess.Popen] = []
+    try:
+        for command, log in zip(commands, logs):
+            with log.open("w") as output:
+                agents.append(subprocess.Popen(command, cwd=folder, env=environment, stdout=output, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while any(agent.poll() is None for agent in agents) and time.monotonic() < deadline:
+            if any(agent.poll() not in (None, 0) for agent in agents):
+                break
+            time.sleep(0.5)
+    finally:  # a failure, the timeout, pytest-timeout or Ctrl-C: no agent and no worker outlives the test
+        codes = [agent.poll() for agent in agents]
         _stop(agents)
+    if codes != [0] * len(commands):
         outputs = "\n".join(f"--- node {rank} (exit code {code}):\n{log.read_text()[-3000:]}"
                             for rank, (code, log) in enumerate(zip(codes, logs)))
         pytest.fail(f"the two-node launch failed or ran past {LAUNCH_TIMEOUT} s:\n{outputs}")

@@ -32,6 +32,7 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy, RayFSDPStrategy
 from ray.train.torch import TorchConfig, TorchTrainer
+from transformers import LlamaForCausalLM
 
 import meshplan
 import meshplan.ray
@@ -94,6 +95,30 @@ def _imported_modules(nodes: Iterable[ast.AST]) -> set[str]:
 
 def _is_ray(module: str) -> bool:
     return module in ("ray", "meshplan.ray") or module.startswith("ray.")
+
+
+@pytest.mark.parametrize(("layout", "workers_per_node", "refusal"), [
+    (meshplan.TensorParallel(), [2, 2, 2, 2], None),  # tp_size None: every worker of a node
+    (meshplan.TensorParallel(), [2, 2, 1], "Ray placed 1, 2 workers on different nodes"),
+    (meshplan.TensorParallel(tp_size=2), [4, 4, 4, 4, 2, 2], None),
+    (meshplan.TensorParallel(tp_size=2), [3, 3, 3, 1], "would span nodes"),
+    (meshplan.DDP(), [3, 3, 3, 1], None),  # data parallelism does not care where workers are
+], ids=["tp-even", "tp-none-uneven", "tp2-divides-each", "tp2-does-not-divide-3", "ddp-uneven"])
+def test_a_tensor_parallel_layout_must_fit_the_workers_ray_placed_on_each_node(layout, workers_per_node, refusal) -> None:
+    if refusal is None:
+        meshplan.ray.check_workers_per_node(layout.plan, workers_per_node)
+    else:
+        with pytest.raises(PlanError, match=refusal):
+            meshplan.ray.check_workers_per_node(layout.plan, workers_per_node)
+
+
+def test_ray_tensor_parallel_is_a_virtual_ray_ddp_strategy_and_so_a_lightning_ddp_strategy() -> None:
+    # Documented (meshplan.ray.RayTensorParallel): the registration that passes prepare_trainer
+    # reaches Lightning's DDPStrategy, while no DDP method joins the class.
+    from lightning.pytorch.strategies import DDPStrategy
+
+    assert issubclass(meshplan.ray.RayTensorParallel, RayDDPStrategy) and issubclass(meshplan.ray.RayTensorParallel, DDPStrategy)
+    assert DDPStrategy not in meshplan.ray.RayTensorParallel.__mro__
 
 
 def test_ray_stays_optional() -> None:
@@ -159,12 +184,14 @@ def runs(ray_cluster: Path, reference_paths: dict[str, str], trainer_reference: 
 
 @pytest.fixture(scope="module")
 def front_ends(runs: dict[str, Any]) -> dict[str, Any]:
+    """The fit's results, once both workers finished the front ends (the killed run may still have failed)."""
     assert len(runs["ranks"]) == 2, f"the front ends did not finish: {runs['error']}"
     return runs
 
 
 @pytest.fixture(scope="module")
 def killed(runs: dict[str, Any]) -> dict[str, Any]:
+    """The fit's results, once the whole fit succeeded (the killed run resumed and finished)."""
     assert runs["error"] is None, runs["error"]
     return runs
 
@@ -209,9 +236,12 @@ def test_rays_lightning_function_trains_the_layout_with_rays_world(layout: str, 
 
 
 @pytest.mark.slow
-def test_each_lightning_run_reported_one_whole_meshplan_checkpoint(killed: dict[str, Any]) -> None:
+def test_each_lightning_run_reported_one_whole_meshplan_checkpoint(killed: dict[str, Any], reference_paths: dict[str, str],
+                                                                    tmp_path: Path) -> None:
     # RayTrainReportCallback saved into a directory per worker and reported each; the checkpoint
-    # Ray stored holds the meshplan checkpoint that both workers wrote into rank 0's.
+    # Ray stored holds the meshplan checkpoint that both workers wrote into rank 0's, whole: it
+    # exports to the weights the single-process reference ends with (ZeRO's shards included).
+    _, reference_weights = load_reference(reference_paths, "llama")
     reported = killed["result"].best_checkpoints[:len(ray_train.LIGHTNING_LAYOUTS)]  # the killed run's follow
     for (checkpoint, metrics), layout in zip(reported, ray_train.LIGHTNING_LAYOUTS, strict=True):
         assert metrics["step"] == parity.STEPS
@@ -220,6 +250,10 @@ def test_each_lightning_run_reported_one_whole_meshplan_checkpoint(killed: dict[
         manifest = read_manifest(folder / "checkpoint.ckpt")
         assert manifest["world_size"] == 2 and manifest["step"] == parity.STEPS
         assert manifest["layout"] == repr(meshplan.from_recipe(layout).plan)
+        exported = LlamaForCausalLM.from_pretrained(meshplan.export(folder / "checkpoint.ckpt", tmp_path / layout))
+        error = max((parameter.detach() - reference_weights[name]).abs().max().item()
+                    for name, parameter in exported.named_parameters())
+        assert error < parity.WEIGHT_TOLERANCE, (layout, error)
 
 
 @pytest.mark.slow
@@ -233,13 +267,14 @@ def test_a_layout_rays_world_cannot_hold_is_a_plan_error_on_every_worker(front_e
 
 
 @pytest.mark.slow
-def test_workers_that_cannot_reach_rank_0s_checkpoint_folder_are_named(front_ends: dict[str, Any]) -> None:
+def test_a_checkpoint_folder_rank_0_cannot_create_is_refused_on_every_worker_with_the_reason(
+        front_ends: dict[str, Any]) -> None:
     # Each rank saves to a path of its own (as RayTrainReportCallback has them do), and rank 0's folder
-    # cannot be made: every rank refuses, naming the ranks and the remedy for several nodes.
+    # cannot be made (it would lie below a file): every rank refuses with the OS's reason, before writing.
     for results in front_ends["ranks"]:
         refused = results["refused"]["rank 0's folder unreachable"]
-        assert refused.startswith("CheckpointError: the workers save to different paths")
-        assert "which rank(s) 0, 1 cannot reach" in refused and "worker_runtime_env" in refused
+        assert refused.startswith("CheckpointError: rank 0 could not create the checkpoint folder")
+        assert "Not a directory" in refused
 
 
 # ---------------------------------------------------------------- Accelerate and the HF Trainer

@@ -57,12 +57,13 @@ from meshplan.accelerate import resolve_plan
 from meshplan.auto import is_auto
 from meshplan.errors import CheckpointError, PlanError, shown, shown_path
 from meshplan.lightning.auto import Auto
+from meshplan.lightning import from_plan
 from meshplan.lightning.ddp import DDP
 from meshplan.lightning.tensor_parallel import TensorParallel
 from meshplan.lightning.zero import ZeRO
 from meshplan.plan import Plan
 
-__all__ = ["RayDDP", "RayTensorParallel", "RayZeRO", "strategy"]
+__all__ = ["RayDDP", "RayTensorParallel", "RayZeRO", "check_workers_per_node", "strategy"]
 
 
 def strategy(layout_or_recipe: Any) -> "RayDDP | RayZeRO | RayTensorParallel":
@@ -87,21 +88,7 @@ def strategy(layout_or_recipe: Any) -> "RayDDP | RayZeRO | RayTensorParallel":
             f"and pass its .plan to every worker."
         )
     plan = resolve_plan(layout_or_recipe)
-    built = _build(plan)
-    if built.plan != plan:  # a field meshplan.lightning.from_plan passes and _build does not
-        raise PlanError(f"meshplan.ray.strategy cannot carry {plan!r} (it would run {built.plan!r}).")
-    return built
-
-
-def _build(plan: Plan) -> "RayDDP | RayZeRO | RayTensorParallel":
-    """The Ray strategy of ``plan``, with the arguments meshplan.lightning.from_plan gives each strategy."""
-    options = dict(plan.options)
-    if plan.strategy == "zero":
-        return RayZeRO(stage=plan.zero_stage, offload_optimizer=plan.offload_optimizer,
-                       offload_parameters=plan.offload_parameters, **options)
-    if plan.strategy == "tp":
-        return RayTensorParallel(tp_size=plan.tp_size, tp_plan=plan.tp_plan_dict, **options)
-    return RayDDP(**options)
+    return from_plan(plan, ddp=RayDDP, zero=RayZeRO, tensor_parallel=RayTensorParallel)
 
 
 class _RayWorkers:
@@ -120,6 +107,7 @@ class _RayWorkers:
         _train_context()  # first: outside a Ray Train worker nothing else below can hold
         _check_ray_environment(self.cluster_environment)  # type: ignore[attr-defined]
         _check_backend(self.plan)  # type: ignore[attr-defined]
+        check_workers_per_node(self.plan, _workers_per_node())  # type: ignore[attr-defined]
         super()._validate_layout()  # type: ignore[misc]
 
     @override
@@ -145,7 +133,10 @@ class RayTensorParallel(_RayWorkers, TensorParallel):
     of a tensor-parallel group must share. Deriving from RayDDPStrategy would put DDPStrategy's
     methods inside ModelParallelStrategy's ``super()`` chains (set-up, teardown), so the class is
     instead registered as a virtual subclass of RayDDPStrategy (meshplan._compat.ray): Ray's
-    ``isinstance`` test passes, and nothing of DDP's runs.
+    ``isinstance`` test passes, and nothing of DDP's runs. ``isinstance(strategy, DDPStrategy)``
+    is then true as well; Lightning uses that test only to call a run distributed (it is) and to
+    let a ``torch.compile``d LightningModule through (``lightning.pytorch.utilities.from_compiled``),
+    which Lightning refuses under plain meshplan.TensorParallel; such a module is untested here.
     """
 
     @property
@@ -167,6 +158,36 @@ def _train_context() -> Any:
             f"Ray counts the workers; outside it use meshplan.from_recipe(...) or meshplan.DDP/ZeRO/TensorParallel. "
             f"Ray said: {error}"
         ) from None
+
+
+def check_workers_per_node(plan: Plan, workers_per_node: list[int]) -> None:
+    """Refuses a layout that does not fit the workers Ray placed on each node (one entry per worker, by rank).
+
+    Ray packs workers onto nodes as resources allow, so nodes can hold different numbers of
+    them. Every worker sees the whole list and reaches the same verdict, before any collective
+    of the layout's.
+    """
+    if plan.strategy != "tp":
+        return
+    counts = sorted(set(workers_per_node))
+    if plan.tp_size is None and len(counts) > 1:
+        raise PlanError(
+            f"TensorParallel() with no tp_size takes every worker of a node, but Ray placed {', '.join(map(str, counts))} "
+            f"workers on different nodes. Pass a tp_size that divides each of those, or give every node the same number "
+            f"of workers (ScalingConfig's num_workers a multiple of the nodes, with resources_per_worker that fill a node)."
+        )
+    for count in counts:
+        plan.check_world_size(len(workers_per_node), count)
+
+
+def _workers_per_node() -> list[int]:
+    """Ray's count of workers on each worker's node, by world rank (gathered in Ray's process group)."""
+    local = _train_context().get_local_world_size()
+    if not dist.is_initialized():
+        return [local]
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, local)
+    return counts
 
 
 def _check_ray_environment(environment: Any) -> None:
@@ -205,9 +226,14 @@ def _one_directory_for_all_workers(filepath: Any) -> Any:
     if len(set(paths)) == 1:
         return filepath
     folder = os.path.dirname(paths[0])
-    if dist.get_rank() == 0:
-        _make_folder(folder)  # as the save would (RayTrainReportCallback has made it already)
-    dist.barrier()
+    # Rank 0 makes the folder (RayTrainReportCallback has made it already); every rank then
+    # learns whether that failed, and which ranks see it, before any of them writes.
+    problem = _make_folder(folder) if dist.get_rank() == 0 else None
+    problems: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    if problems[0] is not None:
+        raise CheckpointError(f"rank 0 could not create the checkpoint folder {shown_path(folder)}, which every worker "
+                              f"writes into: {problems[0]}.")
     seen: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(seen, os.path.isdir(folder))
     blind = [rank for rank, visible in enumerate(seen) if not visible]
@@ -223,9 +249,10 @@ def _one_directory_for_all_workers(filepath: Any) -> Any:
     return paths[0]
 
 
-def _make_folder(folder: str) -> None:
-    """Creates ``folder``; a failure shows as a folder no rank can reach, on every rank alike."""
+def _make_folder(folder: str) -> str | None:
+    """Creates ``folder``; returns why that failed (the OS's reason), or None."""
     try:
         os.makedirs(folder, exist_ok=True)
-    except OSError:
-        pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None

@@ -86,5 +86,3 @@ def fail_on_rank_one() -> None:
 def sleep_forever() -> None:
     """Harness check: a hang."""
     time.sleep(3600)
-
-

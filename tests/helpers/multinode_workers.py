@@ -24,7 +24,7 @@ import meshplan
 from meshplan._compat.accelerate import TENSOR_PARALLEL_DIMENSION, deepspeed_engine, reset_process_state
 from meshplan._compat.deepspeed import forget_zero3_module, remove_engine_forward_hooks
 
-from . import parity, trainer_train
+from . import accelerate_train, parity, trainer_train
 
 # name -> strategy factory; tp-dp is TP over the 2 processes of a node, data parallel across the 2 nodes.
 LAYOUTS: dict[str, Callable[[], Any]] = {
@@ -84,14 +84,10 @@ def _accelerate_run(strategy: Any, layout: str, reference_path: str) -> dict[str
     model = parity.build_model("llama")
     optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE["llama"], eps=parity.ADAM_EPS)
     loader = DataLoader(parity.TokenDataset("llama"), batch_size=_batch_size(layout, accelerator.num_processes))
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    losses = []
-    for batch in loader:
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(accelerator.reduce(loss.detach(), "mean").item())  # TP ranks share a loss: the mean is the DP mean
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The global loss of each step, reduced over the world: TP ranks share theirs, so it is the DP mean.
+    losses = accelerate_train._train(accelerator, model, optimizer, scheduler, loader, clip=None, loss_scale=1.0)
     engine = deepspeed_engine(accelerator)
     result = {"losses": losses, "weight_error": _weight_error(accelerator.unwrap_model(model), reference_path),
               "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),

@@ -27,6 +27,9 @@ def accept_in_prepare_trainer(strategy_class: type) -> None:
     or RayDeepSpeedStrategy (an ``isinstance`` test; ray 2.60.0), and Ray has no tensor-parallel
     strategy. The class is registered as a virtual subclass of RayDDPStrategy (``abc.ABCMeta.register``):
     ``isinstance`` answers yes, and no method of Ray's or of Lightning's DDPStrategy joins the class.
+    The registration reaches up the class tree: ``isinstance`` answers yes for Lightning's
+    DDPStrategy too, which Lightning asks in ``is_distributed`` (true anyway) and when it lets a
+    ``torch.compile``d LightningModule through (``_verify_strategy_supports_compile``).
     """
     from ray.train.lightning import RayDDPStrategy
 

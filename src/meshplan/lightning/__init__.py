@@ -27,15 +27,18 @@ REGISTERED_STRATEGIES = {
 }
 
 
-def from_plan(plan: Plan) -> DDP | ZeRO | TensorParallel:
-    """The Lightning strategy that runs ``plan``."""
+def from_plan(plan: Plan, *, ddp: type = DDP, zero: type = ZeRO, tensor_parallel: type = TensorParallel) -> DDP | ZeRO | TensorParallel:
+    """The Lightning strategy that runs ``plan``: an instance of ``ddp``, ``zero`` or ``tensor_parallel``.
+
+    The classes default to meshplan's; meshplan.ray passes its subclasses of them.
+    """
     options = dict(plan.options)
     if plan.strategy == "zero":
-        return ZeRO(stage=plan.zero_stage, offload_optimizer=plan.offload_optimizer,
+        return zero(stage=plan.zero_stage, offload_optimizer=plan.offload_optimizer,
                     offload_parameters=plan.offload_parameters, **options)
     if plan.strategy == "tp":
-        return TensorParallel(tp_size=plan.tp_size, tp_plan=plan.tp_plan_dict, **options)
-    return DDP(**options)
+        return tensor_parallel(tp_size=plan.tp_size, tp_plan=plan.tp_plan_dict, **options)
+    return ddp(**options)
 
 
 def register_strategies() -> None:
