@@ -61,24 +61,35 @@ def test_accelerate_script_runs_one_launcher_per_node_with_the_node_id_as_machin
                                     partition="gpu", time="1:00:00"))
     assert _lines(script, "#SBATCH") == [
         "#SBATCH --job-name=meshplan-zero3", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
-        "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=32", "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00",
+        "#SBATCH --gres=gpu:8", "#SBATCH --cpus-per-task=32", "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00",
     ]
     assert script.startswith("#!/bin/bash\n")
     assert f"export MESHPLAN_RECIPE={CATALOGUE_DIR / 'zero3.yaml'}\n" in script
     assert 'MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n' in script
     assert "MAIN_PROCESS_PORT=$((15000 + SLURM_JOB_ID % 10000))\n" in script  # Lightning's rule: one port per job
-    srun, per_task = _srun_words(script)[:-1], _srun_words(script)[-1]
+    srun = _srun_words(script)[:-1]
     # srun says the task's CPUs again (22.05 no longer inherits them) and stops every node when one fails.
     assert srun == ["srun", "--cpus-per-task=32", "--kill-on-bad-exit=1", "bash", "-c"]
     # The per-task command is one single-quoted word: $SLURM_NODEID is expanded by each task, on its node.
-    assert shlex.split(per_task) == [
+    assert shlex.split(_srun_words(script)[-1]) == [
         "exec", "accelerate", "launch", "--config_file", str(CATALOGUE_DIR / "zero3.yaml"),
         "--num_machines", "$SLURM_NNODES", "--num_processes", "$((SLURM_NNODES * 8))",
         "--machine_rank", "$SLURM_NODEID", "--main_process_ip", "$MAIN_PROCESS_IP",
-        "--main_process_port", "$MAIN_PROCESS_PORT", "--rdzv_backend", "c10d",
+        "--main_process_port", "$MAIN_PROCESS_PORT", "--rdzv_backend", "c10d", "--rdzv_conf", "is_host=$((SLURM_NODEID == 0))",
         "--deepspeed_multinode_launcher", "standard", "train.py", "--lr", "1e-4", *AWKWARD,
     ]
     _assert_bash_accepts(script, tmp_path)
+
+
+@pytest.mark.parametrize(("node", "hosts"), [("0", "1"), ("1", "0")])
+def test_only_the_first_nodes_agent_hosts_the_rendezvous_store(node: str, hosts: str) -> None:
+    # accelerate launch hands --rdzv_conf to torchrun: is_host=1 on node 0 alone, whatever the node names are.
+    script = sbatch_script(SlurmJob("zero3", ("train.py",), nodes=2, gpus_per_node=8))
+    per_task = _srun_words(script)[-1].replace("exec accelerate launch", "printf '%s\\n' accelerate launch", 1)
+    shown = subprocess.run(["bash", "-c", per_task], capture_output=True, text=True, check=True,
+                           env={**os.environ, "SLURM_NODEID": node, "SLURM_NNODES": "2"})
+    words = shown.stdout.splitlines()
+    assert words[words.index("--rdzv_conf") + 1] == f"is_host={hosts}"
 
 
 def test_accelerate_options_are_the_installed_accelerate_launch_options() -> None:
@@ -93,6 +104,7 @@ def test_accelerate_options_are_the_installed_accelerate_launch_options() -> Non
     args = launch_command_parser().parse_args([values.get(word, word) for word in words[3:]])
     assert (args.num_machines, args.num_processes, args.machine_rank) == (2, 8, 1)
     assert (args.main_process_ip, args.main_process_port, args.rdzv_backend) == ("node-a", 29511, "c10d")
+    assert args.rdzv_conf == "is_host=$((SLURM_NODEID == 0))"  # each task's shell expands it (tested above)
     assert args.config_file == str(CATALOGUE_DIR / "tp-dp.yaml")
     assert (args.training_script, args.training_script_args) == ("train.py", ["--epochs", "3"])
     assert args.deepspeed_multinode_launcher is None  # no DeepSpeed in a TP recipe
@@ -114,7 +126,7 @@ def test_lightning_script_runs_one_task_per_device_and_names_the_trainer_argumen
                                     lightning=True, cpus_per_process=6))
     assert _lines(script, "#SBATCH") == [
         "#SBATCH --job-name=meshplan-zero2", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8",
-        "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=6",
+        "#SBATCH --gres=gpu:8", "#SBATCH --cpus-per-task=6",
     ]
     assert _srun_words(script) == ["srun", "--cpus-per-task=6", "--kill-on-bad-exit=1", "python", "train.py",
                                    "--max-steps", "10", *AWKWARD]
@@ -138,6 +150,8 @@ def test_command_prints_the_script_and_leaves_the_training_options_to_the_script
                                                        "GPUs, use --cpu-processes-per-node)."),
     (["zero3", "--nodes", "0", "--gpus-per-node", "2", "--", "t.py"], "--nodes 0 must be a positive integer."),
     (["zero3", "--gpus-per-node", "2"], "name the training script after --"),
+    (["zero3", "--gpus-per-node", "2", "train.py", "--lr", "1"], "unrecognized arguments: train.py --lr 1. Put the "
+                                                                 "training command after --"),
     (["zero4", "--gpus-per-node", "2", "--", "t.py"], "recipe 'zero4' does not exist"),
     # tp-dp's tp_size=2 does not divide 3 processes.
     (["tp-dp", "--cpu-processes-per-node", "3", "--", "t.py"], "tp_size=2 does not divide the world size 3"),
@@ -146,7 +160,7 @@ def test_command_prints_the_script_and_leaves_the_training_options_to_the_script
     (["zero3", "--gpus-per-node", "2", "--time", "1 hour", "--", "t.py"], "--time '1 hour' is no Slurm time limit"),
     (["zero3", "--gpus-per-node", "2", "--partition", "gpu\n#SBATCH --exclusive", "--", "t.py"], "is no partition name"),
     (["zero3", "--gpus-per-node", "2", "--port", "70000", "--", "t.py"], "--port 70000 is no TCP port"),
-], ids=["no-gpus", "no-nodes", "no-script", "no-recipe", "tp-does-not-fit", "tp-spans-nodes", "time", "partition", "port"])
+], ids=["no-gpus", "no-nodes", "no-script", "script-without-separator", "no-recipe", "tp-does-not-fit", "tp-spans-nodes", "time", "partition", "port"])
 def test_bad_input_exits_with_code_2_and_one_line(arguments: list[str], message: str,
                                                   capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,8 +238,8 @@ def test_accelerate_script_from_meshplan_slurm_trains_under_sbatch_and_matches_o
     # A folder name with a quote, a space and a dollar: the path must reach the script as it is.
     output = tmp_path / "it's $HOME" / "result.json"
     output.parent.mkdir()
-    port = free_port()
-    assert main(["slurm", "zero3", "--nodes", "1", "--cpu-processes-per-node", "2", "--port", str(port), "--",
+    # No --port: the script's own rule, one port per job (Lightning's), is what runs.
+    assert main(["slurm", "zero3", "--nodes", "1", "--cpu-processes-per-node", "2", "--",
                  str(ACCELERATE_SCRIPT), str(output), reference_paths["llama"]]) == 0
     script = tmp_path / "job.sh"
     script.write_text(capsys.readouterr().out)
@@ -241,9 +255,10 @@ def test_accelerate_script_from_meshplan_slurm_trains_under_sbatch_and_matches_o
     assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) < parity.LOSS_TOLERANCE
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE
     assert len(result["losses"]) == parity.STEPS
-    # torchrun's agent met the others by c10d at the first node's address and the script's port, under
+    # torchrun's agent met the others by c10d at the first node's address and the job's port, under
     # the job's own id (not accelerate's single-machine fallback: localhost:29400, id "none").
     launch = dict(re.findall(r"^\S+ \S+ \d+ \S+\]\s+(rdzv_backend|rdzv_endpoint|run_id)\s+: (\S+)$", printed, re.M))
+    port = 15000 + int(job_id) % 10000
     assert launch == {"rdzv_backend": "c10d", "rdzv_endpoint": f"{slurm_cluster.node_name()}:{port}", "run_id": job_id}, \
         printed[-3000:]
 

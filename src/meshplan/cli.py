@@ -322,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``meshplan`` console script; returns the exit code (2 for bad input)."""
     argv, training_command = _training_command(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and argv[:1] == ["slurm"]:  # most likely the training command, without the -- before it
+        return _refuse("meshplan slurm", f"unrecognized arguments: {' '.join(unknown)}. Put the training command after "
+                                         f"--: meshplan slurm RECIPE --nodes N --gpus-per-node G -- train.py ARGS")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if training_command:
         args.training_command = training_command
     return args.run(args)

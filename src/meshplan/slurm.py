@@ -151,7 +151,7 @@ def _header(job: SlurmJob, description: str, world: int) -> list[str]:
         lines += [
             f"# The script's Trainer must be built with num_nodes={job.nodes}, devices={job.processes_per_node} and "
             f"accelerator={accelerator!r}",
-            "# (Lightning refuses a job whose Slurm tasks are not num_nodes x devices), and its strategy with",
+            "# (Lightning refuses a job whose tasks per node are not devices, or whose nodes are not num_nodes), and its strategy with",
             "# meshplan.from_recipe(os.environ[\"MESHPLAN_RECIPE\"]) or the same layout in code. Lightning's SLURMEnvironment",
             "# takes each rank from srun (SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID) and rank 0's address from the node list.",
         ]
@@ -169,8 +169,8 @@ def _directives(job: SlurmJob) -> list[str]:
         f"#SBATCH --nodes={job.nodes}",
         f"#SBATCH --ntasks-per-node={tasks_per_node}",
     ]
-    if job.gpus_per_node:
-        lines.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
+    if job.gpus_per_node:  # --gres, not --gpus-per-node: the latter needs select/cons_tres
+        lines.append(f"#SBATCH --gres=gpu:{job.gpus_per_node}")
     lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
     if job.partition:
         lines.append(f"#SBATCH --partition={job.partition}")
@@ -203,6 +203,9 @@ def _accelerate_body(job: SlurmJob, recipe_path: str, deepspeed: bool) -> list[s
         "--main_process_ip", '"$MAIN_PROCESS_IP"',
         "--main_process_port", '"$MAIN_PROCESS_PORT"',
         "--rdzv_backend", "c10d",
+        # The first node's agent hosts the c10d store: torch would otherwise decide by comparing the
+        # endpoint's name with the machine's, which fails where a NodeName is not the hostname.
+        "--rdzv_conf", '"is_host=$((SLURM_NODEID == 0))"',
     ]
     if deepspeed:  # else DeepSpeed's own multi-node launcher would ssh (pdsh) from the first node into the others
         launch += ["--deepspeed_multinode_launcher", "standard"]
@@ -215,8 +218,8 @@ def _accelerate_body(job: SlurmJob, recipe_path: str, deepspeed: bool) -> list[s
         _FIRST_NODE,
         f"MAIN_PROCESS_PORT={job.port if job.port is not None else _JOB_PORT}",
         "export MAIN_PROCESS_IP MAIN_PROCESS_PORT",
-        "# On one node accelerate launch gives torchrun no rendezvous endpoint, and c10d would fall back to",
-        "# localhost:29400, shared by every job on that node; torchrun reads its options from PET_* variables.",
+        "# torchrun's c10d rendezvous meets at this endpoint, read from PET_* variables: accelerate launch does",
+        "# not pass one (on one node c10d would fall back to localhost:29400, shared by every job there).",
         'export PET_RDZV_ENDPOINT="$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT" PET_RDZV_ID="$SLURM_JOB_ID"',
         "",
         f"# One task per node, each starting {per_node} processes; $SLURM_NODEID is that node's machine rank.",

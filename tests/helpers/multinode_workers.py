@@ -10,7 +10,6 @@ so that the test can check that the job really spanned two nodes and kept each T
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from pathlib import Path
@@ -21,8 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import meshplan
-from meshplan._compat.accelerate import TENSOR_PARALLEL_DIMENSION, deepspeed_engine, reset_process_state
-from meshplan._compat.deepspeed import forget_zero3_module, remove_engine_forward_hooks
+from meshplan._compat.accelerate import TENSOR_PARALLEL_DIMENSION, deepspeed_engine
 
 from . import accelerate_train, parity, trainer_train
 
@@ -94,21 +92,8 @@ def _accelerate_run(strategy: Any, layout: str, reference_path: str) -> dict[str
               "zero_stage": engine.zero_optimization_stage() if engine is not None else 0}
     if layout == "tp-dp":
         result["tp_group"] = accelerator.torch_device_mesh[TENSOR_PARALLEL_DIMENSION].mesh.tolist()
-    _tear_down(accelerator)
+    accelerate_train.tear_down(accelerator)
     return result
-
-
-def _tear_down(accelerator: Any) -> None:
-    """Frees what one layout built so that the next starts afresh; the process group stays
-    (as tests/scripts/planner_measure.py does)."""
-    engine = deepspeed_engine(accelerator)
-    if engine is not None:
-        engine.destroy()
-        remove_engine_forward_hooks(engine)
-        forget_zero3_module(engine.module)
-    accelerator.free_memory()
-    reset_process_state()
-    gc.collect()
 
 
 def trainer_layouts(reference_path: str, output_dir: str) -> dict[str, dict[str, Any]]:

@@ -159,8 +159,12 @@ def _node_state(cluster: SlurmCluster) -> str:
 def _stop(cluster: SlurmCluster) -> None:
     """Cancels every job, then stops slurmd, slurmctld and munged: SIGTERM, a wait, then SIGKILL."""
     if "slurmctld" in cluster.processes and cluster.processes["slurmctld"].poll() is None:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        # A stop goes on whatever happens here; the daemons are stopped below in any case.
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired, RuntimeError):
             cluster.command("scancel", f"--partition={PARTITION}", "--full", timeout=10)
+            # scancel returns at once, and a job's processes outlive slurmd: wait until the queue is empty.
+            _wait_for(cluster, "cancelled jobs to end", lambda: not cluster.command("squeue", "--noheader", timeout=10)
+                      .stdout.strip(), STOP_TIMEOUT)
     for name in ("slurmd", "slurmctld", "munged"):
         process = cluster.processes.get(name)
         if process is None or process.poll() is not None:
@@ -171,6 +175,15 @@ def _stop(cluster: SlurmCluster) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _two_free_ports() -> tuple[int, int]:
+    """Two distinct free ports (two calls of free_port may return the same one)."""
+    first = free_port()
+    second = free_port()
+    while second == first:
+        second = free_port()
+    return first, second
 
 
 @contextlib.contextmanager
@@ -188,7 +201,7 @@ def started(timeout: float = START_TIMEOUT) -> Iterator[SlurmCluster]:
         _start(cluster, "munged", "--foreground", f"--socket={root / 'munge.socket'}", f"--key-file={root / 'munge.key'}",
                f"--pid-file={root / 'munged.pid'}", f"--seed-file={root / 'munged.seed'}")
         _wait_for(cluster, "munge socket", (root / "munge.socket").exists, timeout)
-        _write_conf(cluster, free_port(), free_port())
+        _write_conf(cluster, *_two_free_ports())
         _start(cluster, "slurmctld", "-D", "-f", str(cluster.conf))
         _start(cluster, "slurmd", "-D", "-f", str(cluster.conf), "-N", cluster.node)
         _wait_for(cluster, "node idle", lambda: _node_state(cluster) == "idle", timeout)

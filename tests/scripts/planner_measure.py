@@ -52,11 +52,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 import meshplan
-from meshplan._compat.accelerate import deepspeed_engine, reset_process_state
-from meshplan._compat.deepspeed import forget_zero3_module, remove_engine_forward_hooks
+from meshplan._compat.accelerate import deepspeed_engine
 from meshplan.planner.measure import (
     MemoryTracker, count_communication, gradient_bytes, live_tensor_bytes, model_state_bytes, peak_step_memory,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the helpers package
+from helpers import accelerate_train  # noqa: E402
 
 LAYOUTS = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp")
 FAMILIES = ("llama", "bert")
@@ -196,7 +198,7 @@ def measure(family: str, layout: str, precision: str, seq_len: int, checkpointin
         warmed_up = time.perf_counter()
         batch = next(batches)
         record.update(_measured_step(accelerator, model, optimizer, batch, tracker))
-        _tear_down(accelerator)
+        accelerate_train.tear_down(accelerator)
         del model, optimizer, loader, batches, batch, accelerator
     dist.barrier()
     record["seconds"] = {"build_and_prepare": round(prepared - started, 2), "warm_up": round(warmed_up - prepared, 2),
@@ -221,22 +223,6 @@ def _measured_step(accelerator: Any, model: Any, optimizer: Any, batch: dict[str
     return {**held, **memory, "communication_bytes_per_step": sent.bytes,
             "communication_calls": {op: list(calls) for op, calls in sent.calls.items()},
             "unknown_collectives": sent.unknown, "step_seconds": round(time.perf_counter() - started, 3)}
-
-
-def _tear_down(accelerator: Any) -> None:
-    """Frees what this combination built, so that the next starts from nothing (the process group stays).
-
-    A DeepSpeed engine keeps hooks on its model, and ZeRO-3 keeps the model in a process-wide list,
-    which would keep the engine and its buffers alive: destroy, remove, forget them.
-    """
-    engine = deepspeed_engine(accelerator)
-    if engine is not None:
-        engine.destroy()
-        remove_engine_forward_hooks(engine)
-        forget_zero3_module(engine.module)
-    accelerator.free_memory()
-    reset_process_state()
-    gc.collect()
 
 
 # ---------------------------------------------------------------- measured against the estimate
