@@ -7,7 +7,8 @@ a gradient norm above DeepSpeed's default clipping (so a clip the recipe did not
 The same launch then checks the Accelerate rows of the conformance matrix (tests/helpers/matrix.py):
 prepare of model, optimizer, loaders and scheduler, save_state/load_state, gather_for_metrics
 with an eval set the world does not divide, reduce, clip_grad_norm_, get_state_dict,
-save_model, the save_pretrained pattern of the HF examples, and a clean exit. Every launch runs
+save_model, the save_pretrained pattern of the HF examples, and a clean exit (ZeRO launches
+skip end_training(), as many scripts do, and must leave no process group behind at exit). Every launch runs
 in a temporary directory: Accelerate's DeepSpeed launcher writes files into the working one.
 """
 
@@ -47,7 +48,7 @@ def _launch(recipe: str, processes: int, output: Path, reference: str, *extra: s
                "--num_processes", str(processes), *extra, str(SCRIPT), str(output), reference,
                "--loss-scale", str(SCALE), "--accumulate", str(ACCUMULATION), "--conformance"]
     if recipe.startswith("zero"):
-        command.append("--no-end-training")  # a finished run exits 0 without end_training() too
+        command.append("--no-end-training")  # a finished run exits 0 without end_training() too (issue 6)
     return subprocess.Popen(command, cwd=output.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
@@ -146,14 +147,17 @@ def test_recipe_under_accelerate_launch_matches_one_process(recipe: str, process
     output = tmp_path / "result.json"
     # tp-dp names its recipe through $MESHPLAN_RECIPE, the channel that survives every launcher.
     env = {RECIPE_VARIABLE: str(CATALOGUE_DIR / "tp-dp.yaml")} if recipe == "tp-dp" else None
-    _finish(_launch(recipe, processes, output, high_gradient_reference["high-gradient"], "--main_process_port",
-                    str(free_port()), env=env))
+    launched = _finish(_launch(recipe, processes, output, high_gradient_reference["high-gradient"], "--main_process_port",
+                               str(free_port()), env=env))
     result = _assert_parity(output, high_gradient_reference, "high-gradient")
     assert result["num_processes"] == processes  # every CPU worker counted
     assert result["distributed_type"] == f"DistributedType.{EXPECTED_TYPE.get(recipe, 'DEEPSPEED')}"
     assert result["data_parallel_size"] == (processes // 2 if recipe.startswith("tp") else processes)
     _assert_conformance(result, recipe, tmp_path)
     assert not (ROOT / ".deepspeed_env").exists()
+    if recipe.startswith("zero"):  # launched without end_training(): it exited 0 (above), and deterministically so
+        assert "terminate called" not in launched
+        assert [(tmp_path / f"atexit.{rank}").read_text() for rank in range(processes)] == ["False"] * processes
 
 
 # ddp-2node trains as two launches in tests/test_multinode.py (every layout after it, in the same

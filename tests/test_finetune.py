@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,14 +33,15 @@ MESHPLAN = Path(sys.executable).with_name("meshplan")
 STEPS = 3
 
 # Every front end, and every one of the recipes ddp, zero2, zero3 and tp (tests/test_examples.py
-# runs Accelerate with zero2 and the Trainer with ddp and zero2 in users' own scripts).
-RUNS = [
-    ("lightning", "zero2"),
-    ("lightning", "tp"),
-    ("accelerate", "zero3"),
-    ("trainer", "ddp"),
-]
-VERBOSE_RUN = ("trainer", "ddp")  # the one run that asks for the engines' output on the console
+# runs Accelerate with zero2 and the Trainer with ddp and zero2 in users' own scripts). A run costs
+# about a minute, mostly start-up and evaluation, so the restart and resume tests below reuse two
+# of these runs: their extra arguments are the ones those tests need.
+RUNS = {
+    ("lightning", "zero2"): ["--max-steps", "6", "--checkpoint-every", "2"],  # the uninterrupted run of the killed one
+    ("lightning", "tp"): ["--max-steps", str(STEPS)],
+    ("accelerate", "zero3"): ["--max-steps", str(STEPS), "--checkpoint-every", "2"],  # the resume test's first run
+    ("trainer", "ddp"): ["--max-steps", str(STEPS), "--verbose"],  # the one run that shows the engines' output
+}
 # Lines of the engines that a user cannot act on: they belong in the log file, not on the console.
 ENGINE_NOISE = ["Setting accelerator to CPU", "deepspeed_shm_comm_op", "litlogger", "Epoch 0/-2", "GPU available"]
 
@@ -48,17 +50,42 @@ def _finetune(*arguments: str, timeout: float = 420) -> subprocess.CompletedProc
     return subprocess.run([str(MESHPLAN), "finetune", *arguments], capture_output=True, text=True, timeout=timeout)
 
 
+class _FinishedRuns:
+    """The RUNS, each run once, when a test first asks for it, into a folder of this module's."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.runs: dict[tuple[str, str], tuple[subprocess.CompletedProcess, Path]] = {}
+
+    def __call__(self, framework: str, recipe: str) -> tuple[subprocess.CompletedProcess, Path]:
+        """The console and the output folder of the RUNS entry; the caller must not change the folder."""
+        if (framework, recipe) not in self.runs:
+            output = self.folder / f"{framework}-{recipe}"
+            run = _finetune("--framework", framework, "--recipe", str(CATALOGUE_DIR / f"{recipe}.yaml"),
+                            *RUNS[framework, recipe], "--output", str(output))
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+            self.runs[framework, recipe] = run, output
+        return self.runs[framework, recipe]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> _FinishedRuns:
+    return _FinishedRuns(tmp_path_factory.mktemp("finetune-runs"))
+
+
+def _steps(framework: str, recipe: str) -> int:
+    arguments = RUNS[framework, recipe]
+    return int(arguments[arguments.index("--max-steps") + 1])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("framework", "recipe"), RUNS, ids=[f"{framework}-{recipe}" for framework, recipe in RUNS])
-def test_finetune_trains_and_saves_a_loadable_model(framework: str, recipe: str, tmp_path: Path) -> None:
-    output = tmp_path / "out"
-    verbose = ["--verbose"] if (framework, recipe) == VERBOSE_RUN else []
-    run = _finetune("--framework", framework, "--recipe", str(CATALOGUE_DIR / f"{recipe}.yaml"),
-                    "--max-steps", str(STEPS), "--output", str(output), *verbose)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    _assert_console(run.stdout + run.stderr, output, verbose=bool(verbose))
+@pytest.mark.parametrize(("framework", "recipe"), list(RUNS), ids=[f"{framework}-{recipe}" for framework, recipe in RUNS])
+def test_finetune_trains_and_saves_a_loadable_model(framework: str, recipe: str, finished_run: _FinishedRuns) -> None:
+    run, output = finished_run(framework, recipe)
+    steps = _steps(framework, recipe)
+    _assert_console(run.stdout + run.stderr, output, steps, verbose="--verbose" in RUNS[framework, recipe])
     metrics = json.loads((output / "metrics.json").read_text())
-    assert metrics["train_steps"] == STEPS
+    assert metrics["train_steps"] == steps
     assert metrics["samples_per_second"] > 0
     assert metrics["recipe"].endswith(f"{recipe}.yaml") and metrics["framework"] == framework
     assert "held-out accuracy: before" in run.stdout
@@ -72,10 +99,10 @@ def test_finetune_trains_and_saves_a_loadable_model(framework: str, recipe: str,
     assert abs(reproduced - metrics["eval_accuracy_after"]) <= 1 / len(test) + 1e-9
 
 
-def _assert_console(console: str, output: Path, *, verbose: bool) -> None:
+def _assert_console(console: str, output: Path, steps: int, *, verbose: bool) -> None:
     """meshplan's own lines and one progress bar on the console; the engines' lines in the log, or shown with --verbose."""
     log = output / "meshplan-finetune.log"
-    assert f"{STEPS}/{STEPS} steps" in console and "loss " in console and "samples/s" in console
+    assert f"{steps}/{steps} steps" in console and "loss " in console and "samples/s" in console
     assert "measuring held-out accuracy before training" in console
     if verbose:
         assert not log.exists()
@@ -238,36 +265,37 @@ def _run_and_kill_a_worker_after_a_checkpoint(arguments: list[str], output: Path
 
 
 @pytest.mark.slow
-def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path: Path) -> None:
-    arguments = ["--max-steps", "12", "--checkpoint-every", "2"]
-    uninterrupted = _finetune(*arguments, "--output", str(tmp_path / "uninterrupted"))
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path: Path,
+                                                                         finished_run: _FinishedRuns) -> None:
+    _, uninterrupted = finished_run("lightning", "zero2")
+    arguments = ["--framework", "lightning", "--recipe", str(CATALOGUE_DIR / "zero2.yaml"), *RUNS["lightning", "zero2"]]
     log = _run_and_kill_a_worker_after_a_checkpoint([*arguments, "--max-restarts", "1"], tmp_path / "killed")
     assert "restarting every worker (1 of 1 restarts)" in log
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
-    # The bar counts out of 12 throughout; after the restart it goes on from the checkpoint's step, one step at a time.
-    assert all(total == "12" for _, total in re.findall(r"(\d+)/(\d+) steps", log))
-    steps = [int(done) for done in re.findall(r"(\d+)/12 steps", log.split("restarting every worker", 1)[1])]
-    last_drop = max([index for index in range(1, len(steps)) if steps[index] < steps[index - 1]], default=0)
-    resumed = steps[last_drop:]  # the bar of the resumed run (a redraw of the old one may come first)
-    assert resumed[0] == metrics["resumed_at_step"] and resumed[-1] == 12
+    steps = _steps("lightning", "zero2")
+    # The bar counts out of all steps throughout; after the restart it goes on from the checkpoint's step, one at a time.
+    assert all(total == str(steps) for _, total in re.findall(r"(\d+)/(\d+) steps", log))
+    done = [int(done) for done in re.findall(rf"(\d+)/{steps} steps", log.split("restarting every worker", 1)[1])]
+    last_drop = max([index for index in range(1, len(done)) if done[index] < done[index - 1]], default=0)
+    resumed = done[last_drop:]  # the bar of the resumed run (a redraw of the old one may come first)
+    assert resumed[0] == metrics["resumed_at_step"] and resumed[-1] == steps
     assert all(later - earlier in (0, 1) for earlier, later in zip(resumed, resumed[1:]))
-    assert metrics["train_steps"] == 12 and metrics["resumed_at_step"] > 0
-    expected, actual = _weights(tmp_path / "uninterrupted"), _weights(tmp_path / "killed")
+    assert metrics["train_steps"] == steps and 0 < metrics["resumed_at_step"] < steps
+    expected, actual = _weights(uninterrupted), _weights(tmp_path / "killed")
     assert max((actual[name] - expected[name]).abs().max().item() for name in expected) < 1e-6
-    before = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["eval_accuracy_before"]
+    before = json.loads((uninterrupted / "metrics.json").read_text())["eval_accuracy_before"]
     assert metrics["eval_accuracy_before"] == before  # measured once, before the first step, and checkpointed
 
 
 @pytest.mark.slow
-def test_accelerate_front_end_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:
-    common = ["--framework", "accelerate", "--recipe", str(CATALOGUE_DIR / "tp.yaml"), "--checkpoint-every", "2",
-              "--output", str(tmp_path / "out")]
-    first = _finetune(*common, "--max-steps", "2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    before = json.loads((tmp_path / "out" / "metrics.json").read_text())["eval_accuracy_before"]
-    second = _finetune(*common, "--max-steps", "3")  # the same output: goes on from step=2
+def test_accelerate_front_end_resumes_from_its_latest_checkpoint(tmp_path: Path, finished_run: _FinishedRuns) -> None:
+    _, first = finished_run("accelerate", "zero3")  # 3 steps, a checkpoint at step 2
+    output = tmp_path / "out"
+    shutil.copytree(first, output)
+    before = json.loads((output / "metrics.json").read_text())["eval_accuracy_before"]
+    second = _finetune("--framework", "accelerate", "--recipe", str(CATALOGUE_DIR / "zero3.yaml"),
+                       "--checkpoint-every", "2", "--max-steps", "4", "--output", str(output))  # goes on from step=2
     assert second.returncode == 0, second.stderr[-3000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert (metrics["train_steps"], metrics["resumed_at_step"]) == (3, 2)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert (metrics["train_steps"], metrics["resumed_at_step"]) == (4, 2)
     assert metrics["eval_accuracy_before"] == before  # restored from the checkpoint, not measured again

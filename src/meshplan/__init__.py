@@ -19,17 +19,40 @@ Public names::
     strategy.to_recipe(path), strategy.training_arguments()
 
 Importing meshplan registers the strategies in Lightning's registry as meshplan_ddp,
-meshplan_zero1, meshplan_zero2, meshplan_zero3, meshplan_zero3_offload, meshplan_tp and meshplan_auto.
+meshplan_zero1, meshplan_zero2, meshplan_zero3, meshplan_zero3_offload, meshplan_tp and meshplan_auto
+(at once where Lightning is imported, else the moment it is). The public names load on first use.
 """
 
-from meshplan import testing
-from meshplan.accelerate import accelerator
-from meshplan.checkpoint import CheckpointError, export, latest_checkpoint
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from typing import TYPE_CHECKING, Any
+
+from meshplan._lazy import lazy_names
 from meshplan.errors import PlanError
-from meshplan.lightning import DDP, Auto, TensorParallel, ZeRO, from_plan, register_strategies
-from meshplan.plan import Plan
-from meshplan.planner import Estimate, LayoutChoice, estimate, plan_layout
-from meshplan.recipes import read_recipe
+
+if TYPE_CHECKING:
+    from meshplan.lightning import DDP, TensorParallel, ZeRO
+
+# Where each public name lives. They load on first use, so that `import meshplan` (and every
+# `meshplan` command, and every Accelerate or HF Trainer worker) does not pay for Lightning,
+# DeepSpeed and the planner it does not use: Lightning alone takes about 5 s to import.
+_PUBLIC_NAMES = {
+    "DDP": "meshplan.lightning", "ZeRO": "meshplan.lightning", "TensorParallel": "meshplan.lightning",
+    "Auto": "meshplan.lightning", "from_plan": "meshplan.lightning", "register_strategies": "meshplan.lightning",
+    "accelerator": "meshplan.accelerate",
+    "CheckpointError": "meshplan.errors", "export": "meshplan.checkpoint", "latest_checkpoint": "meshplan.checkpoint",
+    "Plan": "meshplan.plan", "read_recipe": "meshplan.recipes",
+    "Estimate": "meshplan.planner", "LayoutChoice": "meshplan.planner", "estimate": "meshplan.planner",
+    "plan_layout": "meshplan.planner",
+}
+
+
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC_NAMES)
 
 
 def from_recipe(path: str) -> DDP | ZeRO | TensorParallel:
@@ -42,7 +65,42 @@ def from_recipe(path: str) -> DDP | ZeRO | TensorParallel:
     Raises:
         PlanError: the recipe does not exist, cannot be read, or describes a layout meshplan cannot run.
     """
+    from meshplan.lightning import from_plan
+    from meshplan.recipes import read_recipe
+
     return from_plan(read_recipe(path).plan)
+
+
+class _RegisterWithLightning(importlib.abc.MetaPathFinder):
+    """Registers meshplan's strategies once ``lightning.pytorch`` has been imported, whenever that happens.
+
+    A Lightning user names a strategy (``Trainer(strategy="meshplan_zero3")``) only after importing
+    Lightning, so registering then keeps the promise of ``import meshplan`` without importing
+    Lightning in processes that never use it. The finder stands aside for every other module.
+    """
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "lightning.pytorch":
+            return None
+        sys.meta_path.remove(self)  # once; the other finders find the real module
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            execute = spec.loader.exec_module
+
+            def execute_then_register(module: Any) -> None:
+                execute(module)
+                if "meshplan.lightning" not in sys.modules:  # else it is loading, and registers as it finishes
+                    importlib.import_module("meshplan.lightning")
+
+            spec.loader.exec_module = execute_then_register
+        return spec
+
+
+def _register_strategies_with_lightning() -> None:
+    if "lightning.pytorch" in sys.modules:
+        importlib.import_module("meshplan.lightning")  # registers the strategies
+    elif not any(isinstance(finder, _RegisterWithLightning) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWithLightning())
 
 
 __all__ = [
@@ -51,4 +109,4 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-register_strategies()
+_register_strategies_with_lightning()

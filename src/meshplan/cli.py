@@ -156,7 +156,8 @@ def _failure_excerpt(log: Path, lines: int = 40) -> str:
     """What the last attempt logged about its failure, indented: its first traceback, else its last lines.
 
     The traceback is the first one of the attempt (the rank that failed first; the others usually
-    follow with connection errors), through its exception line, without torch's "[rankN]: " prefixes.
+    follow with connection errors), through its exception line, without the "[worker N] " and
+    "[rankN]: " prefixes of the launcher and of torch.
     """
     from meshplan.launch import ATTEMPT_MARK
 
@@ -170,7 +171,7 @@ def _failure_excerpt(log: Path, lines: int = 40) -> str:
     if first is None:
         excerpt = attempt[-lines:]
     else:
-        prefix = _TRACEBACK.match(attempt[first]).group(1) or ""
+        prefix = _TRACEBACK.match(attempt[first]).group(1)
         block = [line.removeprefix(prefix) for line in attempt[first:] if line.startswith(prefix)]
         # The exception line is the first one after the header that is not indented.
         end = next((index for index, line in enumerate(block[1:], 1) if line and not line[0].isspace()), len(block) - 1)
@@ -179,8 +180,9 @@ def _failure_excerpt(log: Path, lines: int = 40) -> str:
     return "\n".join("    " + line for line in excerpt)
 
 
-# A traceback's first line, with the "[rankN]: " prefix torch's excepthook adds once a process group exists.
-_TRACEBACK = re.compile(r"(\[rank\d+\]: )?Traceback \(most recent call last\)")
+# A traceback's first line, after the launcher's "[worker N] " and the "[rankN]: " torch's excepthook
+# adds once a process group exists; the lines with the same prefix are that worker's traceback.
+_TRACEBACK = re.compile(r"((?:\[worker \d+\] )?(?:\[rank\d+\]: )?)Traceback \(most recent call last\)")
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -10,9 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from typing import Callable, Mapping, Sequence, TextIO
+from typing import IO, Callable, Mapping, Sequence, TextIO
 
 # Seconds a worker gets to exit after SIGTERM before it is killed.
 _GRACE_SECONDS = 10.0
@@ -67,8 +68,10 @@ def run_workers(command: Sequence[str], nprocs: int, *, threads: int = 1, env: d
                 say: Callable[[str], None] | None = None) -> int:
     """Runs ``command`` in ``nprocs`` workers and returns the job's exit code.
 
-    The workers' standard output and error go to ``output`` (a file) when given, else to this
-    process's; ``pass_fds`` are file descriptors the workers inherit. The launcher's own lines
+    The workers' standard output and error go to ``output`` (a file) when given, each line
+    prefixed with the worker's rank as ``[worker N] `` (two failing workers write their tracebacks
+    at once; the prefix keeps them apart), else to this process's; ``pass_fds`` are file
+    descriptors the workers inherit. The launcher's own lines
     (workers started, restarts) go to ``say``, standard error by default.
 
     The first worker to fail stops the others (its exit code is returned; 128+N for a worker
@@ -103,13 +106,17 @@ def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[st
                  pass_fds: tuple[int, ...], say: Callable[[str], None]) -> int:
     port = free_port()
     workers: list[subprocess.Popen] = []
+    copiers: list[threading.Thread] = []
     handlers = {number: signal.signal(number, _raise_keyboard_interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for rank in range(nprocs):
             worker_env = {**os.environ, **env, **worker_environment(rank, nprocs, port, threads=threads)}
             workers.append(subprocess.Popen(list(command), env=worker_env, start_new_session=True,
-                                            preexec_fn=_die_with_parent, pass_fds=pass_fds, stdout=output,
+                                            preexec_fn=_die_with_parent, pass_fds=pass_fds,
+                                            stdout=subprocess.PIPE if output is not None else None,
                                             stderr=subprocess.STDOUT if output is not None else None))
+            if output is not None:
+                copiers.append(_copy_prefixed(workers[-1].stdout, output, f"[worker {rank}] "))
         say(f"meshplan: started {nprocs} workers (pids {' '.join(str(w.pid) for w in workers)})")
         code = _wait(workers)
         return 128 - code if code < 0 else code
@@ -120,9 +127,30 @@ def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[st
         # A second Ctrl-C must not cut the shutdown short and leave workers behind.
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
         _stop(workers)
+        for copier in copiers:
+            copier.join(timeout=_GRACE_SECONDS)  # a worker's own child may still hold the pipe: do not wait forever
         signal.signal(signal.SIGINT, interrupt)
         for number, handler in handlers.items():
             signal.signal(number, handler)
+
+
+# One lock for every copier: a line is written whole, never inside another worker's line.
+_OUTPUT_LOCK = threading.Lock()
+
+
+def _copy_prefixed(pipe: IO[bytes], output: TextIO, prefix: str) -> threading.Thread:
+    """Starts a thread that copies a worker's output to ``output`` line by line, each line after ``prefix``."""
+    def copy() -> None:
+        with pipe:
+            for line in iter(pipe.readline, b""):
+                text = line.decode(errors="replace")
+                with _OUTPUT_LOCK:
+                    output.write(prefix + text if text.endswith("\n") else prefix + text + "\n")
+                    output.flush()
+
+    thread = threading.Thread(target=copy, name=f"meshplan output {prefix.strip()}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _die_with_parent() -> None:

@@ -40,6 +40,7 @@ import traceback
 import time
 from typing import Any, Callable
 
+from meshplan._compat import deepspeed as deepspeed_compat
 from meshplan.launch import free_port, worker_environment
 
 __all__ = ["WorkerError", "WorkerTimeout", "free_port", "spawn"]
@@ -53,8 +54,10 @@ class WorkerTimeout(WorkerError):
     """Workers were still running when the timeout expired, and were killed."""
 
 
-# Imported once by the fork server; each is skipped if it is not installed.
-PRELOADED_MODULES = ("torch", "transformers", "lightning.pytorch", "accelerate", "deepspeed", "meshplan")
+# Imported once by the fork server; each is skipped if it is not installed. DeepSpeed's engine
+# modules are what it imports when a worker builds its first ZeRO engine.
+PRELOADED_MODULES = ("torch", "transformers", "lightning.pytorch", "accelerate", "deepspeed", "meshplan.lightning",
+                     "meshplan.accelerate", "meshplan.hf_trainer", "meshplan.checkpoint", *deepspeed_compat.ENGINE_MODULES)
 
 
 def _worker(fn: Callable[..., Any], args: tuple, env: dict[str, str], results: Any) -> None:

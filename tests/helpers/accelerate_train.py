@@ -12,8 +12,10 @@ Accelerate script calls (see ``_conformance``) and writes each outcome for the t
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,9 @@ def main(output: str, reference_path: str, strategy_or_recipe: object = None, cl
     ``loss_scale`` multiplies the loss given to backward (the reported losses are unscaled); with
     ``accumulation`` each step accumulates that many micro-batches in ``accelerator.accumulate``.
     """
+    if not end_training:
+        # Registered before meshplan's own exit handler, so it runs after it (atexit is last in, first out).
+        atexit.register(_report_process_group, Path(output).parent / f"atexit.{os.environ.get('RANK', '0')}")
     accelerator = meshplan.accelerator(strategy_or_recipe, **({"gradient_accumulation_steps": accumulation}
                                                              if accumulation > 1 else {}))
     data_parallel_size = accelerator.num_processes // getattr(accelerator, "tp_size", 1)
@@ -86,6 +91,11 @@ def main(output: str, reference_path: str, strategy_or_recipe: object = None, cl
         }))
     if end_training:
         accelerator.end_training()
+
+
+def _report_process_group(path: Path) -> None:
+    """At exit: whether a process group is still alive once meshplan's teardown has run."""
+    path.write_text(str(torch.distributed.is_initialized()))
 
 
 def _train(accelerator, model, optimizer, scheduler, loader, clip, loss_scale, save_after=None) -> list[float]:

@@ -23,6 +23,12 @@ from meshplan._compat import Internal, require_attributes, require_parameters, r
 
 READ_FROM = "0.19.8"
 
+# What DeepSpeed imports the first time a process builds a ZeRO engine: its engines, its op
+# builders and (0.19.8) its Muon optimizer, which imports torch's inductor. About 2.5 s of CPU per
+# process; meshplan.testing's fork server imports them once for all its workers.
+ENGINE_MODULES = ("deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
+                  "deepspeed.runtime.zero.muon.original_muon", "deepspeed.ops.op_builder.all_ops")
+
 # DeepSpeedEngine's step counters, which its own checkpoints save and restore.
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
@@ -423,6 +429,11 @@ def _check_module_stack() -> None:
     assert callable(_params_to_release_cache().cache_clear), "PartitionedParameterCoordinator.__params_to_release has no cache"
 
 
+def _check_engine_modules() -> None:
+    for module in ENGINE_MODULES:
+        importlib.import_module(module)
+
+
 INTERNALS: list[Internal] = [
     Internal("deepspeed", "Parameter.ds_id, ds_shape, ds_tensor, ds_process_group (ZeRO-3)",
              "tell ZeRO-3 parameters, their whole shape and their partition (checkpoint/, lightning tests)",
@@ -466,6 +477,9 @@ INTERNALS: list[Internal] = [
              "count the gradient bytes a ZeRO rank holds (planner/measure.py)", READ_FROM, _check_gradient_buffers),
     Internal("deepspeed", "DeepSpeedZeroOptimizer.cpu_offload; DeepSpeedZeroOptimizer_Stage3.offload_optimizer, offload_param, device",
              "tell the model states ZeRO's offload keeps on the CPU (planner/measure.py)", READ_FROM, _check_offload_flags),
+    Internal("deepspeed", ", ".join(ENGINE_MODULES),
+             "import what building a ZeRO engine imports once, in the test workers' fork server (meshplan/testing.py)",
+             READ_FROM, _check_engine_modules),
     Internal("deepspeed", "deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK, "
                           "PartitionedParameterCoordinator.__params_to_release (its lru_cache)",
              "let a finished ZeRO-3 engine and its model be freed before the next layout (tests/scripts/planner_measure.py)",

@@ -8,12 +8,12 @@ with no collective at all: DTensor shards are read as slices, ZeRO partitions ar
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -44,9 +44,21 @@ def innermost_optimizer(optimizer: Any) -> Any:
 
     A ZeRO optimizer is where this stops: the torch optimizer inside it only sees flat partitions.
     """
-    while not is_zero_optimizer(optimizer) and isinstance(optimizer, (LightningOptimizer, AcceleratedOptimizer)):
+    while not is_zero_optimizer(optimizer) and isinstance(optimizer, _optimizer_wrappers()):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _optimizer_wrappers() -> tuple[type, ...]:
+    """Accelerate's optimizer wrapper, and Lightning's where Lightning is imported (else none can exist).
+
+    Looked up here rather than imported: importing Lightning takes seconds that Accelerate and HF
+    Trainer processes have no use for.
+    """
+    lightning_optimizer = sys.modules.get("lightning.pytorch.core.optimizer")
+    if lightning_optimizer is None:
+        return (AcceleratedOptimizer,)
+    return AcceleratedOptimizer, lightning_optimizer.LightningOptimizer
 
 
 # ---------------------------------------------------------------- model tensors

@@ -45,3 +45,6 @@ def register_strategies() -> None:
     """Adds meshplan's names to Lightning's strategy registry (idempotent)."""
     for name, (strategy, preset, description) in REGISTERED_STRATEGIES.items():
         StrategyRegistry.register(name, strategy, description=description, override=True, **preset)
+
+
+register_strategies()  # whoever imports meshplan's strategies can name them too

@@ -9,14 +9,20 @@ Public names::
 The formulas and their sources are in docs/planning.md.
 """
 
-from meshplan.planner.choose import candidate_plans, plan_layout, step_seconds
-from meshplan.planner.estimate import estimate, layout_name, layout_plan
-from meshplan.planner.hardware import Links, format_bytes, host_memory, memory_per_process, parse_memory
-from meshplan.planner.model import ModelFacts, model_facts
-from meshplan.planner.types import COMPONENTS, Candidate, Estimate, LayoutChoice
+from meshplan._lazy import lazy_names
 
-__all__ = [
-    "COMPONENTS", "Candidate", "Estimate", "LayoutChoice", "Links", "ModelFacts", "candidate_plans", "estimate",
-    "format_bytes", "host_memory", "layout_name", "layout_plan", "memory_per_process", "model_facts", "parse_memory",
-    "plan_layout", "step_seconds",
-]
+# Loaded on first use: estimating imports transformers' models, which `meshplan --help` and the
+# Accelerate front end (that only names LayoutChoice) have no use for.
+_PUBLIC_NAMES = {
+    "candidate_plans": "meshplan.planner.choose", "plan_layout": "meshplan.planner.choose",
+    "step_seconds": "meshplan.planner.choose", "estimate": "meshplan.planner.costs",
+    "layout_name": "meshplan.planner.costs", "layout_plan": "meshplan.planner.costs",
+    "Links": "meshplan.planner.hardware", "format_bytes": "meshplan.planner.hardware",
+    "host_memory": "meshplan.planner.hardware", "memory_per_process": "meshplan.planner.hardware",
+    "parse_memory": "meshplan.planner.hardware", "ModelFacts": "meshplan.planner.model",
+    "model_facts": "meshplan.planner.model", "COMPONENTS": "meshplan.planner.types",
+    "Candidate": "meshplan.planner.types", "Estimate": "meshplan.planner.types", "LayoutChoice": "meshplan.planner.types",
+}
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC_NAMES)
+
+__all__ = sorted(_PUBLIC_NAMES)

@@ -6,7 +6,7 @@ from typing import Any
 
 from meshplan.errors import PlanError
 from meshplan.plan import Plan
-from meshplan.planner.estimate import check_positive, estimate
+from meshplan.planner.costs import check_positive, estimate
 from meshplan.planner.hardware import Links, format_bytes, parse_memory
 from meshplan.planner.memory import DEEPSPEED_DEFAULTS
 from meshplan.planner.model import ModelFacts, model_facts

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from meshplan.plan import Plan, normalize_precision
-from meshplan.planner.choose import plan_layout
-from meshplan.planner.model import model_facts
 from meshplan.planner.hardware import format_bytes
 from meshplan.planner.types import COMPONENTS, LayoutChoice
 
@@ -42,6 +40,8 @@ def add_plan_command(commands: Any, refuse: Callable[[str, Exception | str], int
 
 def _plan(args: argparse.Namespace, refuse: Callable[[str, Exception | str], int]) -> int:
     from meshplan.errors import PlanError
+    from meshplan.planner.choose import plan_layout  # here: it imports transformers' models, which --help needs not
+    from meshplan.planner.model import model_facts
     from meshplan.recipes import write_recipe
 
     for option, value in (("--devices", args.devices), ("--nodes", args.nodes), ("--seq-len", args.seq_len),
