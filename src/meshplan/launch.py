@@ -17,6 +17,8 @@ from typing import IO, Callable, Mapping, Sequence, TextIO
 
 # Seconds a worker gets to exit after SIGTERM before it is killed.
 _GRACE_SECONDS = 10.0
+# Seconds the copying of the stopped workers' last output may take, all workers together.
+_COPY_SECONDS = 2.0
 
 
 def free_port() -> int:
@@ -127,8 +129,10 @@ def _run_attempt(command: Sequence[str], nprocs: int, threads: int, env: dict[st
         # A second Ctrl-C must not cut the shutdown short and leave workers behind.
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
         _stop(workers)
+        # A worker's own child may still hold its pipe open: the copiers get a short while to finish, no more.
+        deadline = time.monotonic() + _COPY_SECONDS
         for copier in copiers:
-            copier.join(timeout=_GRACE_SECONDS)  # a worker's own child may still hold the pipe: do not wait forever
+            copier.join(timeout=max(0.0, deadline - time.monotonic()))
         signal.signal(signal.SIGINT, interrupt)
         for number, handler in handlers.items():
             signal.signal(number, handler)

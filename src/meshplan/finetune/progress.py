@@ -50,6 +50,10 @@ class ProgressReporter:
             self._stream = None  # the launcher is gone; training goes on without a console
 
 
+# Seconds ProgressDisplay.say waits for the bar's lock before it prints anyway.
+_SAY_WAIT_SECONDS = 2.0
+
+
 class ProgressDisplay:
     """The launcher's side: reads the workers' events from a pipe and draws them on standard error.
 
@@ -77,9 +81,17 @@ class ProgressDisplay:
             self._close_bar()
 
     def say(self, text: str) -> None:
-        """Prints one of the launcher's lines above the bar."""
-        with self._lock:
+        """Prints one of the launcher's lines above the bar.
+
+        Waits a little for the bar to finish drawing, never more: the launcher says what it is doing
+        while it stops the workers, and a bar stuck on a console that stopped reading must not hold that up.
+        """
+        locked = self._lock.acquire(timeout=_SAY_WAIT_SECONDS)
+        try:
             self._print(text)
+        finally:
+            if locked:
+                self._lock.release()
 
     def _read(self) -> None:
         with os.fdopen(self._read_end, "r") as events:
