@@ -93,6 +93,64 @@ def test_each_invalid_plan_field_is_a_plan_error_naming_it(build, field: str) ->
     assert field in str(error.value)
 
 
+# The two ZeRO engines and TensorParallel's two data-parallel modes: what each refuses, and why.
+@pytest.mark.parametrize(
+    ("build", "fields"),
+    [
+        (lambda: Plan("zero", zero_stage=1, engine="fsdp2"), ("stage=1", "engine='fsdp2'", "engine='deepspeed'")),
+        (lambda: Plan("zero", zero_stage=3, engine="fsdp2", offload_optimizer=True), ("offload_optimizer", "engine='deepspeed'")),
+        (lambda: Plan("zero", zero_stage=3, engine="fsdp2", offload_parameters=True), ("offload_parameters", "engine='deepspeed'")),
+        (lambda: Plan("zero", zero_stage=3, engine="fsdp"), ("engine='fsdp'", "deepspeed, fsdp2")),
+        (lambda: Plan("ddp", engine="fsdp2"), ("engine='fsdp2'", "strategy='ddp'")),
+        (lambda: Plan("tp", engine="deepspeed"), ("engine='deepspeed'", "strategy='tp'")),
+        (lambda: Plan("tp", data_parallel="shared"), ("data_parallel='shared'", "'replicate', 'shard'")),
+        (lambda: Plan("zero", zero_stage=3, data_parallel="shard"), ("data_parallel='shard'", "engine='fsdp2'")),
+        (lambda: Plan("ddp", data_parallel="shard"), ("data_parallel='shard'", "TensorParallel")),
+        (lambda: Plan.build("zero", zero_stage=3, engine="fsdp2", options={"overlap_comm": True}),
+         ("overlap_comm=True", "engine='deepspeed'", "engine='fsdp2'")),
+        (lambda: Plan.build("zero", zero_stage=3, engine="fsdp2", options={"stage3_prefetch_bucket_size": 10}),
+         ("stage3_prefetch_bucket_size=10", "engine='deepspeed'")),
+        (lambda: Plan.build("zero", zero_stage=3, options={"fsdp_layer_classes": "LlamaDecoderLayer"}),
+         ("fsdp_layer_classes='LlamaDecoderLayer'", "engine='fsdp2'", "engine='deepspeed'")),
+        (lambda: Plan.build("tp", tp_size=2, options={"fsdp_layer_classes": "LlamaDecoderLayer"}),
+         ("fsdp_layer_classes='LlamaDecoderLayer'", "data_parallel='shard'")),
+        (lambda: Plan.build("ddp", options={"fsdp_layer_classes": "LlamaDecoderLayer"}), ("fsdp_layer_classes",)),
+    ],
+)
+def test_engines_and_data_parallel_modes_refuse_what_they_cannot_run(build, fields: tuple[str, ...]) -> None:
+    with pytest.raises(PlanError) as error:
+        build()
+    for field in fields:
+        assert field in str(error.value)
+
+
+def test_zero_runs_on_deepspeed_unless_told_otherwise() -> None:
+    assert Plan("zero", zero_stage=2).engine == "deepspeed"
+    assert Plan("zero", zero_stage=2) == Plan("zero", zero_stage=2, engine="deepspeed")
+    assert Plan("ddp").engine is None and Plan("tp").engine is None
+    assert Plan("zero", zero_stage=3).uses_deepspeed and not Plan("zero", zero_stage=3).uses_fsdp2
+
+
+@pytest.mark.parametrize(
+    ("plan", "reshards"),
+    [
+        (Plan("zero", zero_stage=3, engine="fsdp2"), True),   # parameters sharded between uses, as ZeRO-3
+        (Plan("zero", zero_stage=2, engine="fsdp2"), False),  # parameters kept whole from forward to backward
+        (Plan("tp", tp_size=2, data_parallel="shard"), True),
+    ],
+)
+def test_fsdp2_layouts_reshard_after_forward_as_their_stage_says(plan: Plan, reshards: bool) -> None:
+    assert plan.uses_fsdp2 and not plan.uses_deepspeed
+    assert plan.reshard_after_forward is reshards
+
+
+def test_fsdp2_layouts_take_fsdp_layer_classes_and_the_training_settings() -> None:
+    plan = Plan.build("tp", tp_size=2, data_parallel="shard",
+                      options={"fsdp_layer_classes": "LlamaDecoderLayer", "gradient_clipping": 1.0})
+    assert plan.option("fsdp_layer_classes") == "LlamaDecoderLayer" and plan.option("gradient_clipping") == 1.0
+    assert not Plan("tp", tp_size=2).uses_fsdp2 and not Plan("tp", tp_size=2).reshard_after_forward
+
+
 def test_unknown_option_lists_the_valid_ones() -> None:
     with pytest.raises(PlanError) as error:
         DDP(bucket_cap=25)

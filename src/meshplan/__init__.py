@@ -1,10 +1,10 @@
-"""meshplan: one parallel layout (DDP, ZeRO, tensor parallel) for Lightning, Accelerate and the HF Trainer.
+"""meshplan: one parallel layout (DDP, ZeRO, FSDP2, tensor parallel) for Lightning, Accelerate and the HF Trainer.
 
 Public names::
 
     meshplan.DDP(**options)
-    meshplan.ZeRO(stage=1|2|3, offload_optimizer=False, offload_parameters=False, **options)
-    meshplan.TensorParallel(tp_size=None|N, tp_plan=None, **options)
+    meshplan.ZeRO(stage=1|2|3, engine="deepspeed"|"fsdp2", offload_optimizer=False, offload_parameters=False, **options)
+    meshplan.TensorParallel(tp_size=None|N, tp_plan=None, data_parallel="replicate"|"shard", **options)
     meshplan.Auto(micro_batch_size=None, seq_len=None, ...)  # chooses one of the above when the Trainer runs
     meshplan.PlanError
     meshplan.Plan                              # the frozen layout behind every strategy: strategy.plan
@@ -19,7 +19,8 @@ Public names::
     strategy.to_recipe(path), strategy.training_arguments()
 
 Importing meshplan registers the strategies in Lightning's registry as meshplan_ddp,
-meshplan_zero1, meshplan_zero2, meshplan_zero3, meshplan_zero3_offload, meshplan_tp and meshplan_auto
+meshplan_zero1, meshplan_zero2, meshplan_zero3, meshplan_zero3_offload, meshplan_fsdp2, meshplan_tp,
+meshplan_tp_fsdp and meshplan_auto
 (at once where Lightning is imported, else the moment it is). The public names load on first use.
 """
 

@@ -15,6 +15,13 @@ from meshplan.errors import PlanError, shown, shown_key
 
 STRATEGIES = ("ddp", "zero", "tp")
 ZERO_STAGES = (1, 2, 3)
+# The engines that run the ZeRO strategy: DeepSpeed, or torch's FSDP2 (fully_shard), which shards
+# gradients and optimizer state always and parameters too when it reshards after each forward.
+ZERO_ENGINES = ("deepspeed", "fsdp2")
+FSDP2_STAGES = (2, 3)
+# What TensorParallel does across its data-parallel dimension: keep a whole copy of the TP-sharded
+# model on every replica, or shard it once more with FSDP2 (torchtitan's 2-D layout).
+DATA_PARALLEL_MODES = ("replicate", "shard")
 PROCESS_GROUP_BACKENDS = ("gloo", "nccl", "mpi", "ccl", "hccl")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRAINING_OPTIONS = ("mixed_precision", "gradient_accumulation_steps", "gradient_clipping")
@@ -38,7 +45,10 @@ class _Option:
     needs_offload: bool = False
     positive: bool = False
     choices: tuple[str, ...] | None = None
+    engines: tuple[str, ...] = ZERO_ENGINES  # the ZeRO engines that honour it
 
+
+_DEEPSPEED = ("deepspeed",)
 
 _OPTIONS = {
     option.name: option
@@ -55,24 +65,30 @@ _OPTIONS = {
         _Option("gradient_as_bucket_view", bool, ("ddp",), "let gradients alias DDP's buckets to save memory"),
         _Option("bucket_cap_mb", (int, float), ("ddp",), "size of DDP's gradient buckets in MiB", positive=True),
         # ZeRO: forwarded to DeepSpeed's zero_optimization section.
-        _Option("overlap_comm", bool, ("zero",), "overlap gradient reduction with the backward pass"),
-        _Option("contiguous_gradients", bool, ("zero",), "copy gradients into one buffer as they are made"),
-        _Option("reduce_bucket_size", int, ("zero",), "elements reduced at a time", positive=True),
-        _Option("allgather_bucket_size", int, ("zero",), "elements gathered at a time", zero_stages=(1, 2), positive=True),
-        _Option("round_robin_gradients", bool, ("zero",), "spread the copy of offloaded gradients over the ranks", zero_stages=(1, 2)),
-        _Option("stage3_prefetch_bucket_size", int, ("zero",), "elements prefetched ahead of use", zero_stages=(3,), positive=True),
-        _Option("stage3_param_persistence_threshold", int, ("zero",), "parameters smaller than this stay whole", zero_stages=(3,), positive=True),
-        _Option("stage3_max_live_parameters", int, ("zero",), "parameters kept gathered at once", zero_stages=(3,), positive=True),
-        _Option("stage3_max_reuse_distance", int, ("zero",), "reuse distance under which a parameter stays gathered", zero_stages=(3,), positive=True),
-        _Option("sub_group_size", int, ("zero",), "parameter elements the optimizer steps at a time", zero_stages=(3,), positive=True),
-        _Option("pin_memory", bool, ("zero",), "page-lock offloaded CPU buffers for faster copies", needs_offload=True),
+        _Option("overlap_comm", bool, ("zero",), "overlap gradient reduction with the backward pass", engines=_DEEPSPEED),
+        _Option("contiguous_gradients", bool, ("zero",), "copy gradients into one buffer as they are made", engines=_DEEPSPEED),
+        _Option("reduce_bucket_size", int, ("zero",), "elements reduced at a time", positive=True, engines=_DEEPSPEED),
+        _Option("allgather_bucket_size", int, ("zero",), "elements gathered at a time", zero_stages=(1, 2), positive=True, engines=_DEEPSPEED),
+        _Option("round_robin_gradients", bool, ("zero",), "spread the copy of offloaded gradients over the ranks", zero_stages=(1, 2), engines=_DEEPSPEED),
+        _Option("stage3_prefetch_bucket_size", int, ("zero",), "elements prefetched ahead of use", zero_stages=(3,), positive=True, engines=_DEEPSPEED),
+        _Option("stage3_param_persistence_threshold", int, ("zero",), "parameters smaller than this stay whole", zero_stages=(3,),
+                positive=True, engines=_DEEPSPEED),
+        _Option("stage3_max_live_parameters", int, ("zero",), "parameters kept gathered at once", zero_stages=(3,), positive=True, engines=_DEEPSPEED),
+        _Option("stage3_max_reuse_distance", int, ("zero",), "reuse distance under which a parameter stays gathered",
+                zero_stages=(3,), positive=True, engines=_DEEPSPEED),
+        _Option("sub_group_size", int, ("zero",), "parameter elements the optimizer steps at a time", zero_stages=(3,), positive=True, engines=_DEEPSPEED),
+        _Option("pin_memory", bool, ("zero",), "page-lock offloaded CPU buffers for faster copies", needs_offload=True, engines=_DEEPSPEED),
+        # FSDP2: the module classes to shard one by one (Accelerate's fsdp_transformer_layer_cls_to_wrap),
+        # comma-separated; by default the model's transformer blocks (meshplan.fsdp.sharding_units).
+        _Option("fsdp_layer_classes", str, ("zero", "tp"), "comma-separated class names FSDP2 shards one by one",
+                engines=("fsdp2",)),
     )
 }
 
 
 # ZeRO options that DeepSpeed reads, under the same name, from its zero_optimization section.
 ZERO_SECTION_OPTIONS = tuple(
-    name for name, option in _OPTIONS.items() if option.strategies == ("zero",) and name != "pin_memory"
+    name for name, option in _OPTIONS.items() if option.engines == _DEEPSPEED and name != "pin_memory"
 )
 
 # Options whose values are integers: a JSON file may write them as integral floats (1e9).
@@ -109,14 +125,19 @@ class Plan:
     """A validated parallel layout.
 
     Attributes:
-        strategy: ``"ddp"``, ``"zero"`` (DeepSpeed ZeRO) or ``"tp"`` (tensor parallel via DTensor).
+        strategy: ``"ddp"``, ``"zero"`` (ZeRO sharded data parallel) or ``"tp"`` (tensor parallel via DTensor).
         zero_stage: ZeRO stage 1, 2 or 3; 0 for the strategies that are not ZeRO.
+        engine: what runs ZeRO: ``"deepspeed"`` or ``"fsdp2"`` (torch's ``fully_shard``, stages 2
+            and 3); None for the strategies that are not ZeRO.
         offload_optimizer: keep ZeRO's optimizer state (and step) on the CPU.
         offload_parameters: keep ZeRO-3's parameters on the CPU between uses.
         tp_size: processes that share one tensor-parallel copy of the model; the rest of the
             world is a data-parallel dimension. None means every process of one node.
         tp_plan: ``(module pattern, style)`` pairs in the syntax of ``base_model_tp_plan``, or
             None to use the model's own plan (or meshplan's inferred one).
+        data_parallel: what TensorParallel does across its data-parallel dimension:
+            ``"replicate"`` (every replica holds the whole TP-sharded model) or ``"shard"`` (FSDP2
+            shards it over the replicas, torchtitan's 2-D layout).
         options: ``(name, value)`` pairs of engine options, sorted by name.
     """
 
@@ -127,8 +148,12 @@ class Plan:
     tp_size: int | None = 1
     tp_plan: tuple[tuple[str, str], ...] | None = None
     options: tuple[tuple[str, Any], ...] = field(default=())
+    engine: str | None = None
+    data_parallel: str = "replicate"
 
     def __post_init__(self) -> None:
+        if self.strategy == "zero" and self.engine is None:
+            object.__setattr__(self, "engine", "deepspeed")  # frozen: the default engine, set once
         _validate(self)
 
     @classmethod
@@ -151,6 +176,25 @@ class Plan:
     def engine_options(self) -> dict[str, Any]:
         """The options forwarded to the engine (DDP or DeepSpeed), without the training settings."""
         return {name: value for name, value in self.options if name not in TRAINING_OPTIONS and name != "process_group_backend"}
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        """True when DeepSpeed runs this layout (ZeRO with engine="deepspeed")."""
+        return self.strategy == "zero" and self.engine == "deepspeed"
+
+    @property
+    def uses_fsdp2(self) -> bool:
+        """True when torch's FSDP2 (``fully_shard``) shards this layout: ZeRO on FSDP2, or TP x FSDP2."""
+        return (self.strategy == "zero" and self.engine == "fsdp2") or (self.strategy == "tp" and self.data_parallel == "shard")
+
+    @property
+    def reshard_after_forward(self) -> bool:
+        """FSDP2's ``reshard_after_forward``: free the gathered parameters after each forward.
+
+        True for ZeRO-3 and TP x FSDP2 (parameters stay sharded between uses); False for ZeRO-2,
+        whose parameters stay gathered from the forward to the backward, as DeepSpeed's stage 2 keeps them whole.
+        """
+        return self.uses_fsdp2 and not (self.strategy == "zero" and self.zero_stage == 2)
 
     @property
     def tp_plan_dict(self) -> dict[str, str] | None:
@@ -190,6 +234,7 @@ def _validate(plan: Plan) -> None:
     if plan.strategy not in STRATEGIES:
         raise PlanError(f"strategy={shown(plan.strategy)} is unknown; valid strategies are {', '.join(STRATEGIES)}.")
     _validate_zero(plan)
+    _validate_fsdp2(plan)
     _validate_tp(plan)
     for name, value in plan.options:
         _validate_option(plan, name, value)
@@ -213,6 +258,35 @@ def _validate_zero(plan: Plan) -> None:
         )
 
 
+def _validate_fsdp2(plan: Plan) -> None:
+    if plan.strategy != "zero":
+        if plan.engine is not None:
+            raise PlanError(f"engine={shown(plan.engine)} applies only to the ZeRO strategy, not to strategy={plan.strategy!r}.")
+    elif plan.engine not in ZERO_ENGINES:
+        raise PlanError(f"engine={shown(plan.engine)} is unknown; valid ZeRO engines are {', '.join(ZERO_ENGINES)}.")
+    if plan.strategy == "zero" and plan.engine == "fsdp2":
+        if plan.zero_stage not in FSDP2_STAGES:
+            raise PlanError(
+                f"stage={plan.zero_stage} with engine='fsdp2': FSDP2 always shards gradients with the optimizer state, "
+                f"so it runs stages 2 and 3 only. Use ZeRO(stage=1, engine='deepspeed') to shard the optimizer "
+                f"state alone, or ZeRO(stage=2, engine='fsdp2')."
+            )
+        if plan.offload_optimizer or plan.offload_parameters:
+            raise PlanError(
+                "offload_optimizer and offload_parameters need engine='deepspeed': meshplan does not offload under "
+                "FSDP2. Use ZeRO(stage=3, engine='deepspeed', offload_optimizer=True, offload_parameters=True) to "
+                "keep optimizer state and parameters in CPU memory."
+            )
+    if plan.data_parallel not in DATA_PARALLEL_MODES:
+        raise PlanError(f"data_parallel={shown(plan.data_parallel)} is unknown; valid values are "
+                        f"{', '.join(map(repr, DATA_PARALLEL_MODES))}.")
+    if plan.strategy != "tp" and plan.data_parallel != "replicate":
+        raise PlanError(
+            f"data_parallel={plan.data_parallel!r} applies only to TensorParallel, not to strategy={plan.strategy!r}; "
+            f"sharded data parallelism without TP is ZeRO(stage=3, engine='fsdp2') (or DeepSpeed's ZeRO)."
+        )
+
+
 def _validate_tp(plan: Plan) -> None:
     if plan.strategy == "tp" and plan.tp_size is None:
         pass  # resolved to the processes of one node when the world is known
@@ -228,6 +302,13 @@ def _validate_tp(plan: Plan) -> None:
         if not isinstance(style, str) or style not in TP_STYLES:
             raise PlanError(f"tp_plan[{shown(pattern)}]={shown(style)} is not a style meshplan applies; valid styles "
                             f"are {', '.join(TP_STYLES)}.")
+
+
+def _engine_honours(plan: Plan, spec: _Option) -> bool:
+    """True when the engine that runs ``plan`` reads option ``spec`` (FSDP2 options need FSDP2)."""
+    if plan.strategy == "zero":
+        return plan.engine in spec.engines
+    return spec.engines != ("fsdp2",) or plan.uses_fsdp2
 
 
 def _positive_finite(value: int | float) -> bool:
@@ -251,6 +332,12 @@ def _validate_option(plan: Plan, name: str, value: Any) -> None:
         raise PlanError(f"option {setting} must be a positive finite number ({spec.doc}).")
     if spec.choices is not None and value not in spec.choices:
         raise PlanError(f"option {setting} is unknown; valid values are {', '.join(spec.choices)}.")
+    if not _engine_honours(plan, spec):
+        if plan.strategy == "tp":
+            raise PlanError(f"option {setting} applies only to FSDP2, which TensorParallel uses with "
+                            f"data_parallel='shard', not with data_parallel={plan.data_parallel!r}.")
+        raise PlanError(f"option {setting} applies only to engine={spec.engines[0]!r}, not to ZeRO with "
+                        f"engine={plan.engine!r}; use ZeRO(..., engine={spec.engines[0]!r}) for it, or drop it.")
     if plan.strategy == "zero" and plan.zero_stage not in spec.zero_stages:
         stages = " or ".join(str(s) for s in spec.zero_stages)
         raise PlanError(f"option {setting} contradicts stage={plan.zero_stage}: it applies only to ZeRO stage {stages}.")
