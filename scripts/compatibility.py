@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFORMANCE_TESTS = ["tests/test_conformance_lightning.py", "tests/test_accelerate_launch.py", "tests/test_conformance_accelerate.py",
                      "tests/test_hf_trainer.py"]
 FRONT_ENDS = ["Lightning", "Accelerate", "HF Trainer"]
-LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp", "ddp-2node", "zero3-2node"]
+LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp", "fsdp2", "fsdp2-stage2", "tp-fsdp", "ddp-2node",
+           "zero3-2node"]
 PACKAGES = ["torch", "lightning", "accelerate", "deepspeed", "transformers"]
 
 
@@ -52,7 +53,7 @@ def render(cells: dict[str, dict[str, dict[str, str]]]) -> str:
         "# Compatibility: what works under which layout",
         "",
         "Each cell is a test in the suite that ran the front end's everyday API under the layout, on CPU with",
-        "2 processes (4 for tp-dp), and checked the outcome: a number against a single-process reference, an exact",
+        "2 processes (4 for tp-dp and tp-fsdp), and checked the outcome: a number against a single-process reference, an exact",
         "sample count, or saved weights equal to the live model's. **yes** means that test passed; **PlanError**",
         "means meshplan refuses the combination before it can go wrong (a hang, a silently ignored setting), with a",
         "message that says what to do instead, and the test checks that error; an empty cell does not apply to the",

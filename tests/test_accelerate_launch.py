@@ -1,9 +1,11 @@
 """Tier 3: every recipe under `accelerate launch`, driving a plain Accelerate script through meshplan.accelerator().
 
-Each single-machine recipe starts N workers (2; 4 for tp-dp) with `--num_processes N`, and
+Each single-machine recipe starts N workers (2; 4 for tp-dp and tp-fsdp) with `--num_processes N`, and
 each two-node recipe runs as two launcher invocations (machine rank 0 and 1) on 127.0.0.1.
 The global loss per step and the final weights must match the single-process reference, with
-a gradient norm above DeepSpeed's default clipping (so a clip the recipe did not ask for shows).
+a gradient norm above DeepSpeed's default clipping (so a clip the recipe did not ask for shows);
+the FSDP2 recipes (Accelerate's own FSDP keys, which meshplan.accelerator() reads from the
+launch's environment) also clip with accelerator.clip_grad_norm_ at every step, against a clipped reference.
 The same launch then checks the Accelerate rows of the conformance matrix (tests/helpers/matrix.py):
 prepare of model, optimizer, loaders and scheduler, save_state/load_state, gather_for_metrics
 with an eval set the world does not divide, reduce, clip_grad_norm_, get_state_dict,
@@ -36,17 +38,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "accelerate_train.py"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
-SINGLE_MACHINE = [("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2), ("zero3-offload", 2), ("tp", 2), ("tp-dp", 4)]
-EXPECTED_TYPE = {"ddp": "MULTI_CPU", "tp": "MULTI_CPU", "tp-dp": "MULTI_CPU"}
+SINGLE_MACHINE = [("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2), ("zero3-offload", 2), ("tp", 2), ("tp-dp", 4),
+                  ("fsdp2", 2), ("tp-fsdp", 4)]
+# meshplan runs FSDP2 itself: Accelerate's own FSDP plugin stays off, so it reports the plain multi-process type.
+EXPECTED_TYPE = {"ddp": "MULTI_CPU", "tp": "MULTI_CPU", "tp-dp": "MULTI_CPU", "fsdp2": "MULTI_CPU", "tp-fsdp": "MULTI_CPU"}
 SCALE = accelerate_train.HIGH_GRADIENT_SCALE
 ACCUMULATION = 2  # each step accumulates two micro-batches in accelerator.accumulate()
+# Launched with accelerator.clip_grad_norm_(..., parity.CLIP) active in every step, against a clipped reference.
+CLIPPED = ("fsdp2", "tp-fsdp")
 
 
-def _launch(recipe: str, processes: int, output: Path, reference: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def _launch(recipe: str, processes: int, output: Path, reference: str, *extra: str, env: dict | None = None,
+            clip: float | None = None) -> subprocess.Popen:
     """`accelerate launch` of the recipe with absolute paths, from the output's (temporary) folder."""
     command = [str(ACCELERATE), "launch", "--config_file", str(CATALOGUE_DIR / f"{recipe}.yaml"),
                "--num_processes", str(processes), *extra, str(SCRIPT), str(output), reference,
                "--loss-scale", str(SCALE), "--accumulate", str(ACCUMULATION), "--conformance"]
+    if clip is not None:
+        command += ["--clip", str(clip)]
     if recipe.startswith("zero"):
         command.append("--no-end-training")  # a finished run exits 0 without end_training() too (issue 6)
     return subprocess.Popen(command, cwd=output.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -69,9 +78,11 @@ def high_gradient_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[st
     """The single-process reference with the loss scaled by SCALE: every step's gradient norm is above 1."""
     losses, weights, norms = accelerate_train.reference_run(SCALE)
     assert min(norms) > 1.5, norms  # DeepSpeed's default clip at 1.0 would change every step
-    path = tmp_path_factory.mktemp("high-gradient") / "reference.pt"
-    torch.save((losses, weights), path)
-    return {"high-gradient": str(path)}
+    folder = tmp_path_factory.mktemp("high-gradient")
+    torch.save((losses, weights), folder / "reference.pt")
+    clipped_losses, clipped_weights, _ = accelerate_train.reference_run(SCALE, clip=parity.CLIP)  # clips every step
+    torch.save((clipped_losses, clipped_weights), folder / "clipped.pt")
+    return {"high-gradient": str(folder / "reference.pt"), "high-gradient-clipped": str(folder / "clipped.pt")}
 
 
 def _assert_parity(output: Path, reference_paths: dict[str, str], reference: str = "llama") -> dict:
@@ -80,6 +91,8 @@ def _assert_parity(output: Path, reference_paths: dict[str, str], reference: str
     assert len(result["losses"]) == parity.STEPS
     assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) < parity.LOSS_TOLERANCE
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE
+    print(reference, "loss error", max(abs(a - b) for a, b in zip(result["losses"], reference_losses)),
+          "weight error", result["weight_error"])  # figures, with -s
     # save_state after step 2, load_state at the end: steps 3 and 4 again, exactly as the first time.
     resumed = accelerate_train.RESUME_AFTER
     assert result["resumed_losses"] == result["losses"][resumed:]
@@ -147,9 +160,10 @@ def test_recipe_under_accelerate_launch_matches_one_process(recipe: str, process
     output = tmp_path / "result.json"
     # tp-dp names its recipe through $MESHPLAN_RECIPE, the channel that survives every launcher.
     env = {RECIPE_VARIABLE: str(CATALOGUE_DIR / "tp-dp.yaml")} if recipe == "tp-dp" else None
-    launched = _finish(_launch(recipe, processes, output, high_gradient_reference["high-gradient"], "--main_process_port",
-                               str(free_port()), env=env))
-    result = _assert_parity(output, high_gradient_reference, "high-gradient")
+    reference = "high-gradient-clipped" if recipe in CLIPPED else "high-gradient"
+    launched = _finish(_launch(recipe, processes, output, high_gradient_reference[reference], "--main_process_port",
+                               str(free_port()), env=env, clip=parity.CLIP if recipe in CLIPPED else None))
+    result = _assert_parity(output, high_gradient_reference, reference)
     assert result["num_processes"] == processes  # every CPU worker counted
     assert result["distributed_type"] == f"DistributedType.{EXPECTED_TYPE.get(recipe, 'DEEPSPEED')}"
     assert result["data_parallel_size"] == (processes // 2 if recipe.startswith("tp") else processes)
@@ -191,19 +205,26 @@ def test_two_node_recipe_as_two_launches_matches_one_process(recipe: str, tmp_pa
         (meshplan.TensorParallel(tp_size=2), parity.CLIP),
         # Under ZeRO DeepSpeed clips, at the layout's gradient_clipping; clip_grad_norm_ names the same value.
         (meshplan.ZeRO(stage=2, gradient_clipping=parity.CLIP), parity.CLIP),
+        # FSDP2 as ZeRO-2 (gathered parameters kept to the backward): clip_grad_norm_ over the sharded
+        # gradients, each step accumulating two micro-batches.
+        (meshplan.ZeRO(stage=2, engine="fsdp2"), parity.CLIP),
     ],
-    ids=["recipe-path", "strategy-with-user-tp-plan", "tp-with-clipping", "zero-with-clipping"],
+    ids=["recipe-path", "strategy-with-user-tp-plan", "tp-with-clipping", "zero-with-clipping", "fsdp2-zero2-with-clipping"],
 )
 def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, clip, tmp_path: Path,
                                                         reference_paths: dict[str, str], deepspeed_ops: None) -> None:
     # Workers started by another launcher (meshplan.testing, like torchrun) rather than accelerate launch.
     output = tmp_path / "result.json"
     reference = parity.reference_key("llama", clip)
-    spawn(accelerate_train.main, 2, str(output), reference_paths[reference], strategy_or_recipe, clip, timeout=300)
+    # FSDP2 accumulates two micro-batches per step: the same global batch, so the same reference.
+    plan = getattr(strategy_or_recipe, "plan", None)
+    accumulation = ACCUMULATION if plan is not None and plan.uses_fsdp2 else 1
+    spawn(accelerate_train.main, 2, str(output), reference_paths[reference], strategy_or_recipe, clip, "llama", None,
+          1.0, False, True, accumulation, timeout=300)
     result = _assert_parity(output, reference_paths, reference)
     assert result["num_processes"] == 2
     if clip is not None:  # clip_grad_norm_ clipped as the single-process reference did
-        layout = "zero2" if isinstance(strategy_or_recipe, meshplan.ZeRO) else "tp"
+        layout = "fsdp2-stage2" if plan.uses_fsdp2 else "zero2" if plan.strategy == "zero" else "tp"
         matrix.record("Accelerate", layout, {"clip_grad_norm_ (clipping active)": matrix.WORKS})
 
 

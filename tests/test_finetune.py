@@ -26,7 +26,9 @@ from meshplan.checkpoint import latest_checkpoint
 from meshplan.cli import main
 from meshplan.finetune.data import find_columns, load_splits
 from meshplan.finetune.evaluate import accuracy
+from meshplan.finetune.job import plan_from_json, plan_to_json
 from meshplan.models import minilm_path
+from meshplan.plan import Plan
 from meshplan.recipes import CATALOGUE_DIR
 
 MESHPLAN = Path(sys.executable).with_name("meshplan")
@@ -198,6 +200,9 @@ def tiny_llama_dir(tmp_path: Path) -> Path:
 def _bad_input_cases(tmp_path: Path, tiny_llama_dir: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "broken.yaml").write_text("distributed_type: [unclosed\n")
     (tmp_path / "no-label.csv").write_text("text,score\nfine,1\nbad,0\n")
+    (tmp_path / "fsdp2-layers.yaml").write_text((CATALOGUE_DIR / "fsdp2.yaml").read_text().replace(
+        "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP", "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+                                                         "  fsdp_transformer_layer_cls_to_wrap: NoSuchLayer"))
     return {
         "missing recipe": (["--recipe", str(tmp_path / "nope.yaml")], "does not exist"),
         "unparsable recipe": (["--recipe", str(tmp_path / "broken.yaml")], "is not valid YAML"),
@@ -213,15 +218,22 @@ def _bad_input_cases(tmp_path: Path, tiny_llama_dir: Path) -> dict[str, tuple[li
         "restarts without checkpoints": (["--max-restarts", "2", "--checkpoint-every", "0"],
                                          "--max-restarts 2 needs checkpoints to resume from"),
         "negative checkpoint interval": (["--checkpoint-every", "-1"], "cannot be negative"),
+        "fsdp2 layer classes the model lacks": (["--recipe", str(tmp_path / "fsdp2-layers.yaml")],
+                                                "fsdp_layer_classes='NoSuchLayer' names NoSuchLayer"),
+        "fsdp2 under the HF Trainer on the CPU": (["--framework", "trainer", "--recipe", "fsdp2"],
+                                                  "cannot run under the HF Trainer on the CPU"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing recipe", "unparsable recipe", "unknown model", "data without labels",
                                   "tp size the model cannot take", "more devices than the machine has", "no devices",
                                   "restarts under the HF Trainer", "restarts without checkpoints",
-                                  "negative checkpoint interval"])
+                                  "negative checkpoint interval", "fsdp2 layer classes the model lacks",
+                                  "fsdp2 under the HF Trainer on the CPU"])
 def test_bad_input_exits_2_with_one_paragraph(case: str, tmp_path: Path, tiny_llama_dir: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
+    if case == "fsdp2 under the HF Trainer on the CPU" and torch.cuda.is_available():
+        pytest.skip("the HF Trainer runs FSDP2 on GPUs")
     arguments, expected = _bad_input_cases(tmp_path, tiny_llama_dir)[case]
     assert main(["finetune", *arguments, "--output", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
@@ -229,6 +241,13 @@ def test_bad_input_exits_2_with_one_paragraph(case: str, tmp_path: Path, tiny_ll
     assert "Traceback" not in error
     assert error.count("\n") == 1  # one paragraph, one line
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+@pytest.mark.parametrize("plan", [Plan.build("zero", zero_stage=2, engine="fsdp2", options={"fsdp_layer_classes": "BertLayer"}),
+                                  Plan.build("tp", tp_size=2, data_parallel="shard")], ids=["fsdp2", "tp-fsdp"])
+def test_a_chosen_layout_reaches_the_workers_whole(plan: Plan) -> None:
+    # What meshplan finetune --recipe auto writes into the job file for its workers.
+    assert plan_from_json(json.loads(json.dumps(plan_to_json(plan)))) == plan
 
 
 @pytest.mark.slow

@@ -94,6 +94,52 @@ def test_layouts_the_trainer_cannot_express_are_plan_errors() -> None:
         DDP(gradient_as_bucket_view=True).training_arguments()
 
 
+TRAINER_APIS = ("train with eval and save steps", "trainer.evaluate", "trainer.predict (exact count)",
+                "save_model + from_pretrained", "resume_from_checkpoint=True")
+
+
+def test_fsdp2_goes_through_the_trainers_fsdp_arguments_where_it_runs() -> None:
+    # TP x FSDP2: no more expressible than TP.
+    with pytest.raises(PlanError, match=r"TensorParallel\(data_parallel='shard'\) cannot be expressed"):
+        meshplan.from_recipe(str(CATALOGUE_DIR / "tp-fsdp.yaml")).training_arguments()
+    matrix.record(FRONT_END, "tp-fsdp", {api: matrix.refused("no TP layout in TrainingArguments; use Lightning or "
+                                                             "Accelerate") for api in TRAINER_APIS})
+    zero2 = ZeRO(stage=2, engine="fsdp2", fsdp_layer_classes="LlamaDecoderLayer", gradient_clipping=0.5)
+    if not torch.cuda.is_available():  # why: test_the_trainer_runs_ddp_in_place_of_fsdp2_on_the_cpu
+        for strategy, layout in ((zero2, "fsdp2-stage2"), (meshplan.from_recipe(str(CATALOGUE_DIR / "fsdp2.yaml")), "fsdp2")):
+            with pytest.raises(PlanError, match=r"engine='fsdp2'\) cannot run under the HF Trainer on the CPU.*"
+                                                r"meshplan.accelerator"):
+                strategy.training_arguments()
+            matrix.record(FRONT_END, layout, {api: matrix.refused("the Trainer runs DDP in its place on CPUs; use Lightning "
+                                                                  "or Accelerate") for api in TRAINER_APIS})
+        return
+    arguments = zero2.training_arguments()
+    assert arguments["fsdp"] is True and "deepspeed" not in arguments and arguments["max_grad_norm"] == 0.5
+    assert arguments["fsdp_config"] == {
+        "version": 2, "reshard_after_forward": False, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "cpu_ram_efficient_loading": False,
+        "activation_checkpointing": False, "state_dict_type": "FULL_STATE_DICT"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's behaviour")
+def test_the_trainer_runs_ddp_in_place_of_fsdp2_on_the_cpu(trainer_results: dict) -> None:
+    # Measured in the workers of the recipe runs: the Trainer given FSDP2 arguments and use_cpu=True
+    # does not shard the model but wraps it in DDP, silently. If this starts to fail, the Trainer may
+    # run FSDP2 on CPUs: lift the refusal in meshplan.hf_trainer if it does.
+    result = trainer_results[trainer_train.FSDP2_ON_CPU]
+    assert result == {"distributed_type": "DistributedType.MULTI_CPU", "model_wrapped": "DistributedDataParallel",
+                      "fully_sharded": False, "ranks_hold_the_same_weights": True}
+
+
+def test_a_layout_is_refused_where_accelerates_fsdp_would_take_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(PlanError, match="ACCELERATE_USE_FSDP=true is set in this process"):
+        DDP().training_arguments()
+    with pytest.raises(PlanError, match="ACCELERATE_USE_FSDP=true is set in this process"):
+        ZeRO(stage=2).training_arguments()
+
+
 def test_a_ddp_layout_is_refused_where_deepspeed_would_take_over(monkeypatch: pytest.MonkeyPatch) -> None:
     # Accelerate leaves this set after a DeepSpeed run, and `accelerate launch` sets it for a
     # DeepSpeed config: TrainingArguments would then run DeepSpeed in place of DDP.

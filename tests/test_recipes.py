@@ -36,6 +36,12 @@ ROUND_TRIP = [
     TensorParallel(tp_size=1),
     TensorParallel(),
     TensorParallel(tp_size=4, tp_plan={"layers.*.self_attn.q_proj": "colwise", "lm_head": "colwise_rep"}),
+    ZeRO(stage=3, engine="fsdp2"),
+    ZeRO(stage=2, engine="fsdp2", fsdp_layer_classes="LlamaDecoderLayer", mixed_precision="bf16",
+         gradient_accumulation_steps=2),
+    TensorParallel(tp_size=2, data_parallel="shard"),
+    TensorParallel(tp_size=1, data_parallel="shard"),
+    TensorParallel(data_parallel="shard", fsdp_layer_classes="LlamaDecoderLayer,LlamaMLP"),
 ]
 
 EXPECTED_CATALOGUE = {
@@ -48,6 +54,8 @@ EXPECTED_CATALOGUE = {
     "tp-dp.yaml": (TensorParallel(tp_size=2), 4, 1),
     "ddp-2node.yaml": (DDP(), 2, 2),
     "zero3-2node.yaml": (ZeRO(stage=3), 2, 2),
+    "fsdp2.yaml": (ZeRO(stage=3, engine="fsdp2"), 2, 1),
+    "tp-fsdp.yaml": (TensorParallel(tp_size=2, data_parallel="shard"), 4, 1),
 }
 
 
@@ -147,7 +155,19 @@ def test_to_recipe_refuses_a_process_count_the_layout_cannot_take(tmp_path: Path
     ("config", "key"),
     [
         ({"distributed_type": "MULTI_GPU", "bogus_key": 1}, "'bogus_key'"),
-        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}}, "'fsdp_config'"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2, "fsdp_offload_params": True}},
+         "fsdp_config.fsdp_offload_params=True"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2, "fsdp_activation_checkpointing": True}},
+         "fsdp_config.fsdp_activation_checkpointing=True"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2, "fsdp_cpu_ram_efficient_loading": True}},
+         "fsdp_config.fsdp_cpu_ram_efficient_loading=True"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "SIZE_BASED_WRAP"}},
+         "fsdp_config.fsdp_auto_wrap_policy='SIZE_BASED_WRAP'"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2, "fsdp_reshard_after_forward": "FULL_SHARD"}},
+         "fsdp_config.fsdp_reshard_after_forward='FULL_SHARD'"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2, "fsdp_mystery": 1}}, "fsdp_config.fsdp_mystery"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2},
+          "parallelism_config": {"parallelism_config_dp_replicate_size": 2}}, "parallelism_config_dp_replicate_size=2"),
         ({"distributed_type": "MEGATRON_LM"}, "distributed_type='MEGATRON_LM'"),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2, "offload_optimizer_device": "nvme"}},
          "offload_optimizer_device='nvme'"),
@@ -179,6 +199,10 @@ def test_what_meshplan_cannot_honour_is_a_plan_error_naming_the_key(config: dict
         ({"distributed_type": "MULTI_GPU", "deepspeed_config": {"zero_stage": 2}}, ("MULTI_GPU", "deepspeed_config")),
         ({"distributed_type": "DEEPSPEED", "mixed_precision": "fp16", "deepspeed_config": {"deepspeed_config_file": "bf16.json"}},
          ("mixed_precision='fp16'", "deepspeed_config_file")),
+        ({"distributed_type": "MULTI_GPU", "fsdp_config": {"fsdp_version": 2}}, ("MULTI_GPU", "fsdp_config")),
+        ({"distributed_type": "FSDP", "num_processes": 8, "fsdp_config": {"fsdp_version": 2}, "parallelism_config": {
+          "parallelism_config_dp_shard_size": 2, "parallelism_config_tp_size": 2}},
+         ("parallelism_config_dp_shard_size=2", "num_processes=8")),
     ],
 )
 def test_contradictory_pairs_name_both_keys(config: dict, keys: tuple[str, str], tmp_path: Path) -> None:
@@ -188,6 +212,46 @@ def test_contradictory_pairs_name_both_keys(config: dict, keys: tuple[str, str],
         meshplan.from_recipe(_write(tmp_path, config))
     for key in keys:
         assert key in str(error.value)
+
+
+# Accelerate's native FSDP2 configs, as `accelerate config` and `accelerate to-fsdp2` write them.
+NATIVE_FSDP2 = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_processes": 4,
+                "mixed_precision": "bf16", "fsdp_config": {
+                    "fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                    "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "fsdp_state_dict_type": "FULL_STATE_DICT",
+                    "fsdp_offload_params": False, "fsdp_cpu_ram_efficient_loading": False,
+                    "fsdp_activation_checkpointing": False}}
+
+
+@pytest.mark.parametrize(
+    ("change", "strategy"),
+    [
+        ({}, ZeRO(stage=3, engine="fsdp2", fsdp_layer_classes="LlamaDecoderLayer", mixed_precision="bf16")),
+        ({"fsdp_reshard_after_forward": False},
+         ZeRO(stage=2, engine="fsdp2", fsdp_layer_classes="LlamaDecoderLayer", mixed_precision="bf16")),
+        ({"parallelism_config": {"parallelism_config_dp_shard_size": 2, "parallelism_config_tp_size": 2}},
+         TensorParallel(tp_size=2, data_parallel="shard", fsdp_layer_classes="LlamaDecoderLayer", mixed_precision="bf16")),
+        # A tp size of 1 (which the launcher exports with any parallelism_config) is no tensor parallelism.
+        ({"parallelism_config": {"parallelism_config_dp_shard_size": 4, "parallelism_config_tp_size": 1}},
+         ZeRO(stage=3, engine="fsdp2", fsdp_layer_classes="LlamaDecoderLayer", mixed_precision="bf16")),
+    ],
+    ids=["reshard-is-zero3", "no-reshard-is-zero2", "with-tp-is-tp-fsdp", "tp-size-1-is-zero3"],
+)
+def test_reads_native_fsdp2_configs(change: dict, strategy, tmp_path: Path) -> None:
+    config = {**NATIVE_FSDP2, "fsdp_config": dict(NATIVE_FSDP2["fsdp_config"])}
+    config["fsdp_config"].update({key: value for key, value in change.items() if key != "parallelism_config"})
+    if "parallelism_config" in change:
+        config["parallelism_config"] = change["parallelism_config"]
+    path = _write(tmp_path, config)
+    load_config_from_file(str(path))  # a valid Accelerate config
+    assert meshplan.from_recipe(path) == strategy
+
+
+@pytest.mark.parametrize("fsdp_config", [{"fsdp_version": 1, "fsdp_sharding_strategy": "FULL_SHARD"},
+                                         {"fsdp_sharding_strategy": "FULL_SHARD"}], ids=["version-1", "no-version"])
+def test_an_fsdp1_config_is_refused_with_the_conversion_command(fsdp_config: dict, tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match=r"fsdp_config.fsdp_version=(1|None).*accelerate to-fsdp2"):
+        meshplan.from_recipe(_write(tmp_path, {"distributed_type": "FSDP", "fsdp_config": fsdp_config}))
 
 
 def test_a_deepspeed_file_with_its_own_optimizer_is_refused(tmp_path: Path) -> None:
@@ -341,8 +405,8 @@ def test_an_unknown_recipe_name_lists_the_catalogue(tmp_path: Path, monkeypatch:
     with pytest.raises(PlanError) as error:
         meshplan.from_recipe("zero4")
     assert str(error.value) == (
-        "recipe 'zero4' does not exist, and is no catalogue name either; the catalogue holds ddp, ddp-2node, tp, "
-        "tp-dp, zero1, zero2, zero3, zero3-2node, zero3-offload (`meshplan recipes` lists their paths).")
+        "recipe 'zero4' does not exist, and is no catalogue name either; the catalogue holds ddp, ddp-2node, fsdp2, "
+        "tp, tp-dp, tp-fsdp, zero1, zero2, zero3, zero3-2node, zero3-offload (`meshplan recipes` lists their paths).")
     with pytest.raises(PlanError, match="MESHPLAN_RECIPE='zero4' names no file and is no catalogue name either"):
         launched_recipe_extras(environ={"LOCAL_RANK": "0", RECIPE_VARIABLE: "zero4"})
     with pytest.raises(PlanError, match="does not exist"):
@@ -412,6 +476,24 @@ def test_the_launcher_environment_describes_the_recipe() -> None:
     assert plan_from_environment(tp_environ, extras={"tp_plan": {"a": "colwise"}}) == TensorParallel(
         tp_size=2, tp_plan={"a": "colwise"}).plan
     assert plan_from_environment({}) is None
+
+
+@pytest.mark.parametrize(("recipe", "strategy"), [("fsdp2", ZeRO(stage=3, engine="fsdp2")),
+                                                  ("tp-fsdp", TensorParallel(tp_size=2, data_parallel="shard"))])
+def test_the_fsdp_environment_accelerate_launch_exports_describes_the_recipe(recipe: str, strategy) -> None:
+    # Accelerate's own launcher code turns the catalogue recipe into the worker's environment.
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(CATALOGUE_DIR / f"{recipe}.yaml"), "train.py"])
+    environ = {**prepare_multi_gpu_env(_validate_launch_command(args)[0]), "LOCAL_RANK": "0"}
+    assert environ["ACCELERATE_USE_FSDP"] == "true" and environ["FSDP_VERSION"] == "2"
+    assert plan_from_environment(environ) == strategy.plan
+    with pytest.raises(PlanError, match="accelerate launch.*fsdp_version=1.*accelerate to-fsdp2"):
+        plan_from_environment({**environ, "FSDP_VERSION": "1"})
+    # The launcher's default loads the weights on rank 0 only, which meshplan does not fill in elsewhere.
+    with pytest.raises(PlanError, match="fsdp_cpu_ram_efficient_loading=True"):
+        plan_from_environment({**environ, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})
 
 
 def test_recipes_command_lists_each_name_with_its_path(capsys: pytest.CaptureFixture[str]) -> None:

@@ -111,6 +111,18 @@ def test_accelerate_options_are_the_installed_accelerate_launch_options() -> Non
     assert "MAIN_PROCESS_PORT=29511\n" in script
 
 
+@pytest.mark.parametrize("recipe", ["fsdp2", "tp-fsdp"])
+def test_fsdp2_recipes_launch_without_deepspeed_options(recipe: str) -> None:
+    from accelerate.commands.launch import launch_command_parser
+
+    script = sbatch_script(SlurmJob(recipe, ("train.py",), nodes=2, gpus_per_node=4))
+    words = shlex.split(_srun_words(script)[-1])
+    assert "--deepspeed_multinode_launcher" not in words  # FSDP2 starts through torchrun on every node
+    values = {"$SLURM_NNODES": "2", "$((SLURM_NNODES * 4))": "8", "$SLURM_NODEID": "0", "$MAIN_PROCESS_PORT": "29511"}
+    args = launch_command_parser().parse_args([values.get(word, word) for word in words[3:]])
+    assert args.config_file == str(CATALOGUE_DIR / f"{recipe}.yaml") and args.training_script == "train.py"
+
+
 def test_cpu_only_nodes_ask_for_no_gpus_and_one_cpu_per_process(tmp_path: Path) -> None:
     script = sbatch_script(SlurmJob("ddp", ("train.py",), nodes=3, cpu_processes_per_node=2))
     assert _lines(script, "#SBATCH") == [

@@ -9,6 +9,9 @@ other change than ``accelerator = meshplan.accelerator()``. What meshplan adds t
 - Tensor parallelism applies meshplan's TP plan in ``prepare`` to models built or loaded the
   ordinary way, shards the data over the data-parallel dimension only, and averages gradients
   over it.
+- FSDP2 (ZeRO(engine="fsdp2"), TensorParallel(data_parallel="shard")) shards the models in
+  ``prepare`` with meshplan.fsdp, block by block; a launched FSDP config is read from the
+  environment, and Accelerate's own FSDP plugin is kept off (it would shard the model again).
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from meshplan.checkpoint.accelerate_state import CheckpointingAccelerator
 from meshplan.checkpoint.pretrained import consolidated_state_dict
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
+from meshplan.fsdp import average_plain_gradients, check_fsdp2_model, clip_grad_norm, fsdp2_models, fully_shard_models
 from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
 from meshplan.plan import Plan, normalize_precision
 from meshplan.planner.types import LayoutChoice
 from meshplan.recipes import launched_recipe_extras, plan_from_environment, read_recipe, started_by_a_launcher
 from meshplan.tp.shard import plan_models, shard_models, sharding_mesh
-from meshplan.tp.sync import average_gradients
+from meshplan.tp.sync import average_gradients, broadcast_parameters
 
 # Accelerator arguments that a recipe's training settings fill in.
 _TRAINING_ARGUMENTS = {"mixed_precision": "mixed_precision", "gradient_accumulation_steps": "gradient_accumulation_steps"}
@@ -96,7 +100,7 @@ def accelerator(strategy_or_recipe: Any = None, **accelerator_kwargs: Any) -> Ac
     plan = choice.plan if choice is not None else resolve_plan(strategy_or_recipe)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plan.check_world_size(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    if plan.strategy != "zero" and plan.option("gradient_clipping") is not None:
+    if not plan.uses_deepspeed and plan.option("gradient_clipping") is not None:
         raise PlanError(
             f"option gradient_clipping={plan.option('gradient_clipping')!r} is not applied by Accelerate for "
             f"strategy={plan.strategy!r} (only DeepSpeed clips by itself): drop it from the recipe and call "
@@ -161,7 +165,7 @@ def _runs_on_cpu(plan: Plan, accelerator_kwargs: dict[str, Any]) -> bool:
     cuda = torch.cuda.is_available()
     # `accelerate launch --cpu`, or use_cpu: true in a recipe, asks every Accelerator for the CPU.
     cpu_from_launch = accelerate_compat.flag_set(accelerate_compat.USE_CPU)
-    if plan.strategy == "zero" and cuda and (accelerator_kwargs.get("cpu") or cpu_from_launch):
+    if plan.uses_deepspeed and cuda and (accelerator_kwargs.get("cpu") or cpu_from_launch):
         asked = ("cpu=True" if accelerator_kwargs.get("cpu")
                  else "ACCELERATE_USE_CPU (from `accelerate launch --cpu`, or use_cpu: true in the recipe)")
         raise PlanError(
@@ -174,8 +178,8 @@ def _runs_on_cpu(plan: Plan, accelerator_kwargs: dict[str, Any]) -> bool:
         return not cuda
     cpu = bool(accelerator_kwargs.pop("cpu"))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if not cpu and not cuda and (plan.strategy == "zero" or launched > 1):
-        consequence = ("DeepSpeed would start without the gloo backend and count one process" if plan.strategy == "zero"
+    if not cpu and not cuda and (plan.uses_deepspeed or launched > 1):
+        consequence = ("DeepSpeed would start without the gloo backend and count one process" if plan.uses_deepspeed
                        else f"Accelerate would count 1 of the {launched} launched processes and each would train alone")
         raise PlanError(
             f"cpu=False asks for CUDA devices, but torch sees none (torch.cuda.is_available() is False): "
@@ -185,6 +189,16 @@ def _runs_on_cpu(plan: Plan, accelerator_kwargs: dict[str, Any]) -> bool:
 
 
 def _build_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> Accelerator:
+    # meshplan runs every layout itself: an FSDP config that `accelerate launch` passed must not make
+    # Accelerate wrap the model in its own FSDP as well.
+    with accelerate_compat.launched_fsdp_hidden():
+        return _layout_accelerator(plan, on_cpu, kwargs)
+
+
+def _layout_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> Accelerator:
+    if plan.uses_fsdp2:
+        with accelerate_compat.launched_parallelism_config_hidden():
+            return FullyShardedAccelerator(plan, cpu=on_cpu, **kwargs)
     if plan.strategy == "zero":
         return _deepspeed_accelerator(plan, on_cpu, kwargs)
     if plan.strategy == "tp":
@@ -337,16 +351,20 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         return prepared
 
     def _shard(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-        plans = plan_models(module, self.tp_size, self.plan.tp_plan_dict)  # every check before a collective
         before = dict(module.named_parameters())
-        mesh = self.torch_device_mesh
-        shard_models(module, plans, self.device, mesh[TENSOR_PARALLEL_DIMENSION], mesh[DATA_PARALLEL_DIMENSION])
+        self._shard_parameters(module)
         after = dict(module.named_parameters())
         replaced = {name: parameter for name, parameter in before.items() if after[name] is not parameter}
         _repoint_optimizers(optimizers, {id(parameter): name for name, parameter in replaced.items()}, after)
         # Weak references: the replaced parameters may be freed, and their ids reused.
         self._replaced_parameters.update({id(parameter): (weakref.ref(parameter), name) for name, parameter in replaced.items()})
         self._tp_modules.append(module)
+
+    def _shard_parameters(self, module: nn.Module) -> None:
+        """Shards the models in ``module`` with the TP plan (replacing their parameters with DTensors)."""
+        plans = plan_models(module, self.tp_size, self.plan.tp_plan_dict)  # every check before a collective
+        mesh = self.torch_device_mesh
+        shard_models(module, plans, self.device, mesh[TENSOR_PARALLEL_DIMENSION], mesh[DATA_PARALLEL_DIMENSION])
 
     def _refuse_stale(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
@@ -370,7 +388,11 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         super().backward(loss, **kwargs)
         if self.sync_gradients:
             for module in self._tp_modules:
-                average_gradients(module, self.torch_device_mesh[DATA_PARALLEL_DIMENSION])
+                self._synchronize(module)
+
+    def _synchronize(self, module: nn.Module) -> None:
+        """Makes the gradients of ``module`` the data-parallel mean (after the last micro-batch's backward)."""
+        average_gradients(module, self.torch_device_mesh[DATA_PARALLEL_DIMENSION])
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
         """Clips over sharded and replicated parameters together."""
@@ -440,6 +462,52 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         if sharding_mesh(module) is None:
             return super().get_state_dict(model, unwrap)
         return consolidated_state_dict(module)
+
+
+class FullyShardedAccelerator(TensorParallelAccelerator):
+    """An Accelerator whose ``prepare`` shards Hugging Face models with FSDP2 (``fully_shard``).
+
+    ZeRO(engine="fsdp2") shards each model block by block over every process (a data-parallel
+    dimension of the whole world, tp_size 1); TensorParallel(data_parallel="shard") first applies
+    the TP plan over the tensor-parallel dimension, then shards over the data-parallel one, the
+    order torchtitan uses. FSDP2 reduce-scatters the gradients in the backward of the last
+    micro-batch of a step (``accumulate`` keeps the others local); parameters outside the Hugging
+    Face models stay whole and are averaged as under DDP. Everything else (data sharding, gather,
+    reduce, get_state_dict, optimizer re-pointing) is TensorParallelAccelerator's.
+    """
+
+    def prepare(self, *args: Any, device_placement: Any = None) -> Any:
+        """Checks every model FSDP2 would shard (before any collective), then TensorParallelAccelerator's prepare."""
+        for module in args:
+            if isinstance(module, nn.Module) and sharding_mesh(module) is None:
+                check_fsdp2_model(module, self.plan)
+        return super().prepare(*args, device_placement=device_placement)
+
+    def _shard_parameters(self, module: nn.Module) -> None:
+        """TP first when the layout has it, then FSDP2 over the data-parallel dimension."""
+        data_parallel = self.torch_device_mesh[DATA_PARALLEL_DIMENSION]
+        if self.plan.strategy == "tp":
+            super()._shard_parameters(module)  # also starts every replica from data-parallel rank 0's weights
+        else:
+            module.to(self.device)
+            broadcast_parameters(module, data_parallel)  # FSDP2 keeps each rank's own slice: make them one model's
+        fully_shard_models(module, self.plan, data_parallel)
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Accelerate's backward; FSDP2 reduces the gradients only in the last micro-batch's backward of a step."""
+        for module in self._tp_modules:
+            for _, model in fsdp2_models(module):
+                model.set_requires_gradient_sync(self.sync_gradients)
+        super().backward(loss, **kwargs)
+
+    def _synchronize(self, module: nn.Module) -> None:
+        """FSDP2 reduced what it shards; the parameters it does not hold are averaged like DDP's."""
+        average_plain_gradients(module.parameters(), self.torch_device_mesh[DATA_PARALLEL_DIMENSION])
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
+        """Clips to the whole model's norm over sharded (on either mesh) and whole gradients; returns that norm."""
+        self.unscale_gradients()
+        return clip_grad_norm(list(parameters), max_norm, norm_type)
 
 
 def _all_tensors(data: Any) -> bool:

@@ -31,7 +31,7 @@ def deepspeed_config(
     ``"auto"`` leaves it to the HF Trainer or Accelerate to fill in from their own arguments.
 
     Args:
-        plan: a Plan with ``strategy == "zero"``.
+        plan: a Plan with ``strategy == "zero"`` and ``engine == "deepspeed"``.
         micro_batch_size: ``train_micro_batch_size_per_gpu``; left out when None.
         gradient_accumulation_steps: left out when None.
         gradient_clipping: the max gradient norm; left out when None.
@@ -40,6 +40,8 @@ def deepspeed_config(
     """
     if plan.strategy != "zero":
         raise PlanError(f"strategy={plan.strategy!r} has no DeepSpeed config; only ZeRO is run by DeepSpeed.")
+    if not plan.uses_deepspeed:
+        raise PlanError(f"ZeRO with engine={plan.engine!r} has no DeepSpeed config; torch's FSDP2 runs it, not DeepSpeed.")
     config: dict[str, Any] = {
         "zero_optimization": _zero_section(plan),
         # DeepSpeed runs any torch optimizer; the user's choice in configure_optimizers stands.

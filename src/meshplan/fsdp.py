@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from meshplan.errors import PlanError
 from meshplan.plan import Plan
@@ -214,5 +214,8 @@ def _sharded_dimensions(grad: torch.Tensor) -> tuple[DeviceMesh | None, tuple[in
     """The mesh of ``grad`` and the dimensions of it that ``grad`` is split along (none for a plain tensor)."""
     if not isinstance(grad, DTensor):
         return None, ()
+    # Not isinstance(placement, Shard): FSDP2 splits a TP-sharded dimension again with torch's private
+    # strided placement, which in torch 2.13 is no Shard. Whatever neither replicates nor holds
+    # partial sums is split along that mesh dimension.
     return grad.device_mesh, tuple(dimension for dimension, placement in enumerate(grad.placements)
-                                   if isinstance(placement, Shard))
+                                   if not (placement.is_replicate() or placement.is_partial()))

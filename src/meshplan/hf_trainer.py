@@ -4,6 +4,8 @@ Each setting is written once: the DeepSpeed config says "auto" wherever Training
 the value (batch size, accumulation, clipping, precision), so the two cannot disagree. On a
 CPU-only machine ``use_cpu=True`` is what makes Accelerate (under the Trainer) count every
 worker and use gloo; with DeepSpeed it also gives the "auto" batch size the true world size.
+FSDP2 goes through the Trainer's own ``fsdp``/``fsdp_config`` arguments, where the Trainer runs
+it: on GPUs. On the CPU it cannot (below), and TP x FSDP2 not at all; both are PlanErrors.
 """
 
 from __future__ import annotations
@@ -39,21 +41,28 @@ def training_arguments(plan: Plan) -> dict[str, Any]:
     ``python train.py``, which trains as a world of one without any process group.
 
     Raises:
-        PlanError: the Trainer cannot express the layout (tensor parallelism, or an option it lacks),
-            or a DDP layout is asked for where ACCELERATE_USE_DEEPSPEED would make the Trainer run DeepSpeed.
+        PlanError: the Trainer cannot express the layout (tensor parallelism, FSDP2 on the CPU, or an
+            option it lacks), or a DDP or FSDP2 layout is asked for where ACCELERATE_USE_DEEPSPEED would
+            make the Trainer run DeepSpeed.
     """
+    on_cpu = not torch.cuda.is_available()
+    if plan.uses_fsdp2:
+        _refuse_fsdp2_where_the_trainer_cannot(plan, on_cpu)
     if plan.strategy == "tp":
         raise PlanError(
             "TensorParallel cannot be expressed through TrainingArguments: the HF Trainer only runs tensor "
             "parallelism on models loaded with a transformers DistributedConfig, and not on CPU processes. Use "
             "lightning.Trainer(strategy=meshplan.TensorParallel(...)) or meshplan.accelerator(...) instead."
         )
-    if plan.strategy != "zero":
+    if not plan.uses_deepspeed:
         _refuse_leftover_deepspeed(plan)
-    on_cpu = not torch.cuda.is_available()
+    if not plan.uses_fsdp2:
+        _refuse_leftover_fsdp(plan)
     arguments: dict[str, Any] = {"use_cpu": True} if on_cpu else {}
     arguments.update(_training_settings(plan))
-    if plan.strategy == "zero":
+    if plan.uses_fsdp2:
+        arguments.update(fsdp=True, fsdp_config=_fsdp_config(plan))
+    elif plan.strategy == "zero":
         arguments["deepspeed"] = deepspeed_config(
             plan, micro_batch_size="auto", gradient_accumulation_steps="auto", gradient_clipping="auto", precision="auto"
         )
@@ -62,6 +71,44 @@ def training_arguments(plan: Plan) -> dict[str, Any]:
     if plan.strategy == "ddp":
         arguments.update(_ddp_arguments(plan))
     return arguments
+
+
+def _refuse_fsdp2_where_the_trainer_cannot(plan: Plan, on_cpu: bool) -> None:
+    if plan.strategy == "tp":
+        raise PlanError(
+            "TensorParallel(data_parallel='shard') cannot be expressed through TrainingArguments: the HF Trainer only "
+            "runs tensor parallelism on models loaded with a transformers DistributedConfig, and not on CPU processes. "
+            "Use lightning.Trainer(strategy=meshplan.TensorParallel(..., data_parallel='shard')) or "
+            "meshplan.accelerator(...) instead."
+        )
+    if on_cpu:
+        # Measured (transformers 5.24, accelerate 1.15, 2 CPU processes): with use_cpu=True, which Accelerate
+        # needs to count CPU workers, it drops the Trainer's FSDP plugin and wraps the model in DDP, silently.
+        raise PlanError(
+            f"ZeRO(stage={plan.zero_stage}, engine='fsdp2') cannot run under the HF Trainer on the CPU: with "
+            f"use_cpu=True (which Accelerate needs to count CPU workers) Accelerate drops the Trainer's FSDP plugin "
+            f"and trains plain DDP instead, every process holding the whole model and optimizer state. On CPUs use "
+            f"lightning.Trainer(strategy=meshplan.ZeRO(stage={plan.zero_stage}, engine='fsdp2')) or "
+            f"meshplan.accelerator(...), or ZeRO(stage={plan.zero_stage}) (DeepSpeed) with the HF Trainer; on GPUs "
+            f"these arguments run FSDP2 through the Trainer's fsdp_config."
+        )
+
+
+def _fsdp_config(plan: Plan) -> dict[str, Any]:
+    """The Trainer's ``fsdp_config`` for an FSDP2 ZeRO layout (its keys, transformers 5.24)."""
+    config: dict[str, Any] = {
+        "version": 2,
+        "reshard_after_forward": plan.reshard_after_forward,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the model's _no_split_modules, the blocks meshplan shards
+        "cpu_ram_efficient_loading": False,
+        "activation_checkpointing": False,
+        # The Trainer's save_model then writes whole weights (model.safetensors), as under the other layouts.
+        "state_dict_type": "FULL_STATE_DICT",
+    }
+    if plan.option("fsdp_layer_classes") is not None:
+        config["transformer_layer_cls_to_wrap"] = [name.strip() for name in plan.option("fsdp_layer_classes").split(",")
+                                                   if name.strip()]
+    return config
 
 
 def _launched_as_a_group(environ: Mapping[str, str] | None = None) -> bool:
@@ -88,6 +135,18 @@ def _refuse_leftover_deepspeed(plan: Plan) -> None:
             f"of strategy={plan.strategy!r}. It comes from `accelerate launch` with a DeepSpeed config, or from an "
             f"earlier DeepSpeed Trainer or Accelerator in this process: launch with a non-DeepSpeed config (or "
             f"torchrun), run this layout in a fresh process, or unset the variable before building TrainingArguments."
+        )
+
+
+def _refuse_leftover_fsdp(plan: Plan) -> None:
+    # Without fsdp arguments the Trainer's Accelerator still builds an FSDP plugin from the environment when
+    # this variable is set: `accelerate launch` of an FSDP config sets it, and so does every FSDP Accelerator.
+    if accelerate_compat.flag_set(accelerate_compat.USE_FSDP):
+        raise PlanError(
+            f"ACCELERATE_USE_FSDP=true is set in this process, so the HF Trainer would run Accelerate's FSDP instead "
+            f"of strategy={plan.strategy!r}. It comes from `accelerate launch` with an FSDP config, or from an earlier "
+            f"FSDP Trainer or Accelerator in this process: launch with a config of this layout (or torchrun), run it "
+            f"in a fresh process, or unset the variable before building TrainingArguments."
         )
 
 

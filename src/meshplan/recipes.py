@@ -32,7 +32,7 @@ CATALOGUE_DIR = Path(__file__).resolve().parent / "catalogue"
 _LAUNCH_KEYS = ("compute_environment", "num_processes", "num_machines", "machine_rank", "main_process_ip",
                 "main_process_port", "rdzv_backend", "same_network", "main_training_function", "gpu_ids",
                 "enable_cpu_affinity", "use_cpu", "debug", "downcast_bf16", "dynamo_config", "mpirun_config")
-_LAYOUT_TYPES = {"MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "NO": "ddp", "DEEPSPEED": "zero"}
+_LAYOUT_TYPES = {"MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "NO": "ddp", "DEEPSPEED": "zero", "FSDP": "fsdp2"}
 _OFFLOAD_DEVICES = {"none": False, None: False, "cpu": True}
 # deepspeed_config keys that only steer the launcher.
 _DEEPSPEED_LAUNCH_KEYS = ("zero3_init_flag", "zero3_save_16bit_model", "deepspeed_multinode_launcher",
@@ -73,6 +73,8 @@ def write_recipe(plan: Plan, path: str | os.PathLike, *, num_processes: int = 2,
         extras["tp_plan"] = dict(plan.tp_plan)
     if plan.strategy == "tp" and plan.tp_size is None:
         extras["tp_size"] = None
+    elif plan.strategy == "tp" and plan.uses_fsdp2 and plan.tp_size == 1:
+        extras["tp_size"] = 1  # under FSDP, Accelerate's tp size 1 alone reads as plain FSDP2 (ZeRO on FSDP2)
     lines = [f"# {line}" if line else "#" for line in description.strip().splitlines()]
     if extras:
         lines.append(HEADER + json.dumps(extras, sort_keys=True))
@@ -176,7 +178,7 @@ def plan_from_accelerate_config(config: Mapping[str, Any], extras: Mapping[str, 
     deepspeed = _mapping(config, "deepspeed_config")
     if _mapping(config, "dynamo_config").get("dynamo_backend", "NO") not in ("NO", "no"):
         raise PlanError("key dynamo_config.dynamo_backend is not honoured: meshplan does not compile models.")
-    tp_size = _tp_size(parallelism)
+    tp_size = _tp_size(parallelism, sharded=distributed_type == "FSDP")
     # A TP size, even 1, asks for the TP layout (Accelerate exports it whenever parallelism is on).
     tensor_parallel = any(key in parallelism for key in ("parallelism_config_tp_size", "tp_size")) or "tp_size" in extras
     options = {name: extras.pop(name) for name in list(extras) if name not in ("tp_plan", "tp_size")}
@@ -186,6 +188,15 @@ def plan_from_accelerate_config(config: Mapping[str, Any], extras: Mapping[str, 
     if deepspeed and distributed_type != "DEEPSPEED":
         raise PlanError(f"keys distributed_type={distributed_type!r} and deepspeed_config contradict: "
                         f"deepspeed_config only applies with distributed_type 'DEEPSPEED'.")
+    fsdp = _mapping(config, "fsdp_config")
+    if distributed_type == "FSDP":
+        # Under FSDP a tp size of 1 (which `accelerate launch` exports whenever parallelism_config is on) is no TP.
+        tensor_parallel = tp_size > 1 or "tp_size" in extras or "tp_plan" in extras
+        _check_sharded_size(parallelism, tp_size, config.get("num_processes"))
+        return _fsdp2_plan(fsdp, tensor_parallel, extras, tp_size, options)
+    if fsdp:
+        raise PlanError(f"keys distributed_type={distributed_type!r} and fsdp_config contradict: "
+                        f"fsdp_config only applies with distributed_type 'FSDP'.")
     if "tp_plan" in extras and not tensor_parallel:
         raise PlanError("header option tp_plan contradicts the recipe's layout: it has no parallelism_config tp size.")
     if tensor_parallel:
@@ -220,6 +231,9 @@ def plan_from_environment(environ: Mapping[str, str] | None = None, extras: Mapp
     if accelerate_compat.switched_on(accelerate_compat.USE_DEEPSPEED, environ):
         config["distributed_type"] = "DEEPSPEED"
         config["deepspeed_config"] = _deepspeed_config_from_environment(environ)
+    if accelerate_compat.switched_on(accelerate_compat.USE_FSDP, environ):
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = _fsdp_config_from_environment(environ)
     if accelerate_compat.switched_on(accelerate_compat.USE_PARALLELISM_CONFIG, environ):
         config["parallelism_config"] = {key: _environment_number(environ, variable)
                                         for variable, key in accelerate_compat.PARALLELISM_VARIABLES.items()
@@ -303,6 +317,28 @@ def _deepspeed_config_from_environment(environ: Mapping[str, str]) -> dict[str, 
             for variable, key in accelerate_compat.DEEPSPEED_VARIABLES.items() if variable in environ}
 
 
+# fsdp_config keys whose values are booleans (the launcher exports them as "true" or "false").
+_FSDP_FLAGS = ("fsdp_reshard_after_forward", "fsdp_offload_params", "fsdp_cpu_ram_efficient_loading",
+               "fsdp_activation_checkpointing", "fsdp_activation_checkpointing_offload", "fsdp_forward_prefetch",
+               "fsdp_use_orig_params", "fsdp_sync_module_states")
+
+
+def _fsdp_config_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Accelerate's FSDP_* variables as the typed fsdp_config section a recipe file holds."""
+    section: dict[str, Any] = {}
+    for variable, key in accelerate_compat.FSDP_VARIABLES.items():
+        if variable not in environ:
+            continue
+        text = environ[variable]
+        if key in _FSDP_FLAGS and text.lower() in ("true", "false"):
+            section[key] = text.lower() == "true"
+        elif key in ("fsdp_version", "fsdp_min_num_params"):
+            section[key] = _environment_number(environ, variable)
+        else:
+            section[key] = text
+    return section
+
+
 def _environment_number(environ: Mapping[str, str], variable: str) -> Any:
     """An environment variable as the int or float a recipe file would hold; other text (such as
     "none" or "auto") is kept as it is, for the key's own check to take or refuse."""
@@ -318,9 +354,9 @@ def _environment_number(environ: Mapping[str, str], variable: str) -> Any:
 def _accelerate_config(plan: Plan, num_processes: int, num_machines: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
-        # MULTI_GPU makes `accelerate launch` start one worker per process through torchrun, on
-        # GPUs and CPUs alike; meshplan.accelerator() picks the device and backend in the worker.
-        "distributed_type": "DEEPSPEED" if plan.strategy == "zero" else "MULTI_GPU",
+        # MULTI_GPU (and FSDP) make `accelerate launch` start one worker per process through torchrun,
+        # on GPUs and CPUs alike; meshplan.accelerator() picks the device and backend in the worker.
+        "distributed_type": "FSDP" if plan.uses_fsdp2 else "DEEPSPEED" if plan.strategy == "zero" else "MULTI_GPU",
         "num_processes": num_processes,
         "num_machines": num_machines,
         "machine_rank": 0,
@@ -330,7 +366,9 @@ def _accelerate_config(plan: Plan, num_processes: int, num_machines: int) -> dic
         "main_training_function": "main",
         "use_cpu": False,
     }
-    if plan.strategy == "zero":
+    if plan.uses_fsdp2:
+        config["fsdp_config"] = _fsdp_section(plan)
+    elif plan.strategy == "zero":
         config["deepspeed_config"] = _deepspeed_section(plan)
         if num_machines > 1:
             # One launcher per machine (torchrun), like every other layout; DeepSpeed's default
@@ -338,7 +376,119 @@ def _accelerate_config(plan: Plan, num_processes: int, num_machines: int) -> dic
             config["deepspeed_config"]["deepspeed_multinode_launcher"] = "standard"
     if plan.strategy == "tp" and plan.tp_size is not None:
         config["parallelism_config"] = {"parallelism_config_tp_size": plan.tp_size}
+        if plan.uses_fsdp2:
+            # Accelerate's ParallelismConfig wants the sizes to multiply up to the world size.
+            config["parallelism_config"] = {"parallelism_config_dp_shard_size": num_processes // plan.tp_size,
+                                            "parallelism_config_tp_size": plan.tp_size}
     return config
+
+
+def _fsdp_section(plan: Plan) -> dict[str, Any]:
+    """Accelerate's own fsdp_config keys for an FSDP2 layout; every setting meshplan does not apply is off."""
+    section: dict[str, Any] = {
+        "fsdp_version": 2,
+        "fsdp_reshard_after_forward": plan.reshard_after_forward,
+        # The transformer blocks (the model's _no_split_modules), as meshplan.fsdp finds them.
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    }
+    if plan.option("fsdp_layer_classes") is not None:
+        section["fsdp_transformer_layer_cls_to_wrap"] = plan.option("fsdp_layer_classes")
+    section.update({
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_offload_params": False,
+        # The launcher's default is true: ranks other than 0 would load weights on the meta device.
+        "fsdp_cpu_ram_efficient_loading": False,
+        "fsdp_activation_checkpointing": False,
+    })
+    return section
+
+
+# fsdp_config keys meshplan honours only at one value, and why; the message names the key.
+_FSDP_FIXED = {
+    "fsdp_offload_params": (False, "meshplan's FSDP2 keeps parameters on the device; ZeRO(stage=3, "
+                                   "engine='deepspeed', offload_parameters=True) offloads them"),
+    "fsdp_cpu_ram_efficient_loading": (False, "with it, from_pretrained leaves the weights of every rank but 0 on "
+                                              "the meta device, which meshplan does not fill in"),
+    "fsdp_activation_checkpointing": (False, "meshplan does not checkpoint activations for you; call "
+                                             "model.gradient_checkpointing_enable() in your script"),
+    "fsdp_activation_checkpointing_offload": (False, "meshplan does not checkpoint activations for you"),
+}
+# fsdp_config keys that change nothing meshplan does: checkpoints are meshplan's own, size-based
+# wrapping is not chosen, and the FSDP1 settings Accelerate ignores under fsdp_version 2.
+_FSDP_IGNORED = ("fsdp_state_dict_type", "fsdp_min_num_params", "fsdp_sharding_strategy", "fsdp_backward_prefetch",
+                 "fsdp_forward_prefetch", "fsdp_use_orig_params", "fsdp_sync_module_states")
+_STATE_DICT_TYPES = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+
+
+def _fsdp2_plan(section: Mapping[str, Any], tensor_parallel: bool, extras: Mapping[str, Any], tp_size: int,
+                options: dict[str, Any]) -> Plan:
+    """The FSDP2 Plan of an fsdp_config section: ZeRO on FSDP2, or TP x FSDP2 with a tp size."""
+    version = section.get("fsdp_version", 1)
+    if version != 2 or isinstance(version, bool):
+        raise PlanError(
+            f"key fsdp_config.fsdp_version={shown(version)}: meshplan runs FSDP2 only (fsdp_version: 2), not FSDP1, "
+            f"which is Accelerate's default when the key is missing. Convert the config with "
+            f"`accelerate to-fsdp2 --config_file CONFIG --output_file NEW`, then check it keeps the settings you meant."
+        )
+    for key, value in section.items():
+        _check_fsdp_key(key, value)
+    reshard = section.get("fsdp_reshard_after_forward", True)
+    if not isinstance(reshard, bool):
+        raise PlanError(f"key fsdp_config.fsdp_reshard_after_forward={shown(reshard)} must be true or false under "
+                        f"fsdp_version 2.")
+    classes = section.get("fsdp_transformer_layer_cls_to_wrap")
+    if classes is not None:
+        options = {**options, "fsdp_layer_classes": classes}
+    if tensor_parallel:
+        if not reshard:
+            raise PlanError("key fsdp_config.fsdp_reshard_after_forward=false is not honoured with a tp size: "
+                            "meshplan's TP x FSDP2 reshards after every forward; write true.")
+        return Plan.build("tp", tp_size=extras.get("tp_size", tp_size), tp_plan=extras.get("tp_plan"),
+                          data_parallel="shard", options=options)
+    if "tp_plan" in extras:
+        raise PlanError("header option tp_plan contradicts the recipe's layout: it has no parallelism_config tp size.")
+    # Resharding after the forward is ZeRO-3; keeping the gathered parameters until the backward, ZeRO-2.
+    return Plan.build("zero", zero_stage=3 if reshard else 2, engine="fsdp2", options=options)
+
+
+def _check_fsdp_key(key: Any, value: Any) -> None:
+    """Refuses an fsdp_config key meshplan does not know, or a value of it meshplan cannot honour."""
+    if not isinstance(key, str):
+        raise PlanError(f"key fsdp_config.{shown(key)} is not one meshplan honours.")
+    if key in _FSDP_FIXED:
+        wanted, reason = _FSDP_FIXED[key]
+        if value is not wanted and value is not None:
+            raise PlanError(f"key fsdp_config.{key}={shown(value)} is not honoured: {reason}; write "
+                            f"{json.dumps(wanted)} or remove it.")
+    elif key == "fsdp_auto_wrap_policy":
+        if value not in (None, "TRANSFORMER_BASED_WRAP"):
+            raise PlanError(f"key fsdp_config.fsdp_auto_wrap_policy={shown(value)} is not honoured: meshplan shards "
+                            f"the model's transformer blocks (TRANSFORMER_BASED_WRAP); write that or remove it.")
+    elif key == "fsdp_transformer_layer_cls_to_wrap":
+        if not isinstance(value, str):
+            raise PlanError(f"key fsdp_config.fsdp_transformer_layer_cls_to_wrap={shown(value)} must be class names "
+                            f"separated by commas.")
+    elif key == "fsdp_state_dict_type":
+        if value not in (None, *_STATE_DICT_TYPES):
+            raise PlanError(f"key fsdp_config.fsdp_state_dict_type={shown(value)} is not honoured; valid values are "
+                            f"{', '.join(_STATE_DICT_TYPES)} (meshplan's checkpoints are layout-independent either way).")
+    elif key == "fsdp_ignored_modules":
+        if value:
+            raise PlanError(f"key fsdp_config.fsdp_ignored_modules={shown(value)} is not honoured: meshplan shards "
+                            f"every parameter of the model; remove it.")
+    elif key not in ("fsdp_version", "fsdp_reshard_after_forward", *_FSDP_IGNORED):
+        raise PlanError(f"key fsdp_config.{shown_key(key)} is not one meshplan honours.")
+
+
+def _check_sharded_size(parallelism: Mapping[str, Any], tp_size: int, num_processes: Any) -> None:
+    """Under FSDP, parallelism_config's dp_shard_size times tp_size must be the recipe's process count."""
+    shard = parallelism.get("parallelism_config_dp_shard_size", parallelism.get("dp_shard_size"))
+    if shard is None or type(num_processes) is not int or num_processes < 1:
+        return
+    if shard * tp_size != num_processes:
+        raise PlanError(f"keys parallelism_config_dp_shard_size={shard} and parallelism_config_tp_size={tp_size} "
+                        f"contradict num_processes={num_processes}: their product is the world size; meshplan "
+                        f"shards over the processes left over by tp_size ({num_processes // max(tp_size, 1)}).")
 
 
 def _deepspeed_section(plan: Plan) -> dict[str, Any]:
@@ -359,7 +509,9 @@ def _has_accelerate_key(plan: Plan, option: str) -> bool:
     if option == "mixed_precision":
         # "no" is also Accelerate's default, so an explicit "no" is kept in the header.
         return plan.option(option) != "no"
-    return plan.strategy == "zero" and option in ("gradient_accumulation_steps", "gradient_clipping")
+    if option == "fsdp_layer_classes":
+        return True  # fsdp_transformer_layer_cls_to_wrap
+    return plan.uses_deepspeed and option in ("gradient_accumulation_steps", "gradient_clipping")
 
 
 def _zero_plan(section: Mapping[str, Any], options: dict[str, Any], base_dir: Path | None) -> Plan:
@@ -584,9 +736,10 @@ def _check_fp16_defaults(section: dict[str, Any]) -> None:
 
 
 def _refuse_unsupported_sections(config: Mapping[str, Any]) -> None:
-    for key in ("fsdp_config", "megatron_lm_config", "fp8_config"):
+    for key in ("megatron_lm_config", "fp8_config"):
         if _mapping(config, key):
-            raise PlanError(f"key {key!r} asks for a layout meshplan does not run; use DDP, ZeRO or TP.")
+            raise PlanError(f"key {key!r} asks for a layout meshplan does not run; use DDP, ZeRO (DeepSpeed or FSDP2) "
+                            f"or TP.")
 
 
 def _distributed_type(value: Any) -> str:
@@ -631,14 +784,19 @@ def _machine_count(value: Any) -> int:
     return value
 
 
-def _tp_size(section: Mapping[str, Any]) -> int:
+def _tp_size(section: Mapping[str, Any], sharded: bool = False) -> int:
+    """The tp size of a parallelism_config section; with ``sharded`` (distributed_type FSDP) it may
+    name a dp_shard_size, the processes FSDP2 shards over."""
     for key, value in section.items():
         if not isinstance(key, str):
             raise PlanError(f"key parallelism_config.{shown(key)} is not one meshplan honours.")
         short = key.removeprefix("parallelism_config_")
         if short == "tp_size":
             continue
-        if short in ("dp_replicate_size", "dp_shard_size", "cp_size", "sp_size"):
+        if short == "dp_shard_size" and sharded:
+            if _integer(value, f"parallelism_config.{key}") < 1:
+                raise PlanError(f"key parallelism_config.{key}={value!r} must be a positive integer.")
+        elif short in ("dp_replicate_size", "dp_shard_size", "cp_size", "sp_size"):
             if _integer(value, f"parallelism_config.{key}") > 1:
                 raise PlanError(f"key parallelism_config.{key}={value!r} is not honoured: meshplan's data-parallel "
                                 f"dimension is the processes left over by tp_size.")

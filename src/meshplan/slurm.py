@@ -86,7 +86,7 @@ def sbatch_script(job: SlurmJob) -> str:
     recipe.plan.check_world_size(world, job.processes_per_node)
     # Absolute: every node reads it (the recipe must lie on a filesystem they all see).
     recipe_path = os.path.abspath(find_recipe(job.recipe))
-    body = _lightning_body(job) if job.lightning else _accelerate_body(job, recipe_path, recipe.plan.strategy == "zero")
+    body = _lightning_body(job) if job.lightning else _accelerate_body(job, recipe_path, recipe.plan.uses_deepspeed)
     lines = [
         "#!/bin/bash",
         *_header(job, recipe.description, world),

@@ -196,10 +196,12 @@ def _error(tensors: dict, weights: dict) -> float | str:
     return max((tensors[key].detach().float().cpu() - weights[key].float().cpu()).abs().max().item() for key in weights)
 
 
-def reference_run(loss_scale: float, model_name: str = "llama") -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
-    """The single-process reference of ``main`` with ``loss_scale``: no clipping, the global batch.
+def reference_run(loss_scale: float, model_name: str = "llama",
+                  clip: float | None = None) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+    """The single-process reference of ``main`` with ``loss_scale`` on the global batch, clipping the
+    gradient norm at ``clip`` (None: no clipping).
 
-    Returns the losses, the final weights and the gradient norm of every step.
+    Returns the losses, the final weights and the gradient norm of every step (before clipping).
     """
     model = parity.build_model(model_name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=parity.LEARNING_RATE[model_name], eps=parity.ADAM_EPS)
@@ -207,7 +209,7 @@ def reference_run(loss_scale: float, model_name: str = "llama") -> tuple[list[fl
     for batch in DataLoader(parity.TokenDataset(model_name), batch_size=parity.GLOBAL_BATCH):
         loss = model(**batch).loss
         (loss * loss_scale).backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item())
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf") if clip is None else clip).item())
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())

@@ -92,7 +92,31 @@ def run_recipes(recipes: list[str], reference_path: str, output_dir: str) -> dic
     for recipe in recipes:
         folder = Path(output_dir) / Path(recipe).stem
         results[recipe] = _run_recipe(recipe, folder, reference_weights)
+    if not torch.cuda.is_available():
+        # Last: a Trainer with FSDP arguments leaves ACCELERATE_USE_FSDP set in this process.
+        results[FSDP2_ON_CPU] = fsdp2_on_cpu(str(Path(output_dir) / "fsdp2-on-cpu"))
     return results
+
+
+FSDP2_ON_CPU = "fsdp2 arguments with use_cpu"
+
+
+def fsdp2_on_cpu(output_dir: str) -> dict[str, Any]:
+    """What the Trainer does with the FSDP2 arguments meshplan writes for GPUs, given use_cpu=True
+    (which Accelerate needs to count CPU workers): the reason training_arguments() refuses FSDP2 on the CPU."""
+    from meshplan.fsdp import is_fully_sharded
+    from meshplan.hf_trainer import _fsdp_config
+
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # left by the DeepSpeed recipes before: it would take over
+    layout = {"use_cpu": True, "ddp_backend": "gloo", "fsdp": True,
+              "fsdp_config": _fsdp_config(meshplan.ZeRO(stage=3, engine="fsdp2").plan)}
+    losses, trainer = train(output_dir, parity.GLOBAL_BATCH // trainer_world_size(), layout)
+    weights = [None] * dist.get_world_size()
+    dist.all_gather_object(weights, {key: value.detach().clone() for key, value in trainer.model.named_parameters()})
+    return {"distributed_type": str(trainer.accelerator.distributed_type),
+            "model_wrapped": type(trainer.model_wrapped).__name__, "fully_sharded": is_fully_sharded(trainer.model),
+            "ranks_hold_the_same_weights": all(torch.equal(weights[0][key], other[key])
+                                               for other in weights for key in weights[0])}
 
 
 def _run_recipe(recipe: str, folder: Path, reference_weights: dict[str, torch.Tensor]) -> dict[str, Any]:

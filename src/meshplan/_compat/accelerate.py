@@ -144,6 +144,31 @@ PARALLELISM_VARIABLES = {
     for name in ("TP_SIZE", "DP_SHARD_SIZE", "CP_SIZE", "SP_SIZE")
 }
 
+USE_FSDP = "ACCELERATE_USE_FSDP"  # distributed_type: FSDP (the fsdp_config follows in FSDP_* variables)
+FSDP_VERSION = "FSDP_VERSION"
+
+# The fsdp_config keys `accelerate launch` exports, by variable (its prepare_multi_gpu_env). It exports
+# most of them whatever the config says, at the launcher's defaults.
+FSDP_VARIABLES = {
+    FSDP_VERSION: "fsdp_version",
+    "FSDP_RESHARD_AFTER_FORWARD": "fsdp_reshard_after_forward",
+    "FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
+    "FSDP_AUTO_WRAP_POLICY": "fsdp_auto_wrap_policy",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "fsdp_transformer_layer_cls_to_wrap",
+    "FSDP_STATE_DICT_TYPE": "fsdp_state_dict_type",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_cpu_ram_efficient_loading",
+    "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
+    "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "fsdp_activation_checkpointing_offload",
+    "FSDP_IGNORED_MODULES": "fsdp_ignored_modules",
+    "FSDP_MIN_NUM_PARAMS": "fsdp_min_num_params",
+    # FSDP1 settings, exported at their defaults under fsdp_version 2 too, where Accelerate ignores them.
+    "FSDP_SHARDING_STRATEGY": "fsdp_sharding_strategy",
+    "FSDP_BACKWARD_PREFETCH": "fsdp_backward_prefetch",
+    "FSDP_FORWARD_PREFETCH": "fsdp_forward_prefetch",
+    "FSDP_USE_ORIG_PARAMS": "fsdp_use_orig_params",
+    "FSDP_SYNC_MODULE_STATES": "fsdp_sync_module_states",
+}
+
 # The world-size variables by which an Accelerator on the CPU recognises a launched group (torchrun,
 # Intel MPI/PMI, Open MPI, MVAPICH), besides LOCAL_RANK.
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -178,6 +203,16 @@ def launched_parallelism_config_hidden() -> Iterator[None]:
     """Hides ``USE_PARALLELISM_CONFIG`` while an Accelerator is built, so that it builds no ParallelismConfig
     (nor its own TP) from the launch's environment (read in ``Accelerator.__init__``, accelerate 1.15.0)."""
     with _environment_without(USE_PARALLELISM_CONFIG):
+        yield
+
+
+@contextlib.contextmanager
+def launched_fsdp_hidden() -> Iterator[None]:
+    """Hides ``USE_FSDP`` while an Accelerator is built, so that it builds no FullyShardedDataParallelPlugin of
+    its own from the launch's environment (read in ``Accelerator.__init__`` and ``AcceleratorState``,
+    accelerate 1.15.0): meshplan shards the model itself, and Accelerate's plugin would shard it again.
+    The FSDP_* settings stay; without the flag nothing in Accelerate reads them."""
+    with _environment_without(USE_FSDP):
         yield
 
 
@@ -323,6 +358,17 @@ def _check_use_parallelism_config() -> None:
     require_source(parallelism_config, *PARALLELISM_VARIABLES)
 
 
+def _check_use_fsdp() -> None:
+    from accelerate import state
+    from accelerate.utils import FullyShardedDataParallelPlugin, launch
+
+    require_source(Accelerator.__init__, f'os.environ.get("{USE_FSDP}", "false").lower() == "true"')
+    require_source(state.AcceleratorState.__init__, f'os.environ.get("{USE_FSDP}", "false").lower() == "true"')
+    require_source(launch.prepare_multi_gpu_env, f'current_env["{USE_FSDP}"] = "true"',
+                   *(f'current_env["{name}"]' for name in FSDP_VARIABLES))
+    require_source(FullyShardedDataParallelPlugin.__post_init__, 'env_prefix = "FSDP_"', 'env_prefix + "VERSION"')
+
+
 def _check_config_ds_fields() -> None:
     from accelerate.utils import DeepSpeedPlugin, launch
 
@@ -408,6 +454,9 @@ INTERNALS: list[Internal] = [
     Internal("accelerate", f"{USE_PARALLELISM_CONFIG} and PARALLELISM_CONFIG_*",
              "read a launched TP layout, and keep Accelerate from building its own TP (recipes.py, accelerate.py)",
              READ_FROM, _check_use_parallelism_config),
+    Internal("accelerate", f"{USE_FSDP} and FSDP_*",
+             "read a launched FSDP2 layout, and keep Accelerate from wrapping the model in its own FSDP (recipes.py, "
+             "accelerate.py)", READ_FROM, _check_use_fsdp),
     Internal("accelerate", CONFIG_DS_FIELDS, "build a DeepSpeedPlugin from the rendered config under a launch (accelerate.py)",
              READ_FROM, _check_config_ds_fields),
     Internal("accelerate", f"{MIXED_PRECISION} and ACCELERATE_DEEPSPEED_*, ACCELERATE_GRADIENT_*",

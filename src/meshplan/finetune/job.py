@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from meshplan.finetune.data import find_columns, label_names, load_splits
 from meshplan.finetune.errors import FinetuneError
 from meshplan.finetune.output import JOB_FORMAT
+from meshplan.fsdp import check_fsdp2_model
 from meshplan.models import minilm_path
 from meshplan.plan import Plan
 from meshplan.recipes import CATALOGUE_DIR, read_recipe
@@ -162,14 +163,15 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
     """``plan`` as JSON values; ``plan_from_json`` reads it back."""
     return {"strategy": plan.strategy, "zero_stage": plan.zero_stage, "offload_optimizer": plan.offload_optimizer,
             "offload_parameters": plan.offload_parameters, "tp_size": plan.tp_size, "tp_plan": plan.tp_plan_dict,
-            "options": dict(plan.options)}
+            "engine": plan.engine, "data_parallel": plan.data_parallel, "options": dict(plan.options)}
 
 
 def plan_from_json(fields: dict[str, Any]) -> Plan:
     """The Plan ``plan_to_json`` wrote (validated again, as every Plan is)."""
     return Plan.build(fields["strategy"], zero_stage=fields["zero_stage"], offload_optimizer=fields["offload_optimizer"],
                       offload_parameters=fields["offload_parameters"], tp_size=fields["tp_size"],
-                      tp_plan=fields["tp_plan"], options=fields["options"])
+                      tp_plan=fields["tp_plan"], engine=fields["engine"], data_parallel=fields["data_parallel"],
+                      options=fields["options"])
 
 
 def check_job(job: FinetuneJob) -> None:
@@ -210,10 +212,13 @@ def _check_layout(job: FinetuneJob) -> None:
     data_parallel = job.devices // (plan.resolved_tp_size(job.devices) if plan.strategy == "tp" else 1)
     if job.batch_size % data_parallel:
         raise FinetuneError(f"the global batch {job.batch_size} does not split over {data_parallel} data-parallel ranks.")
-    if plan.strategy == "tp":
+    if plan.strategy == "tp" or plan.uses_fsdp2:
         with torch.device("meta"):  # the structure without the weights
             model = model_class(task).from_config(config)
-        plan_models(model, plan.resolved_tp_size(job.devices), plan.tp_plan_dict)
+        if plan.strategy == "tp":
+            plan_models(model, plan.resolved_tp_size(job.devices), plan.tp_plan_dict)
+        if plan.uses_fsdp2:
+            check_fsdp2_model(model, plan)  # e.g. fsdp_layer_classes naming a class the model lacks
     if job.framework == "trainer":
         from meshplan.hf_trainer import training_arguments
 
