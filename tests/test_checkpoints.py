@@ -1,10 +1,14 @@
 """Checkpoints that outlive their layout (Lightning): exact resume, resume under another layout, export.
 
-Three spawns carry every run. Four workers train TP 2 x DP 2 for the 4 -> 2 case. Two workers
-then train the tiny Llama under every strategy with a checkpoint after every step, resume each
-from its step-2 checkpoint, and resume across layouts (ZeRO-3 -> TP, TP -> ZeRO-2, the 4-process
-checkpoint -> ZeRO-2). One worker resumes the ZeRO-3 checkpoint alone and tries unsafe ones.
-Every resumed run must continue the single-process reference: steps 3 and 4, and the weights.
+Three spawns carry every run. Two workers train the tiny Llama under every strategy with a
+checkpoint after every step, resume each from its step-2 checkpoint, and resume across layouts
+(ZeRO-3 <-> TP, FSDP2 <-> DeepSpeed ZeRO-3, TP -> FSDP2 stage 2). Four workers then train TP 2 x
+DP 2 and TP 2 x FSDP2 2, and their first two go on as a world of two for the 4 -> 2 cases. One
+worker resumes the ZeRO-3 checkpoint alone and tries unsafe ones. Every resumed run must continue
+the single-process reference: the steps after its checkpoint, and the weights.
+
+The chain (helpers.resume.CHAIN) carries one run through DeepSpeed ZeRO-3 x 2 -> TP x FSDP2 x 4
+-> FSDP2 x 2 -> one process, a step in each, across all three spawns.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from transformers import LlamaForCausalLM
 import meshplan
 from helpers import parity, resume
 from helpers.parity import load_reference
-from helpers.resume import CROSS_LAYOUT, LAYOUTS, RESUMED_AFTER, step_checkpoint
+from helpers.resume import (CHAIN, CROSS_LAYOUT, FOUR_PROCESS_LAYOUTS, FOUR_TO_TWO, LAYOUTS, RESUMED_AFTER, chain_runs,
+                            four_process_runs, step_checkpoint, two_process_runs)
 from meshplan.checkpoint import (CheckpointError, CheckpointReader, latest_checkpoint, load_training_state,
                                  save_training_state)
 from meshplan.cli import main
 from meshplan.plan import Plan
 from meshplan.testing import free_port, spawn
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -37,22 +43,32 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def four_process_results(folder: Path, reference_paths: dict[str, str]) -> dict:
-    runs = [{"label": "TP-2xDP-2", "model": "llama", "plan": Plan.build("tp", tp_size=2)}]
-    return spawn(resume.train_and_resume, 4, runs, reference_paths, str(folder), timeout=300)[0]
+def spawned(folder: Path, reference_paths: dict[str, str], deepspeed_ops: None) -> dict[int, dict]:
+    """The three spawns' results by process count, all started in one fixture's setup (worker processes
+    fork from meshplan.testing's server only while the caller's environment, pytest's current test
+    included, is the one it started in; otherwise each starts a fresh interpreter)."""
+    two = _two_process_spawn(folder, reference_paths)
+    # The chain's 4-process link resumes the ZeRO-3 run's checkpoint, and its first two ranks go on to
+    # resume the 4 processes' checkpoints as a world of two.
+    four = spawn(resume.train_and_resume, 4, four_process_runs(folder), reference_paths, str(folder), timeout=600)[0]
+    unsafe = _plant_unsafe_checkpoints(folder)
+    runs = [{"label": "ZeRO-3->one-process", "model": "llama", "plan": Plan.build("ddp"),
+             "resume": str(folder / step_checkpoint("ZeRO-3", RESUMED_AFTER))}]
+    runs += chain_runs(1, folder)
+    runs += [{"label": name, "model": "llama", "plan": Plan.build("ddp"), "resume": str(path), "expect_error": True}
+             for name, path in unsafe.items()]
+    one = spawn(resume.train_and_resume, 1, runs, reference_paths, str(folder), timeout=300)[0]
+    return {2: two, 4: four, 1: one}
 
 
-@pytest.fixture(scope="module")
-def two_process_results(folder: Path, reference_paths: dict[str, str], four_process_results: dict,
-                        deepspeed_ops: None) -> dict:
-    runs = [{"label": label, "model": "llama", "plan": plan} for label, plan in LAYOUTS.items()]
-    runs += [{"label": f"{label}-resumed", "model": "llama", "plan": plan, "resume": str(folder / step_checkpoint(label, RESUMED_AFTER))}
-             for label, plan in LAYOUTS.items()]
-    runs += [{"label": label, "model": "llama", "plan": LAYOUTS[target], "resume": str(folder / step_checkpoint(source, RESUMED_AFTER))}
-             for label, source, target in CROSS_LAYOUT]
+def _two_process_spawn(folder: Path, reference_paths: dict[str, str]) -> dict:
+    runs = two_process_runs(folder)
     # Parameters whose size the process count does not divide: ZeRO-3 pads their last partition.
     runs += [{"label": "ZeRO-3-uneven", "model": "llama-odd", "plan": LAYOUTS["ZeRO-3"]},
              {"label": "ZeRO-3-uneven-resumed", "model": "llama-odd", "plan": LAYOUTS["ZeRO-3"],
+              "resume": str(folder / step_checkpoint("ZeRO-3-uneven", RESUMED_AFTER))}]
+    # FSDP2 pads them inside its shards (a DTensor's whole shape is the true one): it resumes that checkpoint.
+    runs += [{"label": "ZeRO-3-uneven->FSDP2", "model": "llama-odd", "plan": LAYOUTS["FSDP2"],
               "resume": str(folder / step_checkpoint("ZeRO-3-uneven", RESUMED_AFTER))}]
     runs += [{"label": "full-disk-on-rank-1", "model": "llama", "plan": LAYOUTS["DDP"], "fail_writes_on_rank": 1}]
     results = spawn(resume.train_and_resume, 2, runs, reference_paths, str(folder), timeout=900)
@@ -62,13 +78,18 @@ def two_process_results(folder: Path, reference_paths: dict[str, str], four_proc
 
 
 @pytest.fixture(scope="module")
-def one_process_results(folder: Path, reference_paths: dict[str, str], two_process_results: dict) -> dict:
-    unsafe = _plant_unsafe_checkpoints(folder)
-    runs = [{"label": "ZeRO-3->one-process", "model": "llama", "plan": Plan.build("ddp"),
-             "resume": str(folder / step_checkpoint("ZeRO-3", RESUMED_AFTER))}]
-    runs += [{"label": name, "model": "llama", "plan": Plan.build("ddp"), "resume": str(path), "expect_error": True}
-             for name, path in unsafe.items()]
-    return spawn(resume.train_and_resume, 1, runs, reference_paths, str(folder), timeout=300)[0]
+def two_process_results(spawned: dict[int, dict]) -> dict:
+    return spawned[2]
+
+
+@pytest.fixture(scope="module")
+def four_process_results(spawned: dict[int, dict]) -> dict:
+    return spawned[4]
+
+
+@pytest.fixture(scope="module")
+def one_process_results(spawned: dict[int, dict]) -> dict:
+    return spawned[1]
 
 
 def _assert_continues_reference(result: dict, reference_paths: dict[str, str], first_step: int,
@@ -98,6 +119,13 @@ def test_resume_after_step_2_reproduces_the_uninterrupted_run(label: str, two_pr
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("label", FOUR_PROCESS_LAYOUTS)
+def test_uninterrupted_four_process_run_with_checkpoints_matches_reference(label: str, four_process_results: dict,
+                                                                           reference_paths: dict[str, str]) -> None:
+    _assert_continues_reference(four_process_results[label], reference_paths, first_step=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("label", [label for label, _, _ in CROSS_LAYOUT])
 def test_resume_under_another_layout_continues_the_reference(label: str, two_process_results: dict,
                                                              reference_paths: dict[str, str]) -> None:
@@ -105,9 +133,41 @@ def test_resume_under_another_layout_continues_the_reference(label: str, two_pro
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("label", [label for label, _, _ in FOUR_TO_TWO])
+def test_four_process_checkpoint_resumes_on_two(label: str, four_process_results: dict,
+                                                reference_paths: dict[str, str]) -> None:
+    _assert_continues_reference(four_process_results[label], reference_paths, first_step=RESUMED_AFTER)
+
+
+@pytest.mark.slow
 def test_zero3_resume_with_padded_partitions(two_process_results: dict, reference_paths: dict[str, str]) -> None:
     _assert_continues_reference(two_process_results["ZeRO-3-uneven"], reference_paths, 0, model="llama-odd")
     _assert_continues_reference(two_process_results["ZeRO-3-uneven-resumed"], reference_paths, RESUMED_AFTER, model="llama-odd")
+    # FSDP2 shards the same sizes with padding of its own.
+    _assert_continues_reference(two_process_results["ZeRO-3-uneven->FSDP2"], reference_paths, RESUMED_AFTER, model="llama-odd")
+
+
+def _chain_checkpoints(folder: Path) -> dict[str, Path]:
+    """The checkpoint each link of the chain wrote at its step (the ZeRO-3 run's at step 1 is the first), by label."""
+    return {label: folder / step_checkpoint(label, step) for step, (label, _, _, _) in enumerate(CHAIN, start=1)}
+
+
+@pytest.mark.slow
+def test_chain_across_engines_and_process_counts_continues_the_reference(
+        two_process_results: dict, four_process_results: dict, one_process_results: dict,
+        reference_paths: dict[str, str], folder: Path) -> None:
+    # DeepSpeed ZeRO-3 x 2 -> TP 2 x FSDP2 2 x 4 -> FSDP2 x 2 -> one process: a step each, as one unbroken run.
+    results = {**two_process_results, **four_process_results, **one_process_results}
+    links = [results[label] for label, _, _, _ in CHAIN]
+    assert [link["global_step"] for link in links[1:]] == [2, 3, 4]
+    losses = links[0]["losses"][:1] + [loss for link in links[1:] for loss in link["losses"]]
+    reference_losses, _ = load_reference(reference_paths, "llama")
+    assert len(losses) == len(reference_losses) == parity.STEPS
+    assert max(abs(a - b) for a, b in zip(losses, reference_losses)) < parity.LOSS_TOLERANCE
+    assert links[-1]["weight_error"] < parity.WEIGHT_TOLERANCE
+    written_by = [json.loads((path / "meshplan-checkpoint.json").read_text())["world_size"]
+                  for path in _chain_checkpoints(folder).values()]
+    assert written_by == [processes for _, _, processes, _ in CHAIN]
 
 
 @pytest.mark.slow
@@ -122,13 +182,22 @@ def test_four_process_checkpoint_was_written_by_four_ranks(four_process_results:
     assert sorted(set(manifest["tensors"].values())) == [f"tensors-0000{rank}-of-00004.safetensors" for rank in range(4)]
 
 
+def _exported_checkpoints(folder: Path) -> dict[str, Path]:
+    """Every layout's last checkpoint, and that of each chain link after the first (the ZeRO-3 run), by the
+    label of the run that wrote it; the run's weights at that step are in ``folder/label.weights.pt``."""
+    last = {label: folder / step_checkpoint(label, parity.STEPS) for label in [*LAYOUTS, *FOUR_PROCESS_LAYOUTS]}
+    links = {label: path for label, path in _chain_checkpoints(folder).items() if label != CHAIN[0][0]}
+    return {**last, **links}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("label", [*LAYOUTS, "TP-2xDP-2"])
-def test_export_gives_the_trained_model(label: str, two_process_results: dict, folder: Path, tmp_path: Path) -> None:
-    out = meshplan.export(folder / step_checkpoint(label, parity.STEPS), tmp_path / "model")
+@pytest.mark.parametrize("label", [*LAYOUTS, *FOUR_PROCESS_LAYOUTS, *[label for label, _, _, _ in CHAIN[1:]]])
+def test_export_gives_the_trained_model(label: str, one_process_results: dict, folder: Path, tmp_path: Path) -> None:
+    out = meshplan.export(_exported_checkpoints(folder)[label], tmp_path / "model")
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     exported = LlamaForCausalLM.from_pretrained(out)
-    trained = torch.load(folder / f"{label}.weights.pt", weights_only=True)
+    trained = torch.load(folder / f"{label}.weights.pt", weights_only=True)  # gathered by the run at that step
+    assert sorted(name for name, _ in exported.named_parameters()) == sorted(trained)
     for name, parameter in exported.named_parameters():
         assert torch.equal(parameter.detach(), trained[name]), name
 
@@ -303,6 +372,34 @@ def test_export_of_a_checkpoint_without_a_pretrained_model_says_so_and_how_to_re
     load_training_state(saved, {"module": module}, {})
     torch.manual_seed(0)
     assert torch.equal(module.weight, torch.nn.Linear(3, 2).weight)
+
+
+def test_a_sharded_layout_meshplan_cannot_cut_is_refused_before_anything_is_loaded(tmp_path: Path) -> None:
+    # A Partial placement holds a sum still to be reduced, no part of the whole tensor: loading into it
+    # would leave wrong values. One process, its own group: DTensors need a mesh, no spawn.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    saved_module = torch.nn.Linear(4, 2)
+    saved = save_training_state(tmp_path / "checkpoint", {"module": saved_module}, {}, state={})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        module = torch.nn.Linear(4, 2)
+        module.bias = torch.nn.Parameter(distribute_tensor(torch.zeros(2), mesh, [Shard(0)]))
+        module.weight = torch.nn.Parameter(DTensor.from_local(torch.zeros(2, 4), mesh, [Partial()]))
+        with pytest.raises(CheckpointError, match=r"into module/weight: a DTensor placed \(Partial\(sum\),\) .* is not a "
+                                                  r"layout meshplan can load"):
+            load_training_state(saved, {"module": module}, {})
+        assert torch.equal(module.bias.full_tensor(), torch.zeros(2))  # nothing was loaded
+        module.weight = torch.nn.Parameter(distribute_tensor(torch.zeros(2, 4), mesh, [Shard(1)]))
+        load_training_state(saved, {"module": module}, {})
+        assert torch.equal(module.weight.full_tensor(), saved_module.weight.detach())
+        assert torch.equal(module.bias.full_tensor(), saved_module.bias.detach())
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- Accelerate's automatic checkpoint naming

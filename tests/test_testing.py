@@ -8,7 +8,7 @@ import huggingface_hub.constants
 
 import pytest
 
-from helpers.environment_probe import environment_as_imported
+from helpers.environment_probe import environment_as_imported, was_imported_before_the_call
 from helpers.layouts import fail_on_rank_one, rank_and_world, sleep_forever
 from meshplan.testing import WorkerError, WorkerTimeout, spawn
 
@@ -42,3 +42,10 @@ def test_workers_see_the_callers_environment_even_where_a_module_reads_it_at_imp
     monkeypatch.setenv("HF_HUB_OFFLINE", str(int(offline)))
     monkeypatch.setenv("MESHPLAN_PROBE", "the caller's")
     assert spawn(environment_as_imported, 1, "MESHPLAN_PROBE", timeout=120) == [("the caller's", offline)]
+
+
+def test_calls_from_any_test_are_served_by_the_preloaded_fork_server() -> None:
+    # pytest names the running test in PYTEST_CURRENT_TEST; were that counted as a change of the
+    # environment, every test after the first would start fresh interpreters, importing DeepSpeed
+    # and Lightning again in each worker. The probe imports neither.
+    assert spawn(was_imported_before_the_call, 2, "deepspeed", timeout=120) == [True, True]

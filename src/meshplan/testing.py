@@ -95,8 +95,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300.
     if nprocs < 1 or nprocs % nnodes:
         raise ValueError(f"nprocs={nprocs} must be a positive multiple of nnodes={nnodes}")
     port = free_port()
-    launcher_variables = set(worker_environment(0, nprocs, port, nnodes=nnodes))
-    context = _worker_context({key: value for key, value in os.environ.items() if key not in launcher_variables})
+    ignored = set(worker_environment(0, nprocs, port, nnodes=nnodes)) | _VARIABLES_NO_MODULE_READS
+    context = _worker_context({key: value for key, value in os.environ.items() if key not in ignored})
     results = context.Queue()
     processes = []
     for rank in range(nprocs):
@@ -114,6 +114,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300.
                 process.kill()
             process.join(timeout=10)
 
+
+# Variables that change between calls but that no preloaded module reads at import: pytest names
+# the running test in PYTEST_CURRENT_TEST, so counting it would start fresh interpreters for every
+# call made from any test but the first.
+_VARIABLES_NO_MODULE_READS = frozenset({"PYTEST_CURRENT_TEST"})
 
 # The environment the fork server started with (its preloaded modules read it); None before it starts.
 _server_environment: dict[str, str] | None = None

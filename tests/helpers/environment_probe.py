@@ -10,3 +10,10 @@ def environment_as_imported(name: str) -> tuple[str | None, bool]:
     import huggingface_hub.constants
 
     return os.environ.get(name), huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+def was_imported_before_the_call(module: str) -> bool:
+    """Whether ``module`` was already imported when this worker started running the call (a fork server preloaded it)."""
+    import sys
+
+    return module in sys.modules

@@ -1,8 +1,10 @@
 """The torch internals meshplan relies on, read from torch 2.13.0.
 
-- Where a DTensor's local shard sits in the whole tensor, to read just that slice of a
-  checkpoint. torch has no public function for it; ``DTensor.__create_chunk_list__`` (the
-  distributed checkpoint's protocol) gives the same answer through more private machinery.
+- Which rows, columns, ... of the whole tensor a DTensor's local shard holds, to read just that
+  part of a checkpoint: under TP, FSDP2 and TP x FSDP2, whose 2-D parameters may be placed with
+  torch's private ``_StridedShard`` (sharded along the tensor-parallel dimension first, then along
+  the data-parallel one). torch has no public function for it; ``compute_local_shape_and_global_offset``
+  gives only the first offset, which hides a shard that is not one block.
 - The planner runs a model's forward pass on fake tensors (shapes and dtypes, no memory) to
   count the activations it saves: torch's FakeTensorMode, and a storage's identity, which
   fake tensors share between views as real ones do but with no address to compare.
@@ -18,26 +20,56 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from meshplan._compat import Internal, require_parameters
+from meshplan._compat import Internal, require_attributes, require_parameters
 
 READ_FROM = "2.13.0"
 
 
-def local_shape_and_offset(tensor: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The shape of this rank's shard of ``tensor`` and its offset in the whole tensor (torch 2.13.0's
-    ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``). Local, no collective."""
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    return tuple(shape), tuple(offset)
+def local_indices(tensor: DTensor) -> list[torch.Tensor] | None:
+    """For each dimension of ``tensor``, the indices in the whole tensor of what this rank's shard holds,
+    in the order the shard holds them (CPU int64). None for a placement other than Replicate, Shard and
+    torch 2.13.0's ``_StridedShard`` (a Partial one holds no part of the whole tensor). Local, no collective.
+
+    Each dimension's indices are what torch itself gives this rank when it distributes the numbers
+    0..n-1 with the placements that shard that dimension (``distribute_tensor`` with
+    ``src_data_rank=None``, which cuts locally): the same rule FSDP2 and TP shard by, uneven sizes,
+    padding and the order of ``_StridedShard`` included.
+    """
+    indices = []
+    for dimension, size in enumerate(tensor.shape):
+        placements = [_along(placement, dimension) for placement in tensor.placements]
+        if any(placement is None for placement in placements):
+            return None
+        numbers = torch.arange(size, device=tensor.device_mesh.device_type)
+        local = distribute_tensor(numbers, tensor.device_mesh, placements, src_data_rank=None).to_local()
+        indices.append(local.cpu())
+    return indices
 
 
-def _check_local_shape_and_offset() -> None:
-    # Its result needs a live device mesh, which a canary cannot build without a process group: the
-    # signature is checked here, the result by every TP checkpoint test.
-    require_parameters(compute_local_shape_and_global_offset, "global_shape", "mesh", "placements")
+def _along(placement: Any, dimension: int) -> Any:
+    """The placement of one dimension's index vector (dimension 0) under ``placement``: sharded as that
+    dimension is, else whole (Replicate). None for a placement that holds no part of the whole tensor."""
+    if isinstance(placement, _StridedShard):
+        return _StridedShard(0, split_factor=placement.split_factor) if placement.dim == dimension else Replicate()
+    if isinstance(placement, Shard):
+        return Shard(0) if placement.dim == dimension else Replicate()
+    if isinstance(placement, Replicate):
+        return Replicate()
+    return None
+
+
+def _check_local_indices() -> None:
+    # The indices need a live device mesh, which a canary cannot build without a process group: the
+    # class and the functions are checked here, the indices by every TP and FSDP2 checkpoint test.
+    require_parameters(distribute_tensor, "tensor", "device_mesh", "placements", "src_data_rank")
+    require_attributes(_StridedShard, "dim", "split_factor")
+    strided = _StridedShard(1, split_factor=2)
+    assert (strided.dim, strided.split_factor) == (1, 2), "_StridedShard(dim, split_factor=) no longer keeps them"
+    assert not isinstance(strided, Shard), "_StridedShard is now a Shard: _along would take it for a plain one"
 
 
 def fake_tensor_mode() -> FakeTensorMode:
@@ -285,9 +317,9 @@ def _check_storage_lifetime() -> None:
 
 INTERNALS: list[Internal] = [
     Internal(
-        "torch", "torch.distributed.tensor._utils.compute_local_shape_and_global_offset",
-        "the slice of a whole checkpoint tensor that a DTensor shard holds (checkpoint/engines.py)",
-        READ_FROM, _check_local_shape_and_offset,
+        "torch", "torch.distributed.tensor.placement_types._StridedShard (dim, split_factor), distribute_tensor(src_data_rank=None)",
+        "the part of a whole checkpoint tensor that a TP, FSDP2 or TP x FSDP2 shard holds (checkpoint/engines.py)",
+        READ_FROM, _check_local_indices,
     ),
     Internal(
         "torch", "torch._subclasses.fake_tensor.FakeTensorMode, UntypedStorage._cdata, torch.utils._python_dispatch.TorchDispatchMode",

@@ -1,4 +1,5 @@
-"""Whole tensors out of, and back into, every engine's layout: plain (DDP), ZeRO 1/2/3, DTensor (TP).
+"""Whole tensors out of, and back into, every engine's layout: plain (DDP), ZeRO 1/2/3, DTensor (TP,
+FSDP2, TP x FSDP2).
 
 Saving gathers one whole tensor at a time (a collective for ZeRO and DTensor: every rank takes
 part, in the same order). Loading takes from each whole tensor only the part this rank keeps,
@@ -15,13 +16,14 @@ from typing import Any, Callable
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from meshplan._compat import deepspeed as deepspeed_compat
 from meshplan._compat.deepspeed import full_shape, has_fp32_master, is_zero3_parameter, is_zero_optimizer
-from meshplan._compat.torch import local_shape_and_offset
+from meshplan._compat.torch import local_indices
 from meshplan.checkpoint.state_checks import count_problem, is_count
-from meshplan.errors import shown
+from meshplan.errors import CheckpointError, shown, shown_key
 
 
 @dataclass
@@ -62,6 +64,16 @@ def _optimizer_wrappers() -> tuple[type, ...]:
 
 
 # ---------------------------------------------------------------- model tensors
+
+
+def reshard_fully_sharded(models: dict[str, nn.Module]) -> None:
+    """Frees the whole parameters FSDP2 still holds in ``models`` (after a forward pass without a backward,
+    or under ZeRO stage 2's ``reshard_after_forward=False``), so that the module's parameters are its
+    sharded DTensors: what a checkpoint gathers from and loads into. Local, no collective."""
+    for module in models.values():
+        for inner in module.modules():
+            if isinstance(inner, FSDPModule):
+                inner.reshard()
 
 
 def model_entries(prefix: str, module: nn.Module) -> tuple[list[Entry], dict[str, str], dict[int, str]]:
@@ -142,9 +154,46 @@ def _set_zero_master(parameter: torch.Tensor, full: torch.Tensor, state_name: st
 
 
 def local_slice(reader: Any, key: str, tensor: DTensor) -> torch.Tensor:
-    """The part of stored tensor ``key`` that this rank holds of ``tensor``'s layout."""
-    shape, offset = local_shape_and_offset(tensor)
-    return reader.slice(key, tuple(slice(start, start + size) for start, size in zip(offset, shape)))
+    """The part of stored tensor ``key`` that this rank holds of ``tensor``'s layout.
+
+    Each dimension's part is read as one slice when it is a block of the whole tensor (TP, FSDP2 and
+    TP x FSDP2 shards are), else as the block around it, picked from in the shard's order.
+
+    Raises:
+        CheckpointError: ``layout_problem(tensor)`` is not None (checked for every model tensor
+            before anything is loaded: this is the last guard).
+    """
+    problem = layout_problem(tensor)
+    if problem is not None:
+        raise CheckpointError(f"cannot load {shown_key(key)}: {problem}.")
+    indices = local_indices(tensor)
+    if any(len(index) == 0 for index in indices):
+        return torch.empty(tuple(len(index) for index in indices), dtype=reader.dtype(key))
+    blocks = tuple(slice(int(index.min()), int(index.max()) + 1) for index in indices)
+    part = reader.slice(key, blocks)
+    for dimension, (index, block) in enumerate(zip(indices, blocks)):
+        if not torch.equal(index, torch.arange(block.start, block.stop)):
+            part = part.index_select(dimension, index - block.start)
+    return part
+
+
+def layout_problem(tensor: torch.Tensor) -> str | None:
+    """Why this rank cannot take its part of a whole tensor for ``tensor``, or None (always None for a
+    tensor that is not a DTensor). Local, no collective.
+
+    meshplan cuts DTensor shards by their placements: Replicate, Shard and the strided shards FSDP2
+    makes of TP's. A Partial placement (a sum still to be reduced) has no part of the whole tensor to
+    take, and a shard whose shape is not what its placements give would be filled with wrong values.
+    """
+    if not isinstance(tensor, DTensor):
+        return None
+    local_shape = tuple(tensor.to_local().shape)
+    indices = local_indices(tensor)
+    if indices is not None and tuple(len(index) for index in indices) == local_shape:
+        return None
+    return (f"a DTensor placed {shown(tensor.placements)} on a mesh of shape {shown(tuple(tensor.device_mesh.shape))} "
+            f"(this rank's shard {list(local_shape)}) is not a layout meshplan can load: it loads shards placed "
+            f"Replicate or Shard (FSDP2's and TP's), whose shape is what their placements say")
 
 
 # ---------------------------------------------------------------- optimizer state

@@ -23,10 +23,12 @@ from meshplan._compat.deepspeed import full_shape, is_zero_optimizer, zero_param
 from meshplan.checkpoint.engines import (
     Entry,
     innermost_optimizer,
+    layout_problem,
     load_model_tensor,
     load_optimizer_state,
     model_entries,
     optimizer_entries,
+    reshard_fully_sharded,
 )
 from meshplan.checkpoint.manifest import is_finite_number, is_number, read_manifest
 from meshplan.checkpoint.state_checks import count_problem, is_plain_scalar, like_problem
@@ -82,6 +84,7 @@ def save_training_state(path: str | os.PathLike, models: dict[str, nn.Module], o
     """
     final = Path(path).absolute()
     rank, world = _rank_and_world()
+    reshard_fully_sharded(models)
     entries, aliases, keys = _all_model_entries(models)
     for name, optimizer in optimizers.items():
         entries += optimizer_entries(name, innermost_optimizer(optimizer), keys)
@@ -311,6 +314,7 @@ def load_training_state(path: str | os.PathLike | CheckpointReader, models: dict
 
 
 def _load_training_state(reader: CheckpointReader, models: dict[str, nn.Module], optimizers: dict[str, Any]) -> None:
+    reshard_fully_sharded(models)  # loaded into the sharded parameters, not into whole copies FSDP2 would drop
     aliases = reader.manifest.get("aliases", {})
     targets = []
     keys: dict[int, str] = {}
@@ -354,6 +358,10 @@ def _check_targets(reader: CheckpointReader, targets: list[tuple[str, torch.Tens
              if reader.shape(key) != full_shape(t)]
     if wrong:
         raise CheckpointError(f"checkpoint {reader.path} holds tensors of other shapes: {'; '.join(wrong[:5])}.")
+    for key, tensor in targets:
+        problem = layout_problem(tensor)
+        if problem is not None:
+            raise CheckpointError(f"cannot load checkpoint {shown_path(reader.path)} into {shown_key(key)}: {problem}.")
 
 
 def _check_optimizer(reader: CheckpointReader, name: str, optimizer: Any, keys: dict[int, str]) -> None:
