@@ -6,8 +6,9 @@ Runs tests/scripts/planner_measure.py (real engines through meshplan.accelerator
 processes, one thread each) for:
 
 - model states and communication: a Llama-style decoder and a BERT-style encoder, every layout
-  (ddp, zero1, zero2, zero3, zero3-offload, tp; tp-dp at 4), bf16, sequence 128, at 2 and 4 processes;
-- peak memory: both families under ddp, zero2, zero3 and tp at 2 processes, fp32, sequences 64
+  (ddp, zero1, zero2, zero3, zero3-offload, fsdp2, fsdp2-stage2, tp; tp-dp and tp-fsdp at 4), bf16,
+  sequence 128, at 2 and 4 processes;
+- peak memory: both families under ddp, zero2, zero3, fsdp2 and tp at 2 processes, fp32, sequences 64
   and 256, with and without gradient checkpointing (DeepSpeed's buckets at 1e6 elements, so that
   the activations, not a fixed 1 GB bucket, decide the peak);
 
@@ -33,10 +34,11 @@ SMALL_BUCKETS = ["--zero-option", "reduce_bucket_size=1000000", "--zero-option",
 def runs(quick: bool) -> list[tuple[str, list[str]]]:
     """(what it checks, worker arguments) for each launch."""
     families = "llama" if quick else "llama,bert"
-    launches = [("states", ["--nprocs", "2", "--families", families, "--layouts", "ddp,zero1,zero2,zero3,zero3-offload,tp"])]
+    launches = [("states", ["--nprocs", "2", "--families", families, "--layouts",
+                            "ddp,zero1,zero2,zero3,zero3-offload,fsdp2,fsdp2-stage2,tp"])]
     if not quick:
-        launches.append(("states", ["--nprocs", "4", "--families", families, "--layouts", "zero2,zero3,tp,tp-dp"]))
-    launches.append(("peak", ["--nprocs", "2", "--families", families, "--layouts", "ddp,zero2,zero3,tp", "--precision", "no",
+        launches.append(("states", ["--nprocs", "4", "--families", families, "--layouts", "zero2,zero3,fsdp2,tp,tp-dp,tp-fsdp"]))
+    launches.append(("peak", ["--nprocs", "2", "--families", families, "--layouts", "ddp,zero2,zero3,fsdp2,tp", "--precision", "no",
                               "--seq-len", "64,256", "--gradient-checkpointing", "off,on", *SMALL_BUCKETS]))
     return launches
 

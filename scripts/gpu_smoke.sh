@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU smoke test: the parity checks on CUDA with nccl, on every GPU of this machine.
 # Usage (from the repository root, on a machine with NVIDIA GPUs): bash scripts/gpu_smoke.sh
-# nccl needs one GPU per process: on a single GPU only the one-process cases run, so the
-# 2- and 4-process layouts (DDP, ZeRO, TP, TP x DP) need a machine with 2 and 4 GPUs.
+# nccl needs one GPU per process: on a single GPU only the one-process cases run (FSDP2 among
+# them, scripts/fsdp2_gpu.py), so the 2- and 4-process layouts (DDP, ZeRO, TP, TP x DP, TP x FSDP2)
+# need a machine with 2 and 4 GPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
@@ -16,5 +17,7 @@ MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 tests/scripts/parity_re
 if [ "$gpus" -ge 4 ]; then
     MESHPLAN_TEST_ACCELERATOR=gpu PYTHONUNBUFFERED=1 python3 tests/scripts/checkpoint_report.py
 fi
+# ZeRO-3 on FSDP2 in one process (nccl, world size 1): a small Llama in fp32 and bf16 against a plain run.
+PYTHONUNBUFFERED=1 python3 scripts/fsdp2_gpu.py
 # The planner: its estimate beside CUDA's memory counters for a ~1B Llama in one process.
 PYTHONUNBUFFERED=1 python3 scripts/planner_gpu.py

@@ -24,9 +24,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 import meshplan
 from helpers import auto_layout, parity
 from helpers.parity import load_reference
-from meshplan.auto import announcement, choose_layout, default_seq_len, without_tensor_parallel
+from meshplan.auto import announcement, choose_layout, default_seq_len, without_layouts, without_tensor_parallel
 from meshplan.finetune.job import FinetuneJob, check_job, load_config, model_class, task_of, with_chosen_layout
-from meshplan.lightning import DDP, Auto, TensorParallel, ZeRO
+from meshplan.lightning import DDP, Auto, ZeRO, from_plan
 from meshplan.models import minilm_path
 from meshplan.planner import memory_per_process, plan_layout
 from meshplan.testing import spawn
@@ -34,8 +34,12 @@ from meshplan.testing import spawn
 CPU = torch.device("cpu")
 # Under 2-way data parallelism each process takes this share of the parity's global batch.
 SHARE = parity.GLOBAL_BATCH // 2
-STRATEGY_CLASSES = {"ddp": DDP, "zero": ZeRO, "tp": TensorParallel}
 ACCELERATOR_CLASSES = {"ddp": "CheckpointingAccelerator", "zero": "ZeROAccelerator", "tp": "TensorParallelAccelerator"}
+
+
+def _accelerator_class(plan: meshplan.Plan) -> str:
+    """The name of the Accelerator class meshplan.accelerator builds for ``plan``: FSDP2's for its layouts."""
+    return "FullyShardedAccelerator" if plan.uses_fsdp2 else ACCELERATOR_CLASSES[plan.strategy]
 
 
 def _trainer(strategy: object, **settings: object) -> pl.Trainer:
@@ -146,6 +150,31 @@ def test_a_front_end_without_tp_is_refused_when_only_tp_fits() -> None:
         without_tensor_parallel(only_tp, "it cannot run here")
 
 
+def test_lightning_auto_leaves_out_tp_and_fsdp2_at_a_precision_modelparallelstrategy_refuses() -> None:
+    # 64-true: Lightning's connector refuses it for ModelParallelStrategy, which meshplan's TP and FSDP2 build on.
+    module = auto_layout.AutoParityModule("llama", SHARE)
+    roomy = plan_layout(module, devices_per_node=2, device_memory="1GB", micro_batch_size=SHARE, seq_len=parity.SEQUENCE,
+                        precision="fp32")
+    need = {c.layout: c.estimate.total for c in roomy.candidates}
+    memory = need["zero2"]  # where FSDP2's stage 2 fits too, and sends less (2 copies of the model to ZeRO-2's 3)
+    trainer = _trainer(Auto(seq_len=parity.SEQUENCE, device_memory=memory), precision="64-true")
+    trainer.strategy.connect(module)
+    assert plan_layout(module, devices_per_node=2, device_memory=memory, micro_batch_size=SHARE, seq_len=parity.SEQUENCE,
+                       precision="fp32").chosen == "fsdp2-stage2"
+    choice = trainer.strategy.choose(trainer)
+    assert choice.chosen == "zero2" and "without tensor parallelism or FSDP2" in choice.reason
+
+
+def test_a_front_end_without_fsdp2_gets_the_fastest_fitting_layout_without_it() -> None:
+    choice = plan_layout(parity.tiny_llama_config(), devices_per_node=2, device_memory="1GB", seq_len=16)
+    fsdp2 = next(c for c in choice.candidates if c.layout == "fsdp2")
+    as_if = dataclasses.replace(choice, chosen=fsdp2.layout, tp_size=fsdp2.tp_size, plan=fsdp2.plan)
+    fallback = without_layouts(as_if, lambda plan: plan.uses_fsdp2, "FSDP2", "this front end does not run it")
+    first_fitting = next(c for c in choice.candidates if c.fits and not c.plan.uses_fsdp2)
+    assert (fallback.chosen, fallback.plan) == (first_fitting.layout, first_fitting.plan)
+    assert "without FSDP2" in fallback.reason and "this front end does not run it" in fallback.reason
+
+
 # ---------------------------------------------------------------- Accelerate and finetune, before any process
 
 
@@ -202,7 +231,7 @@ def test_lightning_trains_the_chosen_layout_as_one_process_would(reference_paths
     reference_losses, _ = load_reference(reference_paths, "minilm")
     for result, expected in zip(results, [roomy, tight]):
         assert result["choice"] == expected.to_dict()
-        assert result["strategy"] == STRATEGY_CLASSES[expected.plan.strategy].__name__ and result["plan"] == expected.plan
+        assert result["strategy"] == type(from_plan(expected.plan)).__name__ and result["plan"] == expected.plan
         assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) < parity.LOSS_TOLERANCE
         assert result["weight_error"] < parity.WEIGHT_TOLERANCE
 
@@ -217,7 +246,7 @@ def test_accelerate_trains_the_chosen_layout_as_one_process_would(reference_path
     assert expected.chosen != "ddp"
     result = spawn(auto_layout.accelerate_run, 2, "llama", reference_paths["llama"], tight_memory, timeout=300)[0]
     assert result["choice"] == expected.to_dict()
-    assert result["accelerator"] == ACCELERATOR_CLASSES[expected.plan.strategy] and result["plan"] == expected.plan
+    assert result["accelerator"] == _accelerator_class(expected.plan) and result["plan"] == expected.plan
     reference_losses, _ = load_reference(reference_paths, "llama")
     assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) < parity.LOSS_TOLERANCE
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE

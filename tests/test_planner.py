@@ -14,6 +14,7 @@ from transformers import BertConfig, LlamaConfig, LlamaForCausalLM
 
 import meshplan
 from meshplan.cli import main
+from meshplan.plan import Plan
 from meshplan.planner import model_facts
 from meshplan.planner.activations import trace_activations
 
@@ -171,8 +172,9 @@ def test_a_model_that_fits_nowhere_names_the_memory_and_the_nodes_that_would_fit
         meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="16GB", host_memory="10GB", gradient_checkpointing=True)
     message = str(refused.value)
     assert "No layout fits LlamaForCausalLM (8.03B parameters) in 16.0 GB per device and 10.0 GB of host memory" in message
-    assert "the least any layout needs is tp (tp_size 8)'s 22.1 GB, so it fits with 22.1 GB per device" in message
-    assert "or on 2 nodes of 8 devices (zero3)" in message
+    # TP x FSDP2 holds the least: TP splits the activations, FSDP2 the states over the other ranks.
+    assert "the least any layout needs is tp-fsdp (tp_size 4)'s 20.3 GB, so it fits with 20.3 GB per device" in message
+    assert "or on 2 nodes of 8 devices (tp-fsdp (tp_size 8))" in message
 
 
 def test_when_no_node_count_helps_the_error_says_what_to_change():
@@ -185,11 +187,13 @@ def test_the_cli_prints_the_json_the_issue_specifies(capsys, tmp_path):
     assert main(["plan", "--model", str(tmp_path), "--devices", "8", "--device-memory", "80GB", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) >= {"chosen", "reason", "candidates"}
-    names = {candidate["layout"] for candidate in printed["candidates"]}
-    assert names == {"ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp"}
+    names = {(candidate["layout"], candidate["engine"]) for candidate in printed["candidates"]}
+    assert names == {("ddp", "ddp"), ("zero1", "deepspeed"), ("zero2", "deepspeed"), ("zero3", "deepspeed"),
+                     ("zero3-offload", "deepspeed"), ("fsdp2", "fsdp2"), ("fsdp2-stage2", "fsdp2"), ("tp", "dtensor"),
+                     ("tp-dp", "dtensor"), ("tp-fsdp", "fsdp2")}
     first = printed["candidates"][0]
     assert set(first["bytes_per_rank"]) == {"parameters", "gradients", "optimizer_states", "activations", "buffers", "total"}
-    assert {"layout", "tp_size", "fits", "host_bytes", "communication_bytes_per_step"} <= set(first)
+    assert {"layout", "tp_size", "engine", "fits", "host_bytes", "communication_bytes_per_step"} <= set(first)
     assert printed["chosen"] == first["layout"]
 
 
@@ -231,3 +235,112 @@ def test_zero_candidates_size_deepspeeds_buckets_to_a_small_model_and_keep_its_d
     assert small["zero3"].option("stage3_prefetch_bucket_size") == trainable
     large = {c.layout: c.plan for c in meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="80GB").candidates}
     assert large["zero2"].options == () and large["zero3"].options == ()
+
+
+# ---------------------------------------------------------------- FSDP2: ZeRO on torch's fully_shard, and TP x FSDP2
+
+FSDP2_STAGE3 = Plan("zero", zero_stage=3, engine="fsdp2")
+FSDP2_STAGE2 = Plan("zero", zero_stage=2, engine="fsdp2")
+
+
+def llama_70b() -> LlamaConfig:
+    """Llama-3-70B's published dimensions."""
+    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, architectures=["LlamaForCausalLM"])
+
+
+def _block_and_root_numel(config: LlamaConfig) -> tuple[int, int]:
+    """Elements of one transformer block, and of what lies outside the blocks (embeddings, final norm, head)."""
+    facts = model_facts(config)
+    block = sum(p.numel for p in facts.parameters if p.name.startswith("model.layers.0."))
+    return block, facts.numel - config.num_hidden_layers * block
+
+
+def test_fsdp2_holds_sixteen_bytes_per_parameter_divided_by_the_ranks_at_stage_2_and_3():
+    # fp32 weights, gradients and AdamW's two moments, each split over the 8 ranks (rows padded per rank),
+    # in bf16 as in fp32: meshplan's FSDP2 keeps fp32 parameters and casts inside autocast.
+    params = model_facts(llama_8b()).numel
+    for plan, name in ((FSDP2_STAGE3, "fsdp2"), (FSDP2_STAGE2, "fsdp2-stage2")):
+        result = meshplan.estimate(llama_8b(), plan, world_size=8)
+        assert result.layout == name and result.tp_size == 1
+        assert (result.parameters, result.gradients, result.optimizer_states) == pytest.approx(
+            (4 * params / 8, 4 * params / 8, 8 * params / 8), rel=1e-4)
+
+
+def test_fsdp2_stage_3_gathers_two_blocks_and_the_root_and_stage_2_every_block():
+    # At the turn from forward to backward, stage 3 holds the root unit and two blocks gathered (the
+    # one whose backward runs and the prefetched one); stage 2 keeps every block gathered since its forward.
+    block, _ = _block_and_root_numel(llama_8b())
+    stage3 = meshplan.estimate(llama_8b(), FSDP2_STAGE3, world_size=8)
+    stage2 = meshplan.estimate(llama_8b(), FSDP2_STAGE2, world_size=8)
+    assert stage2.buffers - stage3.buffers == 4 * block * (32 - 2)
+    assert stage2.total - stage3.total == 4 * block * (32 - 2)
+
+
+def test_fsdp2_sends_three_fp32_copies_of_the_model_at_stage_3_and_two_at_stage_2():
+    # Ring convention, 8 ranks: reduce-scatter the gradients (7/8), gather for forward (7/8) and, after
+    # resharding, again for backward; stage 2 does not reshard after the forward pass.
+    params = model_facts(llama_8b()).numel
+    stage3 = meshplan.estimate(llama_8b(), FSDP2_STAGE3, world_size=8)
+    stage2 = meshplan.estimate(llama_8b(), FSDP2_STAGE2, world_size=8)
+    assert stage3.communication_bytes_per_step == pytest.approx(3 * 7 / 8 * 4 * params, rel=1e-9)
+    assert stage2.communication_bytes_per_step == pytest.approx(2 * 7 / 8 * 4 * params, rel=1e-9)
+
+
+def test_tp_fsdp_divides_the_tp_share_again_over_the_data_parallel_ranks():
+    replicated = meshplan.estimate(llama_8b(), meshplan.TensorParallel(tp_size=4), world_size=8)
+    sharded = meshplan.estimate(llama_8b(), Plan("tp", tp_size=4, data_parallel="shard"), world_size=8)
+    params = model_facts(llama_8b()).numel
+    assert (sharded.layout, sharded.tp_size, replicated.layout) == ("tp-fsdp", 4, "tp-dp")
+    assert sharded.model_states == pytest.approx(16 * params / 8, rel=0.01)
+    assert sharded.model_states < 0.52 * replicated.model_states
+    # The same TP traffic inside the node; across the 2 data-parallel ranks FSDP2 gathers the TP-local
+    # fp32 weights twice and reduce-scatters their gradients: 3 x 1/2 of them.
+    assert sharded.tensor_parallel_bytes_per_step == replicated.tensor_parallel_bytes_per_step
+    data_parallel = sharded.communication_bytes_per_step - sharded.tensor_parallel_bytes_per_step
+    assert data_parallel == pytest.approx(3 / 2 * replicated.parameters, rel=1e-9)
+
+
+def test_the_candidates_include_fsdp2_and_tp_fsdp_only_where_data_parallel_ranks_remain():
+    one_node = meshplan.plan_layout(tiny_llama(), devices_per_node=2, device_memory="80GB", seq_len=64)
+    two_nodes = meshplan.plan_layout(tiny_llama(), devices_per_node=2, nodes=2, device_memory="80GB", seq_len=64)
+    assert {"fsdp2", "fsdp2-stage2"} <= {c.layout for c in one_node.candidates}
+    assert "tp-fsdp" not in {c.layout for c in one_node.candidates}  # TP over both processes leaves none
+    plans = {c.layout: c.plan for c in two_nodes.candidates}
+    assert plans["fsdp2"] == FSDP2_STAGE3 and plans["fsdp2-stage2"] == FSDP2_STAGE2
+    assert plans["tp-fsdp"] == Plan("tp", tp_size=2, data_parallel="shard") and plans["tp-fsdp"].uses_fsdp2
+    for candidate in two_nodes.candidates:  # each name is what layout_name calls its plan
+        assert meshplan.planner.layout_name(candidate.plan, 4, 2) == candidate.layout
+
+
+def test_tp_fsdp_makes_70b_fit_where_tp_with_replicated_data_parallelism_does_not():
+    choice = meshplan.plan_layout(llama_70b(), devices_per_node=8, nodes=4, device_memory="80GB", gradient_checkpointing=True)
+    fits = {(c.layout, c.tp_size): c.fits for c in choice.candidates}
+    assert not any(fit for (layout, _), fit in fits.items() if layout in ("tp", "tp-dp", "ddp", "zero1", "zero2"))
+    assert fits[("tp-fsdp", 8)]
+    # TP inside each node and FSDP2 across the 4 nodes sends the least over the slower inter-node links.
+    assert (choice.chosen, choice.tp_size) == ("tp-fsdp", 8) and choice.plan.data_parallel == "shard"
+
+
+def test_on_equal_footing_deepspeed_comes_before_fsdp2_and_in_bf16_sends_less():
+    choice = meshplan.plan_layout(llama_8b(), devices_per_node=8, device_memory="80GB")
+    order = [c.layout for c in choice.candidates]
+    # DeepSpeed gathers bf16 weights, meshplan's FSDP2 fp32 ones: ZeRO-3 on DeepSpeed ranks first.
+    assert order.index("zero3") < order.index("fsdp2") and order.index("zero2") < order.index("fsdp2-stage2")
+    assert meshplan.planner.choose.PREFERENCE.index("zero3") < meshplan.planner.choose.PREFERENCE.index("fsdp2")
+
+
+def test_an_fsdp2_layout_naming_a_class_the_model_lacks_is_refused():
+    plan = Plan.build("zero", zero_stage=3, engine="fsdp2", options={"fsdp_layer_classes": "GPT2Block"})
+    with pytest.raises(meshplan.PlanError, match="fsdp_layer_classes='GPT2Block' names GPT2Block"):
+        meshplan.estimate(tiny_llama(), plan, world_size=2, seq_len=32)
+    named = Plan.build("zero", zero_stage=3, engine="fsdp2", options={"fsdp_layer_classes": "LlamaDecoderLayer"})
+    assert meshplan.estimate(tiny_llama(), named, world_size=2, seq_len=32) == meshplan.estimate(
+        tiny_llama(), FSDP2_STAGE3, world_size=2, seq_len=32)
+
+
+@pytest.mark.parametrize("recipe, world_size, plan", [
+    ("fsdp2", 2, FSDP2_STAGE3), ("tp-fsdp", 4, Plan("tp", tp_size=2, data_parallel="shard"))])
+def test_the_catalogues_fsdp2_recipes_are_estimated_under_their_own_names(recipe, world_size, plan):
+    result = meshplan.estimate(tiny_llama(), recipe, world_size=world_size, seq_len=32)
+    assert result.layout == recipe and result == meshplan.estimate(tiny_llama(), plan, world_size=world_size, seq_len=32)

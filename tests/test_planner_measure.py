@@ -17,7 +17,7 @@ from torch import nn
 
 from meshplan._compat.torch import CollectiveCall
 from meshplan.planner.measure import (
-    count_communication, gradient_bytes, live_tensor_bytes, model_state_bytes, peak_step_memory, sent_bytes,
+    MemoryTracker, count_communication, gradient_bytes, live_tensor_bytes, model_state_bytes, peak_step_memory, sent_bytes,
 )
 from meshplan.testing import spawn
 
@@ -120,6 +120,19 @@ def test_the_peak_of_a_linear_step_is_its_weight_gradient() -> None:
     memory = peak_step_memory(step)
     assert 4_000_000 <= memory["peak"] - memory["baseline"] <= 4_000_000 + 64
     assert memory["end"] == memory["baseline"]
+
+
+def test_a_storage_resized_in_place_is_counted_at_its_new_size() -> None:
+    # FSDP2 frees its gathered parameters with UntypedStorage.resize_(0), which no dispatch mode sees.
+    block = torch.zeros(1000)
+    resize = torch.UntypedStorage.resize_
+    with MemoryTracker() as tracker:
+        before = tracker.live
+        block.untyped_storage().resize_(0)
+        assert tracker.live == before - 4000
+        block.untyped_storage().resize_(8000)
+        assert tracker.live == before + 4000 and tracker.peak == before + 4000
+    assert torch.UntypedStorage.resize_ == resize  # torch's own again
 
 
 # ---------------------------------------------------------------- communication

@@ -10,12 +10,13 @@ choosing. Every front end announces the choice in the same words, ``announcement
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from meshplan.plan import Plan
     from meshplan.planner.types import LayoutChoice
 
 AUTO = "auto"
@@ -78,28 +79,41 @@ def _is_cuda(device: torch.device | None) -> bool:
 
 
 def without_tensor_parallel(choice: LayoutChoice, why: str) -> LayoutChoice:
-    """``choice``, or when it is a TP layout, the fastest fitting layout among its candidates without TP.
+    """``choice``, or when it is a TP layout (tp, tp-dp, tp-fsdp), the fastest fitting layout among its
+    candidates without TP.
 
     For front ends that cannot run tensor parallelism; ``why`` says so, and goes into the reason.
 
     Raises:
         PlanError: only TP layouts fit.
     """
+    return without_layouts(choice, lambda plan: plan.strategy == "tp", "tensor parallelism", why)
+
+
+def without_layouts(choice: LayoutChoice, left_out: Callable[[Plan], bool], what: str, why: str) -> LayoutChoice:
+    """``choice``, or when ``left_out(choice.plan)``, the fastest fitting candidate whose plan is not left out.
+
+    For front ends that cannot run some layouts: ``what`` names them ("tensor parallelism"), ``why``
+    says why not; both go into the reason.
+
+    Raises:
+        PlanError: only layouts that are left out fit.
+    """
     from dataclasses import replace
 
     from meshplan.errors import PlanError
     from meshplan.planner import format_bytes
 
-    if not choice.chosen.startswith("tp"):
+    if not left_out(choice.plan):
         return choice
-    others = [candidate for candidate in choice.candidates if not candidate.layout.startswith("tp")]
+    others = [candidate for candidate in choice.candidates if not left_out(candidate.plan)]
     fitting = [candidate for candidate in others if candidate.fits]  # the candidates come fastest first
     if not fitting:
         smallest = min(others, key=lambda candidate: candidate.estimate.total)
-        raise PlanError(f"only tensor parallelism fits this model, and {why}: the smallest layout without it, "
+        raise PlanError(f"only {what} fits this model, and {why}: the smallest layout without it, "
                         f"{smallest.layout}, needs {format_bytes(smallest.estimate.total)} per device.")
     best = fitting[0]
-    reason = (f"{best.layout} is the fastest layout without tensor parallelism that fits, as {why}: it needs "
+    reason = (f"{best.layout} is the fastest layout without {what} that fits, as {why}: it needs "
               f"{format_bytes(best.estimate.total)} per device and sends {format_bytes(best.estimate.communication_bytes_per_step)} "
               f"per step ({choice.chosen} with tp_size {choice.tp_size} would be faster).")
     return replace(choice, chosen=best.layout, tp_size=best.tp_size, plan=best.plan, reason=reason)

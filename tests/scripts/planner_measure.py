@@ -1,7 +1,8 @@
 """Measures what one training step holds and sends under each layout, on every rank of one launch.
 
     python tests/scripts/planner_measure.py OUT.json --nprocs 2 [--families llama,bert]
-        [--layouts ddp,zero1,zero2,zero3,zero3-offload,tp,tp-dp] [--precision bf16[,no]] [--seq-len 128[,256]]
+        [--layouts ddp,zero1,zero2,zero3,zero3-offload,fsdp2,fsdp2-stage2,tp,tp-dp,tp-fsdp] [--precision bf16[,no]]
+        [--seq-len 128[,256]]
         [--micro-batch-size 2] [--gradient-checkpointing off[,on]] [--zero-option reduce_bucket_size=1000000 ...]
         [--hidden 256 --intermediate 688 --bert-intermediate 1024 --layers 4 --heads 8 --kv-heads 4 --vocab 4096]
 
@@ -29,8 +30,9 @@ and combination, in bytes this rank holds or sends (meshplan.planner.measure):
   built (what earlier combinations left behind; it is part of ``baseline`` and ``peak``).
 
 The layouts are meshplan.DDP(), meshplan.ZeRO(stage=1, 2, 3; zero3-offload offloads the optimizer
-and the parameters) with the ``--zero-option`` settings, and meshplan.TensorParallel with tp_size
-the world size (tp) or 2 (tp-dp, on 4 or more processes). The llama family is a LlamaForCausalLM,
+and the parameters) with the ``--zero-option`` settings, meshplan.ZeRO(stage=3 or 2, engine="fsdp2")
+(fsdp2, fsdp2-stage2), and meshplan.TensorParallel with tp_size the world size (tp) or 2 (tp-dp, and
+tp-fsdp with data_parallel="shard", on 4 or more processes). The llama family is a LlamaForCausalLM,
 the bert family a BertForSequenceClassification (2 labels); dropout is off in both.
 """
 
@@ -60,7 +62,7 @@ from meshplan.planner.measure import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the helpers package
 from helpers import accelerate_train  # noqa: E402
 
-LAYOUTS = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp")
+LAYOUTS = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "fsdp2-stage2", "tp", "tp-dp", "tp-fsdp")
 FAMILIES = ("llama", "bert")
 
 
@@ -110,12 +112,14 @@ def strategy(layout: str, world_size: int, zero_options: dict[str, int]) -> Any:
         return meshplan.ZeRO(stage=int(layout[-1]), **_options_of_stage(int(layout[-1]), zero_options))
     if layout == "zero3-offload":
         return meshplan.ZeRO(stage=3, offload_optimizer=True, offload_parameters=True, **_options_of_stage(3, zero_options))
+    if layout in ("fsdp2", "fsdp2-stage2"):
+        return meshplan.ZeRO(stage=2 if layout.endswith("stage2") else 3, engine="fsdp2")
     if layout == "tp":
         return meshplan.TensorParallel(tp_size=world_size)
-    if layout == "tp-dp":
+    if layout in ("tp-dp", "tp-fsdp"):
         if world_size < 4 or world_size % 2:
-            raise ValueError(f"tp-dp runs tp_size 2 with data parallelism: it needs an even world of 4 or more, not {world_size}")
-        return meshplan.TensorParallel(tp_size=2)
+            raise ValueError(f"{layout} runs tp_size 2 with data parallelism: it needs an even world of 4 or more, not {world_size}")
+        return meshplan.TensorParallel(tp_size=2, data_parallel="shard" if layout == "tp-fsdp" else "replicate")
     raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 
 

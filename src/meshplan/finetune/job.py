@@ -142,7 +142,7 @@ def with_chosen_layout(job: FinetuneJob) -> FinetuneJob:
         PlanError: no layout fits (the message names the smallest memory or device count that would).
         FinetuneError: the model directory holds no model.
     """
-    from meshplan.auto import choose_layout, is_auto, without_tensor_parallel
+    from meshplan.auto import choose_layout, is_auto, without_layouts
 
     if not is_auto(job.recipe):
         return job
@@ -154,7 +154,12 @@ def with_chosen_layout(job: FinetuneJob) -> FinetuneJob:
     choice = choose_layout(model, processes_per_node=job.devices, device=device, global_batch_size=job.batch_size,
                            seq_len=job.max_length, precision="no")
     if job.framework in WITHOUT_TENSOR_PARALLEL:
-        choice = without_tensor_parallel(choice, "the HF Trainer (--framework trainer) does not run tensor parallelism")
+        # The Trainer runs FSDP2 through its own FSDP arguments, which it honours on GPUs only.
+        on_cpu = device.type == "cpu"
+        choice = without_layouts(
+            choice, lambda plan: plan.strategy == "tp" or (plan.uses_fsdp2 and on_cpu),
+            "tensor parallelism" + (" or FSDP2" if on_cpu else ""),
+            "the HF Trainer (--framework trainer) does not run tensor parallelism" + (", nor FSDP2 on CPU" if on_cpu else ""))
     layout = {"chosen": choice.chosen, "tp_size": choice.tp_size, "reason": choice.reason, "plan": plan_to_json(choice.plan)}
     return dataclasses.replace(job, layout=layout)
 

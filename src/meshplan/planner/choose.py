@@ -13,24 +13,32 @@ from meshplan.planner.model import ModelFacts, model_facts
 from meshplan.planner.types import Candidate, Estimate, LayoutChoice
 
 # The order of docs/choosing-a-layout.md: layouts that keep whole weights on every device first
-# (their gradient traffic overlaps the backward pass), then those that shard the weights (ZeRO-3
-# and TP, which communicate inside every layer), then offload (bound by the host link).
-TIERS = {"ddp": 0, "zero1": 0, "zero2": 0, "tp": 1, "tp-dp": 1, "zero3": 1, "zero3-offload": 2}
-# When two layouts of a tier cost the same time, the simpler one wins (ZeRO-2 holds less than ZeRO-1).
-PREFERENCE = ("ddp", "zero2", "zero1", "tp", "tp-dp", "zero3", "zero3-offload")
+# (their gradient traffic overlaps the backward pass; FSDP2's stage 2 keeps them gathered from the
+# forward to the backward pass), then those that shard the weights (ZeRO-3 on either engine, TP and
+# TP x FSDP2, which communicate inside every layer), then offload (bound by the host link).
+TIERS = {"ddp": 0, "zero1": 0, "zero2": 0, "fsdp2-stage2": 0, "tp": 1, "tp-dp": 1, "tp-fsdp": 1, "zero3": 1, "fsdp2": 1,
+         "zero3-offload": 2}
+# When two layouts of a tier cost the same time, the simpler one wins (ZeRO-2 holds less than ZeRO-1),
+# and DeepSpeed before FSDP2 for the same stage: it is ZeRO's default engine.
+PREFERENCE = ("ddp", "zero2", "zero1", "fsdp2-stage2", "tp", "tp-dp", "zero3", "fsdp2", "tp-fsdp", "zero3-offload")
 # How far plan_layout looks for a node count that fits, when none does on the hardware given.
 MAX_NODES_SEARCHED = 128
 
 
-def candidate_plans(facts: ModelFacts, devices_per_node: int) -> list[Plan]:
-    """The layouts meshplan can run on nodes of ``devices_per_node``: DDP, ZeRO 1-3, ZeRO-3 with
-    offload, and TP over each divisor of the node that the model's heads and MLP allow."""
+def candidate_plans(facts: ModelFacts, devices_per_node: int, nodes: int = 1) -> list[Plan]:
+    """The layouts meshplan can run on ``nodes`` of ``devices_per_node``: DDP, ZeRO 1-3 on DeepSpeed,
+    ZeRO-3 with offload, ZeRO 2 and 3 on FSDP2, TP over each divisor of the node that the model's
+    heads and MLP allow, and, where that leaves data-parallel ranks, TP x FSDP2 over them."""
     buckets = bucket_options(facts)
     plans = [Plan("ddp"), *(Plan.build("zero", zero_stage=stage, options=buckets.get(stage)) for stage in (1, 2, 3)),
              Plan.build("zero", zero_stage=3, offload_optimizer=True, offload_parameters=True, options=buckets.get(3))]
+    if _takes_fsdp2(facts):
+        plans += [Plan("zero", zero_stage=stage, engine="fsdp2") for stage in (2, 3)]
     for tp_size in range(2, devices_per_node + 1):
         if devices_per_node % tp_size == 0 and _takes_tp(facts, tp_size):
             plans.append(Plan("tp", tp_size=tp_size))
+            if tp_size < devices_per_node * nodes and _takes_fsdp2(facts):
+                plans.append(Plan("tp", tp_size=tp_size, data_parallel="shard"))
     return plans
 
 
@@ -49,6 +57,15 @@ def bucket_options(facts: ModelFacts) -> dict[int, dict[str, int]]:
     return {1: reduce, 2: reduce, 3: {**reduce, **prefetch}}
 
 
+def _takes_fsdp2(facts: ModelFacts) -> bool:
+    """Whether FSDP2 can shard the model: meshplan shards the Hugging Face models it holds."""
+    try:
+        facts.sharding_units()
+    except PlanError:
+        return False
+    return True
+
+
 def _takes_tp(facts: ModelFacts, tp_size: int) -> bool:
     try:
         facts.with_tp_styles(tp_size)
@@ -65,10 +82,10 @@ def plan_layout(model: Any, *, devices_per_node: int, nodes: int = 1, device_mem
 
     A layout fits when its estimate's ``total`` is within ``device_memory`` (and, with offload, its
     ``host_bytes`` within ``host_memory`` per process, when given). Among those that fit, layouts
-    that keep whole weights on every device (ddp, zero1, zero2) come first, then those that shard
-    the weights (zero3, TP), then offload; within each, the one whose communication and offload
-    traffic take the least time per step wins (computation is the same for all), and ties go to
-    the simpler layout.
+    that keep whole weights on every device (ddp, zero1, zero2, fsdp2-stage2) come first, then
+    those that shard the weights (zero3, fsdp2, tp, tp-dp, tp-fsdp), then offload; within each, the
+    one whose communication and offload traffic take the least time per step wins (computation is
+    the same for all), and ties go to the simpler layout, and to DeepSpeed before FSDP2.
 
     Args:
         model: as for ``meshplan.estimate``.
@@ -110,7 +127,7 @@ def _ranked(facts: ModelFacts, devices_per_node: int, nodes: int, memory: int, h
     settings = dict(settings)
     global_batch_size = settings.pop("global_batch_size")
     candidates = []
-    for plan in candidate_plans(facts, devices_per_node):
+    for plan in candidate_plans(facts, devices_per_node, nodes):
         if global_batch_size is not None:
             replicas = world_size // (plan.tp_size if plan.strategy == "tp" else 1)
             settings["micro_batch_size"] = max(1, -(-global_batch_size // replicas))
@@ -149,7 +166,7 @@ def _reason(best: Candidate, candidates: list[Candidate], memory: int) -> str:
         return f"{name} keeps whole weights on every device and fits ({need}); of those that do, it communicates least ({sent})."
     replicated = min(c.estimate.total for c in candidates if TIERS[c.layout] == 0)
     if tier == 1:
-        return (f"{name} fits once the weights are sharded ({need}; ddp, zero1 and zero2 need at least "
+        return (f"{name} fits once the weights are sharded ({need}; the layouts that keep whole weights need at least "
                 f"{format_bytes(replicated)}); of the sharded layouts it communicates least ({sent}).")
     sharded = min(c.estimate.total for c in candidates if TIERS[c.layout] < 2)
     return (f"{name} is the only layout that fits ({need}, and {format_bytes(best.estimate.host_bytes)} in host memory): "

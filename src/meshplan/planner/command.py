@@ -22,9 +22,10 @@ def add_plan_command(commands: Any, refuse: Callable[[str, Exception | str], int
     """Adds ``meshplan plan`` to the ``meshplan`` command's subcommands."""
     plan = commands.add_parser(
         "plan", help="which layout fits a model on some GPUs, what each costs per device, and the choice",
-        description="Estimate, for every layout meshplan runs (ddp, zero1-3, zero3 offload, TP over each divisor of a "
-                    "node), the memory per device by component and the bytes each device sends per step, and choose "
-                    "the fastest layout that fits. The formulas are in docs/planning.md.")
+        description="Estimate, for every layout meshplan runs (ddp, zero1-3 and zero3 offload on DeepSpeed, fsdp2 and "
+                    "fsdp2-stage2 on torch's FSDP2, TP over each divisor of a node, and TP x FSDP2 across nodes or "
+                    "node groups), the memory per device by component and the bytes each device sends per step, and "
+                    "choose the fastest layout that fits. The formulas are in docs/planning.md.")
     plan.add_argument("--model", required=True, help="a model directory or config.json path (only the config is read)")
     plan.add_argument("--devices", type=int, required=True, help="devices (GPUs) per node")
     plan.add_argument("--nodes", type=int, default=1, help="machines (default 1)")

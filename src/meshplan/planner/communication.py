@@ -5,7 +5,10 @@ tensor of M bytes (the convention of nccl-tests' bus bandwidth): an all-reduce s
 an all-gather or a reduce-scatter (n-1)/n M of the whole tensor. The volumes follow the ZeRO
 paper's section 7: DDP, ZeRO-1 and ZeRO-2 move 2 copies of the model per step, ZeRO-3 3 copies
 (its parameters are gathered again for the backward pass); tensor parallelism moves activations,
-one all-reduce per split layer pair in each direction (Megatron's f and g operators).
+one all-reduce per split layer pair in each direction (Megatron's f and g operators). FSDP2
+reduce-scatters the fp32 gradients and gathers the fp32 parameters of each unit for the forward
+pass and, at stage 3 (it reshards after the forward pass), again for the backward pass: 3 copies of
+the model at stage 3, 2 at stage 2, of the TP-local model under TP x FSDP2.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def all_gather(nbytes: float, ranks: int) -> float:
 
 def data_parallel_bytes(facts: ModelFacts, plan: Plan, *, dp_size: int, tp_size: int, half: bool) -> float:
     """What the data-parallel dimension sends per step: gradients reduced, ZeRO's parameters gathered."""
+    if plan.uses_fsdp2:
+        return fsdp2_bytes(facts, plan, dp_size=dp_size, tp_size=tp_size)
     if plan.strategy != "zero":
         # fp32 gradients, in DDP's buckets or across TP's replicas (each its local share).
         return all_reduce(4 * sum(p.local_gradient_numel(tp_size) for p in facts.parameters if p.trainable), dp_size)
@@ -50,6 +55,22 @@ def data_parallel_bytes(facts: ModelFacts, plan: Plan, *, dp_size: int, tp_size:
     # Parameters under the persistence threshold stay whole and are gathered once, after the step.
     gradients = all_gather(weight * sum(p.numel for p in facts.parameters if p.trainable), dp_size)
     return gradients + all_gather(weight * facts.numel, dp_size) + all_gather(weight * regathered_numel(facts, plan), dp_size)
+
+
+def fsdp2_bytes(facts: ModelFacts, plan: Plan, *, dp_size: int, tp_size: int) -> float:
+    """What FSDP2 sends over the data-parallel ranks per step, in fp32 (meshplan sets no MixedPrecisionPolicy).
+
+    The parameters it shards (TP-local under TP x FSDP2) are gathered once or twice (see the module's
+    docstring) and their gradients reduce-scattered; those it keeps whole (outside every Hugging Face
+    model) are all-reduced, as DDP would.
+    """
+    whole = set(facts.sharding_units(plan.option("fsdp_layer_classes")).whole)
+    sharded = [p for p in facts.parameters if p.name not in whole]
+    gathers = 2 if plan.reshard_after_forward else 1
+    gathered = gathers * all_gather(4 * sum(p.local_numel(tp_size) for p in sharded), dp_size)
+    reduced = all_gather(4 * sum(p.local_numel(tp_size) for p in sharded if p.trainable), dp_size)
+    kept_whole = all_reduce(4 * sum(p.local_numel(tp_size) for p in facts.parameters if p.name in whole and p.trainable), dp_size)
+    return gathered + reduced + kept_whole
 
 
 def regathered_numel(facts: ModelFacts, plan: Plan) -> int:

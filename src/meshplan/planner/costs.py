@@ -56,7 +56,7 @@ def estimate(model: Any, layout: Any, *, world_size: int, nodes: int = 1, micro_
     states = model_states(facts, plan, dp_size=dp_size, tp_size=tp_size, half=half is not None)
     activations, weight_copies, logits = _activations(facts, plan, half, micro_batch_size, seq_len, gradient_checkpointing, tp_size)
     compute_bytes = 2 if half is not None else 4
-    residual_bytes = compute_bytes if plan.strategy == "zero" else 4
+    residual_bytes = compute_bytes if plan.uses_deepspeed else 4
     # TP's collectives carry the residual stream's dtype: fp32 under autocast (measured: DTensor
     # reduces the rowwise outputs and gathers the logits in fp32 there too).
     within_tp = tensor_parallel_bytes(facts, tp_size=tp_size, tokens=micro_batch_size * seq_len,
@@ -75,7 +75,7 @@ def estimate(model: Any, layout: Any, *, world_size: int, nodes: int = 1, micro_
         parameters=states.parameters, gradients=states.gradients, optimizer_states=states.optimizer_states,
         activations=activations, buffers=buffers, host_bytes=states.host_bytes,
         communication_bytes_per_step=round(sent), tensor_parallel_bytes_per_step=round(within_tp),
-        host_traffic_bytes_per_step=host_traffic(facts, plan, dp_size, compute_bytes if plan.strategy == "zero" else 4),
+        host_traffic_bytes_per_step=host_traffic(facts, plan, dp_size, compute_bytes if plan.uses_deepspeed else 4),
         peak=peak + (states.gradients if states.gradients_resident else 0),
     )
 
@@ -84,7 +84,7 @@ def host_traffic(facts: ModelFacts, plan: Plan, dp_size: int, weight_bytes: int)
     """Bytes offload copies between host and device per step: offloaded parameters in for the forward
     and the backward pass, and the gradient share out to the optimizer on the CPU and the updated
     weights back."""
-    if plan.strategy != "zero":
+    if not plan.uses_deepspeed:
         return 0
     share = -(-facts.numel // dp_size) * weight_bytes
     traffic = 2 * share if plan.offload_optimizer else 0
@@ -96,10 +96,10 @@ def host_traffic(facts: ModelFacts, plan: Plan, dp_size: int, weight_bytes: int)
 def _activations(facts: ModelFacts, plan: Plan, half: torch.dtype | None, micro_batch_size: int, seq_len: int,
                  gradient_checkpointing: bool, tp_size: int) -> tuple[int, int, int]:
     """(activations, autocast's weight copies, logits) on one rank, in bytes."""
-    # DeepSpeed casts the model to 16 bits; DDP and TP keep fp32 weights and run the forward in autocast.
+    # DeepSpeed casts the model to 16 bits; DDP, TP and FSDP2 keep fp32 weights and run the forward in autocast.
     if half is None:
         dtype, autocast = torch.float32, None
-    elif plan.strategy == "zero":
+    elif plan.uses_deepspeed:
         dtype, autocast = half, None
     else:
         dtype, autocast = torch.float32, half
@@ -124,8 +124,13 @@ def layout_plan(layout: Any) -> Plan:
 
 def layout_name(plan: Plan, world_size: int, processes_per_node: int) -> str:
     """The catalogue's name for ``plan``: ddp, zero1, zero2, zero3, zero3-offload, tp (TP over every
-    process) or tp-dp (TP groups, data parallel across them). The catalogue names offload at stage 3
-    only: ``ZeRO(stage=2, offload_optimizer=True)`` is "zero2" (its estimate shows the offload)."""
+    process) or tp-dp (TP groups, data parallel across them) and, on torch's FSDP2, fsdp2 (ZeRO-3),
+    fsdp2-stage2 (ZeRO-2) and tp-fsdp (TP groups, FSDP2 across them). The catalogue names offload at
+    stage 3 only: ``ZeRO(stage=2, offload_optimizer=True)`` is "zero2" (its estimate shows the offload)."""
+    if plan.uses_fsdp2:
+        if plan.strategy == "tp":
+            return "tp-fsdp"
+        return "fsdp2" if plan.zero_stage == 3 else f"fsdp2-stage{plan.zero_stage}"
     if plan.strategy == "zero":
         offloaded = plan.zero_stage == 3 and (plan.offload_optimizer or plan.offload_parameters)
         return "zero3-offload" if offloaded else f"zero{plan.zero_stage}"

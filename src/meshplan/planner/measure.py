@@ -217,6 +217,8 @@ class MemoryTracker(TorchDispatchMode):
     whichever code runs the op (autograd, DDP's reducer, DeepSpeed's hooks and optimizer, DTensor's
     local ops), and it subtracts each storage when torch frees it (a weak reference to the
     storage's Python object, which torch keeps alive as long as any tensor uses the storage).
+    A storage resized in place (``UntypedStorage.resize_``, which no dispatcher sees: FSDP2 frees
+    and re-allocates its gathered parameters that way) is counted at its new size.
     Memory a kernel uses inside one op and tensors made before it by C++ alone are not seen.
     Enter it before the model is built to see the latter too.
 
@@ -237,7 +239,12 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self) -> MemoryTracker:
         for tensor in live_tensors():
             self._track(tensor)
+        _watch_resizes(self)
         return super().__enter__()
+
+    def __exit__(self, *exception: Any) -> Any:
+        _unwatch_resizes(self)
+        return super().__exit__(*exception)
 
     def reset_peak(self) -> None:
         """Starts a new peak from what is alive now."""
@@ -253,8 +260,16 @@ class MemoryTracker(TorchDispatchMode):
 
     def _track(self, tensor: torch.Tensor) -> None:
         storage = _storage(tensor)
-        if storage is None:
-            return
+        if storage is not None:
+            self._track_storage(storage)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """Counts ``storage`` at the size ``resize_`` gave it (nothing, once resized to 0 bytes)."""
+        with self._lock:
+            if id(storage) in self._sizes or storage.nbytes():
+                self._track_storage(storage)
+
+    def _track_storage(self, storage: torch.UntypedStorage) -> None:
         key, size = id(storage), storage.nbytes()
         with self._lock:
             before = self._sizes.get(key)
@@ -268,6 +283,36 @@ class MemoryTracker(TorchDispatchMode):
         with self._lock:
             self.live -= self._sizes.pop(key, 0)
             self._references.pop(key, None)
+
+
+# The trackers entered now, which in-place storage resizes must reach; torch's own resize_ while none is.
+_RESIZE_WATCHERS: list[MemoryTracker] = []
+_TORCH_RESIZE = torch.UntypedStorage.resize_
+_RESIZE_IS_OWN = "resize_" in vars(torch.UntypedStorage)  # else inherited from torch._C.StorageBase
+
+
+def _watched_resize(storage: torch.UntypedStorage, size: int) -> Any:
+    result = _TORCH_RESIZE(storage, size)
+    for tracker in list(_RESIZE_WATCHERS):
+        tracker._resized(storage)
+    return result
+
+
+def _watch_resizes(tracker: MemoryTracker) -> None:
+    """Routes ``UntypedStorage.resize_`` through ``tracker`` while it is entered (its public method, wrapped)."""
+    if not _RESIZE_WATCHERS:
+        torch.UntypedStorage.resize_ = _watched_resize
+    _RESIZE_WATCHERS.append(tracker)
+
+
+def _unwatch_resizes(tracker: MemoryTracker) -> None:
+    if tracker in _RESIZE_WATCHERS:
+        _RESIZE_WATCHERS.remove(tracker)
+    if not _RESIZE_WATCHERS:
+        if _RESIZE_IS_OWN:
+            torch.UntypedStorage.resize_ = _TORCH_RESIZE
+        else:
+            del torch.UntypedStorage.resize_
 
 
 def peak_step_memory(step: Callable[[], Any], tracker: MemoryTracker | None = None) -> dict[str, int]:

@@ -12,6 +12,12 @@ engine wins, because the planner predicts what the engine holds:
 - DeepSpeed's ZeRO-3 keeps parameters smaller than ``stage3_param_persistence_threshold``
   whole on every rank, pads each partition to a whole element per rank, and allocates its
   reduce bucket (``reduce_bucket_size`` elements) whole.
+- FSDP2 (ZeRO on engine="fsdp2", and TP x FSDP2) as meshplan applies it (meshplan.fsdp, no
+  MixedPrecisionPolicy): fp32 weights, gradients and AdamW states, each split over the
+  data-parallel ranks, 16 bytes per parameter divided by them, with the precision's autocast
+  around the forward pass as under DDP and TP. On top, the units it has gathered whole: at
+  stage 3 a model's root unit and two blocks (the one running and the one prefetched), at
+  stage 2 (no resharding after the forward pass) every unit, from the forward to the backward pass.
 - Only trainable parameters carry gradients and optimizer states.
 """
 
@@ -77,6 +83,8 @@ def model_states(facts: ModelFacts, plan: Plan, *, dp_size: int, tp_size: int, h
 
     ``half`` says whether training runs in 16-bit mixed precision (bf16 or fp16).
     """
+    if plan.uses_fsdp2:
+        return _fsdp2_states(facts, plan, dp_size, tp_size)
     if plan.strategy == "zero":
         return _zero_states(facts, plan, dp_size, half)
     return _replicated_states(facts, plan, tp_size)
@@ -92,6 +100,37 @@ def _replicated_states(facts: ModelFacts, plan: Plan, tp_size: int) -> ModelStat
         buckets = 4 * trainable  # DDP's flat buckets hold a second copy of every gradient
     largest = max((p.local_gradient_numel(tp_size) for p in facts.parameters if p.trainable), default=0)
     return ModelStates(4 * local, 4 * gradients, ADAM_STATE_BYTES * trainable, buckets, 0, 2 * 4 * largest, 0)
+
+
+def _fsdp2_states(facts: ModelFacts, plan: Plan, dp_size: int, tp_size: int) -> ModelStates:
+    """FSDP2: this rank's share of fp32 weights, gradients and AdamW states, and the units gathered whole."""
+    shares = fsdp2_shares(facts, plan, tp_size=tp_size, dp_size=dp_size)
+    trainable = [shares[p.name] for p in facts.parameters if p.trainable]
+    gathered = gathered_units_numel(facts, plan, tp_size)
+    # torch's AdamW steps one CPU tensor at a time (see _replicated_states): twice the largest share.
+    largest = max(trainable, default=0)
+    return ModelStates(4 * sum(shares.values()), 4 * sum(trainable), ADAM_STATE_BYTES * sum(trainable), 0,
+                       4 * gathered, 2 * 4 * largest, 0)
+
+
+def fsdp2_shares(facts: ModelFacts, plan: Plan, *, tp_size: int, dp_size: int) -> dict[str, int]:
+    """Elements of each parameter (by name) one rank holds under FSDP2: split over ``dp_size`` ranks
+    after TP over ``tp_size``; those outside every Hugging Face model stay whole (meshplan.fsdp)."""
+    whole = set(facts.sharding_units(plan.option("fsdp_layer_classes")).whole)
+    return {p.name: p.local_numel(tp_size) if p.name in whole else p.fsdp2_numel(tp_size, dp_size) for p in facts.parameters}
+
+
+def gathered_units_numel(facts: ModelFacts, plan: Plan, tp_size: int) -> int:
+    """Elements FSDP2 holds gathered (TP-local) at the turn from forward to backward: every unit at
+    stage 2; at stage 3 and under TP x FSDP2 the root units and two blocks, the one whose backward
+    runs and the one prefetched."""
+    units = facts.sharding_units(plan.option("fsdp_layer_classes"))
+    local = {p.name: p.local_numel(tp_size) for p in facts.parameters}
+    blocks = sorted((sum(local[name] for name in block) for block in units.blocks), reverse=True)
+    roots = sum(local[name] for root in units.roots for name in root)
+    if not plan.reshard_after_forward:
+        return roots + sum(blocks)
+    return roots + sum(blocks[:2])
 
 
 def _zero_states(facts: ModelFacts, plan: Plan, dp_size: int, half: bool) -> ModelStates:

@@ -63,6 +63,19 @@ class ParameterFacts:
         """
         return self.numel if self.tp_style == "embedding_rowwise" and tp_size > 1 else self.local_numel(tp_size)
 
+    def fsdp2_numel(self, tp_size: int, dp_size: int) -> int:
+        """Elements of this parameter one rank holds under FSDP2 over ``dp_size`` ranks, after TP over ``tp_size``.
+
+        FSDP2 splits the first dimension of each (TP-local) parameter over the data-parallel ranks,
+        padded to a whole row per rank (torch's ``_chunk_with_empty``).
+        """
+        local = self.local_numel(tp_size)
+        if not self.shape or dp_size == 1:
+            return local
+        split_rows = tp_size > 1 and _split_dimension(self.tp_style, len(self.shape)) == 0
+        rows = -(-self.shape[0] // tp_size) if split_rows else self.shape[0]
+        return -(-rows // dp_size) * (local // rows) if rows else 0
+
 
 def _split_dimension(style: str | None, ndim: int) -> int | None:
     # torch's styles: colwise splits a Linear's weight (out, in) on dim 0 and its bias; rowwise splits
@@ -94,6 +107,7 @@ class ModelFacts:
     module: nn.Module
     styles: dict[str, str] = field(default_factory=dict, repr=False)
     _split: dict[tuple[Any, ...], "ModelFacts"] = field(default_factory=dict, repr=False, compare=False)
+    _units: dict[str | None, "ShardingUnits"] = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def config_text(self) -> str:
@@ -141,6 +155,16 @@ class ModelFacts:
         plans = plan_models(self.module, tp_size, dict(tp_plan) if tp_plan is not None else None)
         return {_joined(outer, name): style for outer, plan in plans.items() for name, style in plan.items()}
 
+    def sharding_units(self, requested: str | None = None) -> "ShardingUnits":
+        """The parameters FSDP2 shards unit by unit (``meshplan.fsdp.sharding_units``), by name.
+
+        ``requested`` is the ``fsdp_layer_classes`` option. Raises PlanError when it names a class
+        the model lacks, or when there is no Hugging Face model to shard.
+        """
+        if requested not in self._units:
+            self._units[requested] = _sharding_units(self.module, requested)
+        return self._units[requested]
+
     def with_tp_styles(self, tp_size: int, tp_plan: tuple[tuple[str, str], ...] | None = None) -> "ModelFacts":
         """These facts with each parameter's TP style under ``tp_size`` (worked out once per size and plan)."""
         key = (tp_size, tp_plan)
@@ -153,7 +177,35 @@ class ModelFacts:
         parameters = tuple(
             ParameterFacts(p.name, p.shape, p.trainable, styles.get(p.name.rpartition(".")[0])) for p in self.parameters
         )
-        return ModelFacts(self.name, self.config, self.model_class, parameters, self.module, styles)
+        # The same module, so the same sharding units.
+        return ModelFacts(self.name, self.config, self.model_class, parameters, self.module, styles, _units=self._units)
+
+
+@dataclass(frozen=True)
+class ShardingUnits:
+    """Parameter names by FSDP2 unit: each transformer block, each model's root unit (embeddings,
+    final norm, head: what its blocks leave), and the parameters outside every model (kept whole)."""
+
+    blocks: tuple[tuple[str, ...], ...]
+    roots: tuple[tuple[str, ...], ...]
+    whole: tuple[str, ...]
+
+
+def _sharding_units(root: nn.Module, requested: str | None) -> ShardingUnits:
+    from meshplan.fsdp import fsdp2_models, sharding_units  # imports torch's FSDP2, which estimates of other layouts need not
+
+    names = {id(parameter): name for name, parameter in root.named_parameters()}
+    blocks, roots, inside = [], [], set()
+    for _, model in fsdp2_models(root):
+        in_blocks: set[str] = set()
+        for unit in sharding_units(model, requested):
+            unit_names = tuple(names[id(parameter)] for parameter in unit.parameters())
+            blocks.append(unit_names)
+            in_blocks.update(unit_names)
+        model_names = [names[id(parameter)] for parameter in model.parameters()]
+        roots.append(tuple(name for name in model_names if name not in in_blocks))
+        inside.update(model_names)
+    return ShardingUnits(tuple(blocks), tuple(roots), tuple(name for name in names.values() if name not in inside))
 
 
 def _joined(outer: str, name: str) -> str:

@@ -16,7 +16,8 @@ class Estimate:
     """Bytes one rank holds while training under a layout, by component, and what it sends per step.
 
     Attributes:
-        layout: the catalogue's name of the layout (ddp, zero1, zero2, zero3, zero3-offload, tp, tp-dp).
+        layout: the catalogue's name of the layout (ddp, zero1, zero2, zero3, zero3-offload, tp, tp-dp; on
+            torch's FSDP2: fsdp2, fsdp2-stage2 and tp-fsdp).
         tp_size: processes that share one tensor-parallel copy of the model (1 without TP).
         world_size: processes in all.
         parameters: bytes of parameters on the device (the engine's copy the forward uses).
@@ -87,11 +88,21 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         """The candidate as ``meshplan plan --json`` prints it."""
         return {
-            "layout": self.layout, "tp_size": self.tp_size, "fits": self.fits,
+            "layout": self.layout, "tp_size": self.tp_size, "engine": engine_of(self.plan), "fits": self.fits,
             "bytes_per_rank": self.estimate.bytes_per_rank(), "host_bytes": self.estimate.host_bytes,
             "communication_bytes_per_step": self.estimate.communication_bytes_per_step,
             "communication_seconds_per_step": self.step_seconds,
         }
+
+
+def engine_of(plan: Plan) -> str:
+    """What shards or replicates the model under ``plan``: "ddp", "deepspeed", "fsdp2" (ZeRO on FSDP2, or
+    TP x FSDP2) or "dtensor" (TP whose data-parallel replicas keep whole copies)."""
+    if plan.uses_fsdp2:
+        return "fsdp2"
+    if plan.uses_deepspeed:
+        return "deepspeed"
+    return "dtensor" if plan.strategy == "tp" else "ddp"
 
 
 @dataclass(frozen=True)
