@@ -35,17 +35,18 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from meshplan._compat.lightning import given_train_loader, hand_over_launch, replace_trainer_strategy
-from meshplan.auto import announcement, choose_layout, without_tensor_parallel
+from meshplan.auto import announcement, choose_layout, without_layouts
 from meshplan.plan import normalize_precision
 from meshplan.planner.types import LayoutChoice
 
 
-# The precisions Lightning's connector lets ModelParallelStrategy (meshplan's TP) run with.
+# The precisions Lightning's connector lets ModelParallelStrategy (meshplan's TP and FSDP2) run with.
 TENSOR_PARALLEL_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
 
 
 class Auto(DDPStrategy):
-    """Chooses ddp, ZeRO 1/2/3, ZeRO-3 offload or TP from the model, the world size and the memory per process.
+    """Chooses ddp, ZeRO 1/2/3 (DeepSpeed or FSDP2), ZeRO-3 offload, TP or TP x FSDP2 from the model, the world
+    size and the memory per process.
 
     Args:
         micro_batch_size: samples per process per step to plan for. None: the ``batch_size`` of the
@@ -108,8 +109,9 @@ class Auto(DDPStrategy):
             gradient_checkpointing=self.gradient_checkpointing,
         )
         if str(trainer.precision) not in TENSOR_PARALLEL_PRECISIONS:
-            choice = without_tensor_parallel(
-                choice, f"Lightning's ModelParallelStrategy, which TP runs on, does not take precision={trainer.precision!r}")
+            choice = without_layouts(
+                choice, lambda plan: plan.strategy == "tp" or plan.uses_fsdp2, "tensor parallelism or FSDP2",
+                f"Lightning's ModelParallelStrategy, which they run on, does not take precision={trainer.precision!r}")
         return choice
 
     def build_chosen(self, trainer: Any) -> Strategy:
