@@ -228,6 +228,24 @@ def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, clip,
         matrix.record("Accelerate", layout, {"clip_grad_norm_ (clipping active)": matrix.WORKS})
 
 
+# The layouts whose model meshplan shards itself in prepare (so Accelerate never wraps its forward).
+SHARDED_IN_PREPARE = {"tp": meshplan.TensorParallel(tp_size=2), "fsdp2": meshplan.ZeRO(stage=3, engine="fsdp2"),
+                      "tp-fsdp": meshplan.TensorParallel(tp_size=2, data_parallel="shard")}
+
+
+def test_bf16_reaches_the_forward_of_models_sharded_in_prepare() -> None:
+    # Accelerate puts the forward of the models it wraps under autocast; those meshplan shards in
+    # prepare are never wrapped, and once trained in fp32 whatever the recipe said.
+    results = spawn(accelerate_train.forward_precision, 2, list(SHARDED_IN_PREPARE.values()), timeout=300)[0]
+    for layout, losses in zip(SHARDED_IN_PREPARE, results):
+        fp32_loss, fp32_compute, fp32_output = losses["no"]
+        bf16_loss, bf16_compute, bf16_output = losses["bf16"]
+        assert (fp32_compute, bf16_compute) == ("torch.float32", "torch.bfloat16"), layout
+        assert fp32_output == bf16_output == "torch.float32", layout  # outputs come back in fp32, as Accelerate's do
+        assert 0 < abs(bf16_loss - fp32_loss) < 1e-2, layout  # the same model, computed in bf16
+        matrix.record("Accelerate", layout, {"mixed_precision bf16 (forward under autocast)": matrix.WORKS})
+
+
 def test_saved_state_resumes_under_another_layout_and_exports(tmp_path: Path, reference_paths: dict[str, str],
                                                               deepspeed_ops: None) -> None:
     # ZeRO-3 writes the state; fresh TP processes load_state it after step 2 and go on with the

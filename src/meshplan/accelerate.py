@@ -21,13 +21,20 @@ import math
 import os
 import weakref
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate import state as accelerate_state
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, recursively_apply
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    convert_outputs_to_fp32,
+    get_mixed_precision_context_manager,
+    recursively_apply,
+)
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -381,6 +388,7 @@ class TensorParallelAccelerator(CheckpointingAccelerator):
         if sharding_mesh(model) is None:
             return super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
         accelerate_compat.keep_prepared_model(self, model)
+        _forward_under_autocast(self, model)
         return model
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
@@ -508,6 +516,19 @@ class FullyShardedAccelerator(TensorParallelAccelerator):
         """Clips to the whole model's norm over sharded (on either mesh) and whole gradients; returns that norm."""
         self.unscale_gradients()
         return clip_grad_norm(list(parameters), max_norm, norm_type)
+
+
+def _forward_under_autocast(accelerator: Accelerator, model: nn.Module) -> None:
+    """Runs ``model``'s forward under the accelerator's mixed precision, as Accelerate's ``prepare_model``
+    does for the models it wraps; without it a sharded model would train in fp32 under a bf16 recipe.
+
+    The weights stay fp32 (as under DDP): the forward computes in bf16 under autocast and returns fp32.
+    """
+    if not accelerator.native_amp or hasattr(model, "_original_forward"):  # no mixed precision, or done already
+        return
+    model._original_forward = model.forward  # Accelerate's name: unwrap_model(keep_fp32_wrapper=False) restores it
+    autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
 
 
 def _all_tensors(data: Any) -> bool:

@@ -243,3 +243,29 @@ def tear_down(accelerator: Any) -> None:
     accelerator.free_memory()
     reset_process_state()
     gc.collect()
+
+
+def forward_precision(layouts: list[Any]) -> list[dict[str, Any]]:
+    """Per layout: what a bf16 ``meshplan.accelerator`` computes in, and the loss of the first batch
+    beside the fp32 loss of the same weights (a spawn worker)."""
+    from transformers import LlamaForCausalLM
+
+    results = []
+    for layout in layouts:
+        losses = {}
+        for precision in ("no", "bf16"):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(parity.tiny_llama_config())
+            optimizer = torch.optim.AdamW(model.parameters())
+            accelerator = meshplan.accelerator(layout, mixed_precision=precision)
+            model, optimizer = accelerator.prepare(model, optimizer)
+            computed: list[torch.dtype] = []
+            inner = accelerator.unwrap_model(model).model.layers[0].mlp.down_proj
+            hook = inner.register_forward_hook(lambda module, inputs, output: computed.append(output.dtype))
+            ids = torch.arange(16).reshape(2, 8) % 64
+            output = model(input_ids=ids, labels=ids)
+            hook.remove()
+            losses[precision] = (output.loss.item(), str(computed[0]), str(output.logits.dtype))
+            tear_down(accelerator)
+        results.append(losses)
+    return results
