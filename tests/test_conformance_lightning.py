@@ -1,8 +1,9 @@
 """The Lightning conformance matrix: an ordinary Lightning script's everyday APIs under every layout.
 
 Two spawns carry every cell (process start-up dominates the cost): one of 2 workers runs the
-whole script of tests/helpers/conformance_lightning.py under ddp, zero1, zero2, zero3, zero3-offload
-and tp in turn, one of 4 workers under tp-dp (TP 2 x DP 2). Each test below asserts one group
+whole script of tests/helpers/conformance_lightning.py under ddp, zero1, zero2, zero3, zero3-offload,
+tp and fsdp2 (ZeRO-3 on FSDP2) in turn, one of 4 workers under tp-dp (TP 2 x DP 2) and tp-fsdp
+(TP 2 x FSDP2 2). Each test below asserts one group
 of cells for every layout against numbers computed here, in one process, and then records the
 cells it proved in the conformance matrix (tests/helpers/matrix.py).
 """
@@ -23,8 +24,8 @@ from helpers import matrix, parity
 from helpers.conformance_lightning import ACCUMULATE, CLIP, EPOCHS, GAMMA, LEARNING_RATE, STEPS_PER_EPOCH, eval_set
 from meshplan.testing import spawn
 
-TWO_PROCESS_LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp"]
-FOUR_PROCESS_LAYOUTS = ["tp-dp"]
+TWO_PROCESS_LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "fsdp2"]
+FOUR_PROCESS_LAYOUTS = ["tp-dp", "tp-fsdp"]
 LAYOUTS = TWO_PROCESS_LAYOUTS + FOUR_PROCESS_LAYOUTS
 STEPS = EPOCHS * STEPS_PER_EPOCH
 # Tolerances with AdamW eps=1e-6 (parity.ADAM_EPS). The noise floor there (DESIGN.md) is 5.6e-6
@@ -116,8 +117,15 @@ def _rows(predictions: dict[int, list]) -> list[int]:
     return sorted(index for rows in predictions.values() for index, _ in rows)
 
 
-def _is_zero3(layout: str) -> bool:
-    return layout.startswith("zero3")
+def _gathers_in_forward(layout: str) -> bool:
+    """True for the layouts whose forward pass gathers parameters from every data-parallel process."""
+    return layout.startswith("zero3") or layout in ("fsdp2", "tp-fsdp")
+
+
+# A forward pass of these layouts is collective: 9 predict samples in batches of 4 give data-parallel
+# rank 0 two batches and rank 1 one, which they refuse (by world rank).
+UNEVEN_PREDICT_COUNTS = {"zero3": "[2, 1]", "zero3-offload": "[2, 1]", "fsdp2": "[2, 1]", "tp-fsdp": "[2, 2, 1, 1]"}
+REFUSING_ENGINE = {"zero3": "ZeRO stage 3", "zero3-offload": "ZeRO stage 3", "fsdp2": "FSDP2", "tp-fsdp": "FSDP2"}
 
 
 # ---------------------------------------------------------------- the cells
@@ -154,8 +162,9 @@ def test_validate_test_and_predict_after_fit(layout: str, trainer: str, results:
     assert measured["val_loss"] == pytest.approx(expected["val_loss"], abs=EVAL_TOLERANCE)
     assert measured["test_loss"] == pytest.approx(expected["test_loss"], abs=EVAL_TOLERANCE)
     samples = script.PREDICT_SAMPLES
-    if _is_zero3(layout):  # 9 samples give rank 0 two batches and rank 1 one: refused, then 8 predicted
-        assert "ZeRO stage 3" in measured["predict_refused"] and "[2, 1]" in measured["predict_refused"]
+    if _gathers_in_forward(layout):  # refused, then 8 samples predicted
+        refused = measured["predict_refused"]
+        assert REFUSING_ENGINE[layout] in refused and UNEVEN_PREDICT_COUNTS[layout] in refused, refused
         samples = script.EVEN_PREDICT_SAMPLES
     else:
         assert measured["predict_refused"] is None
@@ -168,8 +177,9 @@ def test_validate_test_and_predict_after_fit(layout: str, trainer: str, results:
     predict = "trainer.predict (exact count)"
     cells = {f"trainer.validate {where}": matrix.WORKS, f"trainer.test {where}": matrix.WORKS,
              f"{predict} {where}": matrix.WORKS}
-    if _is_zero3(layout):
-        cells[f"{predict} {where}, uneven batches per rank"] = matrix.refused("a forward pass is collective under ZeRO-3")
+    if _gathers_in_forward(layout):
+        cells[f"{predict} {where}, uneven batches per rank"] = matrix.refused(
+            f"a forward pass is collective under {REFUSING_ENGINE[layout]}")
     matrix.record("Lightning", layout, cells)
 
 
@@ -181,6 +191,25 @@ def test_a_sharded_module_refuses_another_tp_size(results: dict) -> None:
     assert "already sharded by TensorParallel over 2 processes" in message and "tp_size=1" in message
     matrix.record("Lightning", "tp", {"trainer.validate after fit with another tp_size": matrix.refused(
         "a sharded module keeps its tp_size")})
+
+
+@pytest.mark.slow
+def test_an_fsdp2_sharded_module_refuses_tensor_parallel(results: dict) -> None:
+    message = results["fsdp2"]["resharded"]
+    assert "already sharded by ZeRO(stage=3, engine='fsdp2') and cannot be re-sharded as TensorParallel" in message
+    matrix.record("Lightning", "fsdp2", {"trainer.validate after fit with another layout": matrix.refused(
+        "a sharded module keeps its layout")})
+
+
+@pytest.mark.slow
+def test_fsdp2_evaluates_outside_inference_mode(results: dict) -> None:
+    # Lightning evaluates under torch.inference_mode on GPUs, where the first gather of FSDP2 over one
+    # process (one GPU) fails; the strategy's evaluation steps leave inference mode for no_grad, with
+    # the same logits.
+    measured = results["fsdp2"]["inference_mode"]
+    assert "Inference tensors do not track version counter" in measured["bare_error"]
+    untrained = _plain_logits(_untrained_weights(), script.EVEN_PREDICT_SAMPLES)[: script.PREDICT_BATCH]
+    np.testing.assert_allclose(measured["logits"], untrained, atol=EVAL_TOLERANCE)
 
 
 @torch.no_grad()
@@ -283,7 +312,7 @@ def test_bf16_mixed_trains_close_to_fp32(layout: str, results: dict) -> None:
     differences = [abs(a - b) for a, b in zip(run["losses"], fp32, strict=True)]
     assert max(differences) < BF16_LOSS_TOLERANCE
     assert max(differences) > BF16_VISIBLE
-    if layout.startswith("zero"):
+    if layout.startswith("zero"):  # fsdp2 (ZeRO on FSDP2) runs Lightning's bf16-mixed, as TP does
         # DeepSpeed's bf16 mode: the module's weights are bf16, the optimizer's master copy fp32.
         assert run["parameter_dtypes"] == ["torch.bfloat16"] and run["master_dtype"] == "torch.float32"
     else:
@@ -295,7 +324,7 @@ def test_bf16_mixed_trains_close_to_fp32(layout: str, results: dict) -> None:
 def test_zero3_batch_check_counts_the_batches_each_stage_runs() -> None:
     import lightning.pytorch as pl
 
-    from meshplan.lightning.zero import _STAGE_LIMITS, _batches_run
+    from meshplan.lightning.base import _STAGE_LIMITS, _batches_run
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, limit_val_batches=0.5, limit_predict_batches=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -31,6 +31,11 @@ CASES = [
     (meshplan.TensorParallel(tp_size=2), "plain", {}),
     (meshplan.TensorParallel(tp_size=2, tp_plan={"layers.*.attn.q": "colwise"}), "llama", {}),
     ("meshplan_tp", "llama", {"num_key_value_heads": 1}),
+    # FSDP2 shards the Hugging Face models a module holds, block by block.
+    (meshplan.ZeRO(stage=3, engine="fsdp2"), "plain", {}),
+    (meshplan.ZeRO(stage=2, engine="fsdp2", fsdp_layer_classes="LlamaBlock"), "llama", {}),
+    (meshplan.TensorParallel(tp_size=2, data_parallel="shard", fsdp_layer_classes="LlamaBlock"), "llama", {}),
+    ("meshplan_tp_fsdp", "llama", {"num_key_value_heads": 1}),
 ]
 
 EXPECTED = [
@@ -41,6 +46,10 @@ EXPECTED = [
     "GPT2LMHeadModel has no tensor-parallel plan",
     "TensorParallel found no transformers.PreTrainedModel inside TinyModule",
     "tp_plan pattern 'layers.*.attn.q' matches no submodule of LlamaForCausalLM",
+    "tp_size=2 does not divide num_key_value_heads=1 of LlamaForCausalLM",
+    "FSDP2 found no transformers.PreTrainedModel inside TinyModule",
+    "fsdp_layer_classes='LlamaBlock' names",
+    "fsdp_layer_classes='LlamaBlock' names",
     "tp_size=2 does not divide num_key_value_heads=1 of LlamaForCausalLM",
 ]
 

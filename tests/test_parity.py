@@ -1,8 +1,9 @@
 """Every strategy trains the same model to the same losses and weights as one process.
 
 Two spawns carry all the runs (process start-up dominates the cost): one of 2 workers for
-DDP, ZeRO 1/2/3, ZeRO-3 with offload, TP 2 and every registered strategy name, and one of 4
-workers for TP 2 x DP 2. Each case is then checked by its own test.
+DDP, ZeRO 1/2/3, ZeRO-3 with offload, TP 2, ZeRO 2/3 on FSDP2 and every registered strategy
+name, and one of 4 workers for TP 2 x DP 2 and TP 2 x FSDP2 2. Gradient clipping and accumulation
+are in the cases that say so. Each case is then checked by its own test.
 """
 
 from __future__ import annotations

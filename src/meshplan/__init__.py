@@ -3,7 +3,7 @@
 Public names::
 
     meshplan.DDP(**options)
-    meshplan.ZeRO(stage=1|2|3, engine="deepspeed"|"fsdp2", offload_optimizer=False, offload_parameters=False, **options)
+    meshplan.ZeRO(stage=1|2|3, offload_optimizer=False, offload_parameters=False, engine="deepspeed"|"fsdp2", **options)
     meshplan.TensorParallel(tp_size=None|N, tp_plan=None, data_parallel="replicate"|"shard", **options)
     meshplan.Auto(micro_batch_size=None, seq_len=None, ...)  # chooses one of the above when the Trainer runs
     meshplan.PlanError

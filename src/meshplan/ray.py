@@ -24,6 +24,10 @@ count instead: ``ray.train.get_context()``'s world size and workers per node. A 
 group stays inside one node (``tp_size`` must divide the workers of each node), and a bad layout
 is a PlanError when the Trainer sets up, before any collective.
 
+The layouts that run under Ray are DDP, ZeRO on DeepSpeed and TensorParallel with
+``data_parallel="replicate"``. FSDP2's (``ZeRO(engine="fsdp2")``, ``TensorParallel(data_parallel="shard")``)
+are a PlanError: ``prepare_trainer`` accepts only Ray's strategy classes, whose FSDP one is FSDP1.
+
 Checkpoints are meshplan's (one directory, resumable under any layout). ``RayTrainReportCallback``
 saves into a directory of each worker's own; a meshplan checkpoint is one directory that all
 workers write together, so every worker writes into rank 0's, and Ray's merge of the reported
@@ -63,7 +67,7 @@ from meshplan.lightning.tensor_parallel import TensorParallel
 from meshplan.lightning.zero import ZeRO
 from meshplan.plan import Plan
 
-__all__ = ["RayDDP", "RayTensorParallel", "RayZeRO", "check_workers_per_node", "strategy"]
+__all__ = ["RayDDP", "RayTensorParallel", "RayZeRO", "check_runs_on_ray", "check_workers_per_node", "strategy"]
 
 
 def strategy(layout_or_recipe: Any) -> "RayDDP | RayZeRO | RayTensorParallel":
@@ -78,8 +82,10 @@ def strategy(layout_or_recipe: Any) -> "RayDDP | RayZeRO | RayTensorParallel":
         meshplan.DDP, meshplan.ZeRO or meshplan.TensorParallel) that counts Ray's workers.
 
     Raises:
-        PlanError: not a layout meshplan knows, or ``"auto"`` / ``meshplan.Auto()`` (choose with
-            ``meshplan.plan_layout`` first: every worker must build the same layout).
+        PlanError: not a layout meshplan knows, ``"auto"`` / ``meshplan.Auto()`` (choose with
+            ``meshplan.plan_layout`` first: every worker must build the same layout), or an FSDP2
+            layout (``ZeRO(engine="fsdp2")``, ``TensorParallel(data_parallel="shard")``), which Ray
+            Train has no strategy for.
     """
     if layout_or_recipe is None or is_auto(layout_or_recipe) or isinstance(layout_or_recipe, Auto):
         raise PlanError(
@@ -88,7 +94,25 @@ def strategy(layout_or_recipe: Any) -> "RayDDP | RayZeRO | RayTensorParallel":
             f"and pass its .plan to every worker."
         )
     plan = resolve_plan(layout_or_recipe)
+    check_runs_on_ray(plan)
     return from_plan(plan, ddp=RayDDP, zero=RayZeRO, tensor_parallel=RayTensorParallel)
+
+
+def check_runs_on_ray(plan: Plan) -> None:
+    """Refuses a layout meshplan.ray has no strategy for: FSDP2's (ZeRO on FSDP2, TP x FSDP2).
+
+    ``prepare_trainer`` accepts Ray's three strategy classes only, and Ray's FSDP one is
+    Lightning's FSDPStrategy (FSDP1, its own wrapping), not torch's ``fully_shard``.
+    """
+    if plan.uses_fsdp2:
+        layout = ("TensorParallel(data_parallel='shard')" if plan.strategy == "tp"
+                  else f"ZeRO(stage={plan.zero_stage}, engine='fsdp2')")
+        raise PlanError(
+            f"meshplan.ray does not run {layout}: FSDP2 layouts need a Ray strategy that Ray Train lacks (its "
+            f"RayFSDPStrategy is FSDP1). Under Ray, meshplan runs DDP, ZeRO with engine='deepspeed' (stages 1-3, "
+            f"offload) and TensorParallel with data_parallel='replicate'; ZeRO(stage={plan.zero_stage or 3}, "
+            f"engine='deepspeed') shards the same states."
+        )
 
 
 class _RayWorkers:
@@ -105,6 +129,7 @@ class _RayWorkers:
     @override
     def _validate_layout(self) -> None:
         _train_context()  # first: outside a Ray Train worker nothing else below can hold
+        check_runs_on_ray(self.plan)  # type: ignore[attr-defined]
         _check_ray_environment(self.cluster_environment)  # type: ignore[attr-defined]
         _check_backend(self.plan)  # type: ignore[attr-defined]
         check_workers_per_node(self.plan, _workers_per_node())  # type: ignore[attr-defined]

@@ -43,6 +43,8 @@ LAYOUTS: dict[str, Callable[[], Any]] = {
     "zero3-offload": lambda: meshplan.ZeRO(stage=3, offload_optimizer=True, offload_parameters=True),
     "tp": lambda: meshplan.TensorParallel(tp_size=2),
     "tp-dp": lambda: meshplan.TensorParallel(tp_size=2),
+    "fsdp2": lambda: meshplan.ZeRO(stage=3, engine="fsdp2"),
+    "tp-fsdp": lambda: meshplan.TensorParallel(tp_size=2, data_parallel="shard"),
 }
 LEARNING_RATE = 1e-3
 GAMMA = 0.5  # StepLR per optimizer step: the lr halves after every step
@@ -55,8 +57,8 @@ STEPS_PER_EPOCH = len(parity.TokenDataset("llama")) // (parity.GLOBAL_BATCH * AC
 EVAL_SAMPLES = 8  # divisible by every data-parallel size: no sample is repeated to even out ranks
 PREDICT_SAMPLES = 9  # odd on purpose: predict must return each sample exactly once
 PREDICT_BATCH = 4
-# ZeRO-3 refuses a predict loader that gives ranks different numbers of batches (a forward pass
-# is collective there); it must then predict this many samples, which split evenly.
+# ZeRO-3 and FSDP2 refuse a predict loader that gives ranks different numbers of batches (a forward
+# pass is collective there); they must then predict this many samples, which split evenly.
 EVEN_PREDICT_SAMPLES = 8
 EVAL_SEEDS = {"val": 2, "test": 3, "predict": 4}
 
@@ -191,15 +193,55 @@ def _main_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
         "val_loss": fresh_trainer.validate(reloaded, ckpt_path=folder / "best" / "last.ckpt", verbose=False)[0]["val_loss"],
         "test_loss": fresh_trainer.test(reloaded, ckpt_path=folder / "every" / "step=4.ckpt", verbose=False)[0]["test_loss"],
     }
-    if layout == "tp":
-        out["resharded"] = _reshard_error(module, devices, folder)
+    if layout in RESHARDING:
+        out["resharded"] = _reshard_error(module, devices, folder, RESHARDING[layout]())
+    if layout == "fsdp2":
+        out["inference_mode"] = _fsdp2_in_inference_mode()
     return out
 
 
-def _reshard_error(module: ConformanceModule, devices: int, folder: Path) -> str:
-    """The PlanError of validating a module sharded over 2 processes with tp_size=1 (it cannot be re-sharded)."""
+def _fsdp2_in_inference_mode() -> dict[str, Any]:
+    """A fresh FSDP2 model's first forward inside ``torch.inference_mode``, bare and through meshplan's strategy.
+
+    Lightning evaluates under inference_mode off gloo (nccl, on GPUs); on gloo, as here, it uses
+    no_grad, so the strategy's way out of inference mode is run here by hand, on a mesh of one
+    process (one GPU's case): the bare forward's error, and the logits through the strategy's way.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from meshplan.fsdp import fully_shard_models
+    from meshplan.lightning.model_parallel import _outside_inference_mode
+
+    # FSDP2 over one process (each rank alone), as on one GPU: there the first gather of a fresh model fails.
+    mesh = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("ranks", "data_parallel"))["data_parallel"]
+    ids = eval_set("predict", EVEN_PREDICT_SAMPLES).input_ids[:PREDICT_BATCH]
+    models = []
+    for _ in range(2):
+        module = ConformanceModule()
+        fully_shard_models(module, meshplan.ZeRO(stage=3, engine="fsdp2").plan, mesh)
+        models.append(module.model)
+    with torch.inference_mode():
+        try:
+            models[0](input_ids=ids)
+            bare_error = None
+        except RuntimeError as error:
+            bare_error = str(error)
+        with _outside_inference_mode():
+            logits = models[1](input_ids=ids).logits[:, -1].numpy()
+    return {"bare_error": bare_error, "logits": logits}
+
+
+# A layout whose trained module then meets a Trainer with another layout, which must refuse to re-shard it.
+RESHARDING: dict[str, Callable[[], Any]] = {
+    "tp": lambda: meshplan.TensorParallel(tp_size=1),
+    "fsdp2": lambda: meshplan.TensorParallel(tp_size=2),
+}
+
+
+def _reshard_error(module: ConformanceModule, devices: int, folder: Path, strategy: Any) -> str:
+    """The PlanError of validating a module sharded by the fit with ``strategy``, another layout (it cannot be re-sharded)."""
     try:
-        _trainer("tp", devices, folder, strategy=meshplan.TensorParallel(tp_size=1)).validate(module, verbose=False)
+        _trainer("tp", devices, folder, strategy=strategy).validate(module, verbose=False)
     except meshplan.PlanError as error:
         return str(error)
     return "no error"

@@ -83,8 +83,9 @@ class Case(NamedTuple):
     model: str
     label: str
     strategy: Any
-    batch_size: int  # per rank: the global batch divided by the data-parallel size
+    batch_size: int  # per rank: the global batch divided by the data-parallel size (and the accumulation)
     clip: float | None = None  # max gradient norm
+    accumulate: int = 1  # micro-batches per optimizer step (accumulate_grad_batches)
 
     @property
     def reference(self) -> str:
@@ -161,17 +162,18 @@ def lightning_run(case: Case, reference_path: str, world: tuple[int, int]) -> di
     num_nodes, devices = world
     trainer = pl.Trainer(
         accelerator=ACCELERATOR, devices=devices, num_nodes=num_nodes, strategy=case.strategy, max_steps=STEPS,
-        gradient_clip_val=case.clip,
+        gradient_clip_val=case.clip, accumulate_grad_batches=case.accumulate,
         use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module)
-    losses = torch.tensor(module.losses, dtype=torch.float64)
+    # A step's loss is the mean of its micro-batches' (each holds as many tokens) over the ranks.
+    losses = torch.tensor(module.losses, dtype=torch.float64).view(-1, case.accumulate).mean(dim=1)
     dist.all_reduce(losses)
     losses /= dist.get_world_size()
     weights = full_parameters(module.model)
     _, reference = torch.load(reference_path, weights_only=True)
     weight_error = max((weights[key].cpu() - reference[key]).abs().max().item() for key in reference)
-    return {"losses": losses.tolist(), "weight_error": weight_error, "steps": len(module.losses)}
+    return {"losses": losses.tolist(), "weight_error": weight_error, "steps": len(module.losses) // case.accumulate}
 
 
 def run_cases(cases: list[Case], reference_paths: dict[str, str]) -> dict[str, dict[str, Any]]:

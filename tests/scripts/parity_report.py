@@ -33,6 +33,9 @@ ONE_PROCESS_CASES = [
         ("ZeRO-2", meshplan.ZeRO(stage=2)),
         ("ZeRO-3", meshplan.ZeRO(stage=3)),
         ("TP-1", meshplan.TensorParallel(tp_size=1)),
+        ("FSDP2-2", meshplan.ZeRO(stage=2, engine="fsdp2")),
+        ("FSDP2-3", meshplan.ZeRO(stage=3, engine="fsdp2")),
+        ("TP-1xFSDP-1", meshplan.TensorParallel(tp_size=1, data_parallel="shard")),
     )
 ]
 
@@ -49,7 +52,7 @@ def main() -> int:
             references[key] = f"{folder}/{key}.pt"
             torch.save(parity.reference_run(model, clip), references[key])
         failures = 0
-        print(f"{'case':<34} {'procs':>5} {'max |dloss|':>12} {'max |dw|':>10}  ok   ({parity.ACCELERATOR})")
+        print(f"{'case':<40} {'procs':>5} {'max |dloss|':>12} {'max |dw|':>10}  ok   ({parity.ACCELERATOR})")
         for world, cases in ((1, ONE_PROCESS_CASES), (2, TWO_PROCESS_CASES), (4, FOUR_PROCESS_CASES)):
             if world > args.max_processes:
                 print(f"skipped: {len(cases)} cases that need {world} processes")
@@ -66,8 +69,8 @@ def main() -> int:
 def _report(case: parity.Case, world: int, result: dict, references: dict[str, str]) -> int:
     reference_losses, _ = torch.load(references[case.reference], weights_only=True)
     loss_error = max(abs(a - b) for a, b in zip(result["losses"], reference_losses))
-    ok = loss_error < parity.LOSS_TOLERANCE and result["weight_error"] < parity.WEIGHT_TOLERANCE
-    print(f"{case.model + '/' + case.label:<34} {world:>5} {loss_error:>12.2e} {result['weight_error']:>10.2e}  {'yes' if ok else 'NO'}")
+    ok = result["steps"] == parity.STEPS and loss_error < parity.LOSS_TOLERANCE and result["weight_error"] < parity.WEIGHT_TOLERANCE
+    print(f"{case.model + '/' + case.label:<40} {world:>5} {loss_error:>12.2e} {result['weight_error']:>10.2e}  {'yes' if ok else 'NO'}")
     return 0 if ok else 1
 
 

@@ -17,7 +17,7 @@ canary (and the code path that needs it), not the import of meshplan.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
@@ -55,7 +55,7 @@ SETUP_DISTRIBUTED_FINGERPRINTS = ("a7764dfde5c363d9",)
 SETUP_ENVIRONMENT_FINGERPRINTS = ("87eb9ff78b274761",)
 
 
-# -- ModelParallelStrategy without configure_model (meshplan.lightning.tensor_parallel) ---------
+# -- ModelParallelStrategy without configure_model (meshplan.lightning.model_parallel) ----------
 
 def set_model_parallel_sizes(strategy: ModelParallelStrategy, *, data_parallel: int, tensor_parallel: int) -> None:
     """Sizes ModelParallelStrategy's 2-D mesh once the world is known (its constructor's sizes, stored privately; 2.6.6).
@@ -74,7 +74,20 @@ def optimizers_to_device(optimizers: Iterable[Optimizer], device: torch.device) 
     _optimizers_to_device(optimizers, device)
 
 
-# ModelParallelStrategy.setup, copied into meshplan.lightning.tensor_parallel.TensorParallel.setup
+def clip_gradients_with(plugin: Any, *, norm: Callable[[list[torch.Tensor], float], Any],
+                        value: Callable[[list[torch.Tensor], float], Any]) -> None:
+    """Makes ``plugin`` clip gradients with ``norm(parameters, max_norm)`` and ``value(parameters, clip_value)``.
+
+    Lightning's ``Precision.clip_gradients`` (which ``Trainer(gradient_clip_val=...)`` reaches
+    through ``LightningModule.clip_gradients``) calls the plugin's ``clip_grad_by_norm`` or
+    ``clip_grad_by_value``, which call torch's clipping on ``main_params(optimizer)`` (2.6.6); the
+    plugin's own methods are replaced on this instance, the one the strategy's Trainer uses.
+    """
+    plugin.clip_grad_by_norm = lambda optimizer, clip_val: norm(list(plugin.main_params(optimizer)), clip_val)
+    plugin.clip_grad_by_value = lambda optimizer, clip_val: value(list(plugin.main_params(optimizer)), clip_val)
+
+
+# ModelParallelStrategy.setup, copied into meshplan.lightning.model_parallel.ModelParallelPlanStrategy.setup
 # with the configure_model requirement and the materialization replaced by meshplan's sharding
 # (fingerprint of lightning 2.6.6's).
 MODEL_PARALLEL_SETUP_FINGERPRINTS = ("7a79a2378fefc19c",)
@@ -176,7 +189,20 @@ def _check_optimizers_to_device() -> None:
 
 def _check_model_parallel_setup() -> None:
     _require_fingerprint(ModelParallelStrategy.setup, MODEL_PARALLEL_SETUP_FINGERPRINTS,
-                         "meshplan.lightning.tensor_parallel.TensorParallel.setup")
+                         "meshplan.lightning.model_parallel.ModelParallelPlanStrategy.setup")
+
+
+def _check_clip_gradients() -> None:
+    from lightning.pytorch.core.module import LightningModule
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    require_source(Precision.clip_gradients, "self.clip_grad_by_norm(optimizer, clip_val)",
+                   "self.clip_grad_by_value(optimizer, clip_val)")
+    require_source(LightningModule.clip_gradients, "self.trainer.precision_plugin.clip_gradients(")
+    # The plugins ModelParallelStrategy gets (32-true, bf16-mixed) clip through Precision's methods.
+    for plugin in (MixedPrecision, Precision):
+        for name in ("clip_grad_by_norm", "clip_grad_by_value"):
+            assert getattr(plugin, name) is getattr(Precision, name), f"{plugin.__name__} overrides {name}"
 
 
 def _check_ddp_kwargs() -> None:
@@ -256,8 +282,11 @@ INTERNALS: list[Internal] = [
               "TensorParallel.setup moves optimizer state to the device as ModelParallelStrategy.setup does",
               _check_optimizers_to_device),
     _internal("ModelParallelStrategy.setup (copied body)",
-              "TensorParallel.setup is a copy that shards the model in place of configure_model",
+              "TensorParallel.setup and FSDP2.setup are a copy that shards the model in place of configure_model",
               _check_model_parallel_setup),
+    _internal("Precision.clip_gradients -> clip_grad_by_norm / clip_grad_by_value",
+              "TensorParallel and FSDP2 clip gradients that span DTensors on several meshes with meshplan's norm",
+              _check_clip_gradients),
     _internal("DDPStrategy._ddp_kwargs",
               "tests read the DistributedDataParallel arguments a DDP strategy forwards",
               _check_ddp_kwargs),

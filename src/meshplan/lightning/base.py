@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from meshplan.errors import PlanError
 from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
 from meshplan.plan import Plan, normalize_precision
@@ -136,3 +138,55 @@ def _check_training_settings(plan: Plan, trainer: Any) -> None:
                 f"option {option}={wanted!r} contradicts Trainer({argument}={actual!r}); set them to the same "
                 f"value, or drop {option} from the strategy or recipe."
             )
+
+
+# The Trainer argument that limits the batches of each stage, and the stage's name in messages.
+_STAGE_LIMITS = {"train": ("limit_train_batches", "training"), "validate": ("limit_val_batches", "validation"),
+                 # The sanity check prepares the loader every validation of the fit then reuses, so the
+                 # check is of what validation runs, not of the few sanity steps.
+                 "sanity_check": ("limit_val_batches", "validation"), "test": ("limit_test_batches", "test"),
+                 "predict": ("limit_predict_batches", "predict")}
+
+
+def _batches_run(batches: int, limit: Any) -> int:
+    """How many of a loader's ``batches`` the Trainer runs under a limit_*_batches-style ``limit``."""
+    if isinstance(limit, float) and limit <= 1.0:
+        return int(batches * limit)
+    if isinstance(limit, int) and limit >= 0:
+        return min(batches, limit)
+    return batches
+
+
+def check_equal_batch_counts(dataloader: object, trainer: Any, layout: str, alternative: str,
+                             data_parallel_size: int | None = None) -> None:
+    """Refuses a loader that gives the processes different numbers of batches when a forward pass is collective.
+
+    Every forward pass of ZeRO-3 (DeepSpeed) and of FSDP2 gathers each layer's parameters from all
+    data-parallel processes; a process with an extra batch would wait for the others forever.
+    Lightning evens out training, validation and test data by repeating samples, but its predict
+    sampler does not (so that each sample is predicted once). Every process reaches this check
+    for the same loader (collective).
+
+    Args:
+        layout: the layout's name in the message ("ZeRO stage 3").
+        alternative: what else the user may do, with ``{stage}`` for the stage's name.
+        data_parallel_size: the ranks the samples are split over (the world when None).
+    """
+    stage = getattr(trainer.state.stage, "value", trainer.state.stage)
+    limit_argument, name = _STAGE_LIMITS.get(stage, (None, "these"))
+    try:
+        batches = len(dataloader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):  # an iterable loader: its length is unknown
+        batches = None
+    if batches is not None and limit_argument is not None:
+        batches = _batches_run(batches, getattr(trainer, limit_argument, None))
+    counts: list[int | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, batches)
+    if None in counts or len(set(counts)) == 1:
+        return
+    raise PlanError(
+        f"{layout} gathers the parameters from every process in each forward pass, so every process must run "
+        f"the same number of {name} batches, but this {name} loader gives them {counts} (by rank). Use a number "
+        f"of samples that splits evenly (a multiple of {data_parallel_size or len(counts)} data-parallel processes x "
+        f"the batch size), or {alternative.format(stage=name)}."
+    )

@@ -1,33 +1,26 @@
 """meshplan.TensorParallel: Megatron-style TP through torch DTensor, with no configure_model.
 
-Built on Lightning's ModelParallelStrategy (its 2-D device mesh, sampler and checkpointing),
-but the model is parallelized by meshplan: every Hugging Face model inside the LightningModule
-is sharded with its own TP plan (or an inferred or user-given one), and gradients are averaged
-across the data-parallel dimension before each optimizer step.
+Built on Lightning's ModelParallelStrategy (meshplan.lightning.model_parallel): every Hugging
+Face model inside the LightningModule is sharded with its own TP plan (or an inferred or
+user-given one). Across the data-parallel dimension the TP-sharded model is either replicated,
+with gradients averaged before each optimizer step, or sharded once more by FSDP2
+(``data_parallel="shard"``, torchtitan's 2-D layout), which then reduces the gradients itself.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Hashable
 
-import lightning.pytorch as pl
-from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.experimental import implicit_replication
-from torch.optim import Optimizer
 from typing_extensions import override
 
-from meshplan._compat.lightning import optimizers_to_device, set_model_parallel_sizes
-from meshplan.errors import PlanError
-from meshplan.lightning.base import PlanStrategyMixin
+from meshplan.fsdp import average_plain_gradients, check_fsdp2_model, fully_shard_models
+from meshplan.lightning.model_parallel import ModelParallelPlanStrategy
 from meshplan.plan import Plan
-from meshplan.tp.shard import plan_models, shard_models, sharding_mesh
+from meshplan.tp.shard import plan_models, shard_models
 from meshplan.tp.sync import average_gradients
 
 
-class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
+class TensorParallel(ModelParallelPlanStrategy):
     """Tensor parallelism over ``tp_size`` processes, data parallelism over the rest.
 
     Args:
@@ -36,15 +29,24 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
             dimension (4 processes with tp_size=2 form a 2 x 2 mesh).
         tp_plan: ``{module pattern: style}`` in the syntax of ``base_model_tp_plan`` (patterns
             relative to the base model), overriding the model's own or inferred plan.
-        **options: ``process_group_backend`` (derived from the device when unset).
+        data_parallel: ``"replicate"``: every data-parallel replica holds the whole TP-sharded
+            model and gradients are averaged across replicas; ``"shard"``: FSDP2 shards the
+            TP-sharded model over the replicas too (parameters, gradients and optimizer state),
+            after TP, as torchtitan does.
+        **options: ``process_group_backend`` (derived from the device when unset) and, with
+            ``data_parallel="shard"``, ``fsdp_layer_classes`` (the blocks FSDP2 shards one by one).
 
     Example::
 
-        trainer = lightning.Trainer(accelerator="cpu", devices=4, strategy=meshplan.TensorParallel(tp_size=2))
+        trainer = lightning.Trainer(accelerator="cpu", devices=4,
+                                    strategy=meshplan.TensorParallel(tp_size=2, data_parallel="shard"))
     """
 
-    def __init__(self, tp_size: int | None = None, tp_plan: dict[str, str] | None = None, **options: Any) -> None:
-        self.plan = Plan.build("tp", tp_size=tp_size, tp_plan=tp_plan, options=options)
+    _uneven_batches_alternative = "run {stage} with data_parallel='replicate', or in one process"
+
+    def __init__(self, tp_size: int | None = None, tp_plan: dict[str, str] | None = None,
+                 data_parallel: str = "replicate", **options: Any) -> None:
+        self.plan = Plan.build("tp", tp_size=tp_size, tp_plan=tp_plan, data_parallel=data_parallel, options=options)
         super().__init__(process_group_backend=self.plan.option("process_group_backend"))
         self._tp_plans: dict[str, dict[str, str]] = {}
 
@@ -54,71 +56,35 @@ class TensorParallel(PlanStrategyMixin, ModelParallelStrategy):
         return self.plan.resolved_tp_size(self._process_counts()[1])
 
     @override
-    def setup_environment(self) -> None:
-        # Everything that can be wrong with the layout is checked before the process group exists.
-        world_size = self._process_counts()[0]
-        self._validate_layout()
-        _check_earlier_sharding(self.lightning_module, self.tp_size)  # the clearer message, before plan_models
+    def _mesh_sizes(self) -> tuple[int, int]:
+        return self._process_counts()[0] // self.tp_size, self.tp_size
+
+    @override
+    def _check_model(self) -> None:
         self._tp_plans = plan_models(self.lightning_module, self.tp_size, self.plan.tp_plan_dict)
-        set_model_parallel_sizes(self, data_parallel=world_size // self.tp_size, tensor_parallel=self.tp_size)
-        super().setup_environment()
+        if self.plan.uses_fsdp2:
+            check_fsdp2_model(self.lightning_module, self.plan)
 
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        # ModelParallelStrategy.setup's body (canary: meshplan._compat.lightning), with meshplan's
-        # sharding in place of its configure_model requirement and materialization.
-        assert self.model is not None and self.accelerator is not None
-        self.accelerator.setup(trainer)
-        tp_mesh = self.device_mesh["tensor_parallel"]
-        # Every Trainer entry point (fit, validate, test, predict, on this Trainer or a new one) sets
-        # the strategy up again, but a module can be sharded only once: torch's distribute_module
-        # refuses a second time. A module sharded earlier over the same processes is used as it is
-        # (its DTensors keep the earlier mesh, whose process groups live as long as the world does).
-        earlier = sharding_mesh(self.lightning_module)
-        if earlier is None:
-            shard_models(self.lightning_module, self._tp_plans, self.root_device, tp_mesh, self.device_mesh["data_parallel"])
+    def _shard(self) -> None:
+        data_parallel = self.device_mesh["data_parallel"]
+        # TP first; every data-parallel replica then starts from the weights of data-parallel rank 0.
+        shard_models(self.lightning_module, self._tp_plans, self.root_device, self.device_mesh["tensor_parallel"],
+                     data_parallel)
+        if self.plan.uses_fsdp2:
+            fully_shard_models(self.lightning_module, self.plan, data_parallel)
+
+    @override
+    def _average_gradients(self) -> None:
+        data_parallel = self.device_mesh["data_parallel"]
+        if self.plan.uses_fsdp2:  # FSDP2 has reduced the gradients of what it shards
+            average_plain_gradients(self.lightning_module.parameters(), data_parallel)
         else:
-            _check_same_tensor_parallel_ranks(self.lightning_module, earlier, tp_mesh)
-        self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        self.barrier()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            optimizers_to_device(self.optimizers, self.root_device)
+            average_gradients(self.lightning_module, data_parallel)
 
     @override
-    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        # Lightning runs forward and backward inside the closure; averaging right after it keeps
-        # gradient clipping and the step on gradients of the whole global batch.
-        def closure_then_average() -> Any:
-            result = closure()
-            average_gradients(self.lightning_module, self.device_mesh["data_parallel"])
-            return result
-
-        # Sharded (DTensor) and replicated (plain) parameters meet in clip_grad_norm_ and in foreach
-        # optimizers; implicit replication lets torch treat the plain ones as replicated DTensors.
-        with implicit_replication():
-            return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
-
-
-def _check_earlier_sharding(module: nn.Module, tp_size: int) -> None:
-    """Refuses, before any collective, a module that an earlier run sharded over another tp_size."""
-    mesh = sharding_mesh(module)
-    if mesh is not None and mesh.size() != tp_size:
-        raise PlanError(
-            f"{type(module).__name__} was already sharded by TensorParallel over {mesh.size()} processes and cannot "
-            f"be re-sharded over tp_size={tp_size}; use the earlier tp_size, or a new module (or load a checkpoint "
-            f"into a new module with ckpt_path=...)."
-        )
-
-
-def _check_same_tensor_parallel_ranks(module: nn.Module, earlier: DeviceMesh, tp_mesh: DeviceMesh) -> None:
-    """Refuses a module sharded earlier (over ``earlier``) on other processes than this run's tensor-parallel group."""
-    if earlier.mesh.tolist() != tp_mesh.mesh.tolist():
-        raise PlanError(
-            f"{type(module).__name__} was already sharded by TensorParallel over ranks {earlier.mesh.tolist()}, but "
-            f"this run's tensor-parallel group is {tp_mesh.mesh.tolist()}; use a new module (or load a checkpoint "
-            f"into a new module with ckpt_path=...)."
-        )
+    def _sharding(self) -> tuple[str, Hashable]:
+        description = f"TensorParallel over {self.tp_size} processes (tp_size={self.tp_size}, " \
+                      f"data_parallel={self.plan.data_parallel!r})"
+        return description, ("tp", self.tp_size, self.plan.tp_plan, self.plan.data_parallel,
+                             self.plan.option("fsdp_layer_classes"))

@@ -25,7 +25,7 @@ from meshplan._compat.lightning import (
 )
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
-from meshplan.lightning.base import PlanStrategyMixin
+from meshplan.lightning.base import PlanStrategyMixin, check_equal_batch_counts
 from meshplan.plan import Plan
 
 
@@ -34,6 +34,9 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
 
     Args:
         stage: 1, 2 or 3.
+        engine: ``"deepspeed"``, or ``"fsdp2"`` for torch's FSDP2 (stages 2 and 3, no offload):
+            ``ZeRO(stage=3, engine="fsdp2")`` then returns a ``meshplan.lightning.fsdp2.FSDP2``, a
+            strategy built on Lightning's ModelParallelStrategy (not a DeepSpeedStrategy).
         offload_optimizer: keep optimizer state on the CPU and step it there.
         offload_parameters: keep parameters on the CPU between uses (stage 3 only).
         **options: DeepSpeed ``zero_optimization`` settings (``overlap_comm``,
@@ -48,12 +51,26 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
         trainer = lightning.Trainer(accelerator="cpu", devices=2, strategy=meshplan.ZeRO(stage=3))
     """
 
-    def __init__(self, stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
-                 **options: Any) -> None:
+    def __new__(cls, stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False, *,
+                engine: str = "deepspeed", **options: Any) -> Any:
+        # ZeRO(engine="fsdp2") is torch's FSDP2, which Lightning runs in ModelParallelStrategy, not in
+        # DeepSpeedStrategy: the call builds meshplan.lightning.fsdp2.FSDP2 (not an instance of ZeRO,
+        # so Python does not call __init__ on it again).
+        if engine == "fsdp2" and cls is ZeRO:
+            from meshplan.lightning.fsdp2 import FSDP2
+
+            return FSDP2(stage, offload_optimizer, offload_parameters, **options)
+        return super().__new__(cls)
+
+    def __init__(self, stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False, *,
+                 engine: str = "deepspeed", **options: Any) -> None:
         self.plan = Plan.build(
-            "zero", zero_stage=stage, offload_optimizer=offload_optimizer,
+            "zero", zero_stage=stage, engine=engine, offload_optimizer=offload_optimizer,
             offload_parameters=offload_parameters, options=options,
         )
+        if not self.plan.uses_deepspeed:
+            raise PlanError(f"{type(self).__name__} runs ZeRO on DeepSpeed, not engine={engine!r}; "
+                            f"meshplan.ZeRO(stage={stage}, engine={engine!r}) builds the strategy for it.")
         super().__init__(config=deepspeed_config(self.plan), process_group_backend=self.plan.option("process_group_backend"))
 
     @override
@@ -84,7 +101,8 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
     @override
     def process_dataloader(self, dataloader: object) -> object:
         if self.zero_stage_3 and dist.is_initialized():
-            _check_equal_batch_counts(dataloader, self.lightning_module.trainer)
+            check_equal_batch_counts(dataloader, self.lightning_module.trainer, "ZeRO stage 3",
+                                     "run {stage} with ZeRO stage 1 or 2, or in one process")
         return super().process_dataloader(dataloader)
 
     @property
@@ -94,51 +112,6 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
         # CPU device has none, so CPU processes get the local rank (tensors on "cpu:N" are on the CPU).
         device = super().root_device
         return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
-
-
-# The Trainer argument that limits the batches of each stage, and the stage's name in messages.
-_STAGE_LIMITS = {"train": ("limit_train_batches", "training"), "validate": ("limit_val_batches", "validation"),
-                 # The sanity check prepares the loader every validation of the fit then reuses, so the
-                 # check is of what validation runs, not of the few sanity steps.
-                 "sanity_check": ("limit_val_batches", "validation"), "test": ("limit_test_batches", "test"),
-                 "predict": ("limit_predict_batches", "predict")}
-
-
-def _batches_run(batches: int, limit: Any) -> int:
-    """How many of a loader's ``batches`` the Trainer runs under a limit_*_batches-style ``limit``."""
-    if isinstance(limit, float) and limit <= 1.0:
-        return int(batches * limit)
-    if isinstance(limit, int) and limit >= 0:
-        return min(batches, limit)
-    return batches
-
-
-def _check_equal_batch_counts(dataloader: object, trainer: Any) -> None:
-    """Refuses a loader that gives the processes different numbers of batches under ZeRO-3.
-
-    Every forward pass of ZeRO-3 gathers each layer's parameters from all processes; a process
-    with an extra batch would wait for the others forever. Lightning evens out training,
-    validation and test data by repeating samples, but its predict sampler does not (so that
-    each sample is predicted once). Every process reaches this check for the same loader.
-    """
-    stage = getattr(trainer.state.stage, "value", trainer.state.stage)
-    limit_argument, name = _STAGE_LIMITS.get(stage, (None, "these"))
-    try:
-        batches = len(dataloader)  # type: ignore[arg-type]
-    except (TypeError, NotImplementedError):  # an iterable loader: its length is unknown
-        batches = None
-    if batches is not None and limit_argument is not None:
-        batches = _batches_run(batches, getattr(trainer, limit_argument, None))
-    counts: list[int | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, batches)
-    if None in counts or len(set(counts)) == 1:
-        return
-    raise PlanError(
-        f"ZeRO stage 3 gathers the parameters from every process in each forward pass, so every process must run "
-        f"the same number of {name} batches, but this {name} loader gives them {counts} (by rank). Use a number "
-        f"of samples that splits evenly (a multiple of {len(counts)} processes x the batch size), or run {name} "
-        f"with ZeRO stage 1 or 2, or in one process."
-    )
 
 
 # Per module, the DeepSpeed engines built around it, weakly: what keeps an engine alive once its
