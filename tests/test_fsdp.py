@@ -9,10 +9,12 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
+from helpers.fsdp_workers import clip_uneven_shards
 from helpers.parity import tiny_llama_config
 from meshplan import PlanError
 from meshplan.fsdp import clip_grad_norm, fsdp2_models, layer_classes, sharding_units
 from meshplan.plan import Plan
+from meshplan.testing import spawn
 
 
 def _class_names(units: list[nn.Module]) -> list[str]:
@@ -82,3 +84,13 @@ def test_clipping_plain_gradients_matches_torch(norm_type: float) -> None:
     assert torch.allclose(norm, expected)
     for parameter, other in zip(ours.parameters(), theirs.parameters()):
         assert torch.allclose(parameter.grad, other.grad, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_clipping_counts_every_shard_once_when_some_ranks_hold_none() -> None:
+    # 4 + 16 ones: a norm of sqrt(20) on every rank, although data-parallel rank 1 holds no row of
+    # the small gradient (FSDP2 leaves trailing ranks empty); every rank scales to a norm of 1.
+    results = spawn(clip_uneven_shards, 4, timeout=120)
+    for norm, largest in results:
+        assert norm == pytest.approx(math.sqrt(20))
+        assert largest == pytest.approx(1 / math.sqrt(20), rel=1e-5)

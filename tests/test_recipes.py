@@ -496,6 +496,23 @@ def test_the_fsdp_environment_accelerate_launch_exports_describes_the_recipe(rec
         plan_from_environment({**environ, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})
 
 
+def test_launched_parallelism_sizes_are_checked_against_the_launched_world() -> None:
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(CATALOGUE_DIR / "tp-fsdp.yaml"), "train.py"])
+    environ = {**prepare_multi_gpu_env(_validate_launch_command(args)[0]), "LOCAL_RANK": "0"}
+    assert plan_from_environment({**environ, "WORLD_SIZE": "4"}) == TensorParallel(tp_size=2, data_parallel="shard").plan
+    # `--num_processes 8` with the recipe's dp_shard_size of 2: Accelerate's mesh would not cover the world.
+    with pytest.raises(PlanError, match="dp_shard_size=2 and parallelism_config_tp_size=2 contradict num_processes=8"):
+        plan_from_environment({**environ, "WORLD_SIZE": "8"})
+    # Replicated and sharded data parallelism (HSDP): meshplan has one data-parallel dimension, so it
+    # refuses rather than shard over all four processes.
+    hsdp = {**environ, "WORLD_SIZE": "4", "PARALLELISM_CONFIG_DP_REPLICATE_SIZE": "2", "PARALLELISM_CONFIG_TP_SIZE": "1"}
+    with pytest.raises(PlanError, match="parallelism_config_dp_replicate_size=2 is not honoured"):
+        plan_from_environment(hsdp)
+
+
 def test_recipes_command_lists_each_name_with_its_path(capsys: pytest.CaptureFixture[str]) -> None:
     from meshplan.cli import main
 

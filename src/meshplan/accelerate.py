@@ -47,7 +47,7 @@ from meshplan.checkpoint.accelerate_state import CheckpointingAccelerator
 from meshplan.checkpoint.pretrained import consolidated_state_dict
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
-from meshplan.fsdp import average_plain_gradients, check_fsdp2_model, clip_grad_norm, fsdp2_models, fully_shard_models
+from meshplan.fsdp import average_plain_gradients, check_fsdp2_model, clip_grad_norm, fully_shard_models
 from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
 from meshplan.plan import Plan, normalize_precision
 from meshplan.planner.types import LayoutChoice
@@ -478,9 +478,11 @@ class FullyShardedAccelerator(TensorParallelAccelerator):
     ZeRO(engine="fsdp2") shards each model block by block over every process (a data-parallel
     dimension of the whole world, tp_size 1); TensorParallel(data_parallel="shard") first applies
     the TP plan over the tensor-parallel dimension, then shards over the data-parallel one, the
-    order torchtitan uses. FSDP2 reduce-scatters the gradients in the backward of the last
-    micro-batch of a step (``accumulate`` keeps the others local); parameters outside the Hugging
-    Face models stay whole and are averaged as under DDP. Everything else (data sharding, gather,
+    order torchtitan uses. FSDP2 reduce-scatters the gradients in every micro-batch's backward and
+    adds them to the sharded ones, as under Lightning and in torchtitan: accumulating whole
+    gradients instead would hold 4 bytes per parameter of the model on every rank, which is what
+    sharding them avoids. Parameters outside the Hugging Face models stay whole and are averaged as
+    under DDP. Everything else (data sharding, gather,
     reduce, get_state_dict, optimizer re-pointing) is TensorParallelAccelerator's.
     """
 
@@ -500,13 +502,6 @@ class FullyShardedAccelerator(TensorParallelAccelerator):
             module.to(self.device)
             broadcast_parameters(module, data_parallel)  # FSDP2 keeps each rank's own slice: make them one model's
         fully_shard_models(module, self.plan, data_parallel)
-
-    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """Accelerate's backward; FSDP2 reduces the gradients only in the last micro-batch's backward of a step."""
-        for module in self._tp_modules:
-            for _, model in fsdp2_models(module):
-                model.set_requires_gradient_sync(self.sync_gradients)
-        super().backward(loss, **kwargs)
 
     def _synchronize(self, module: nn.Module) -> None:
         """FSDP2 reduced what it shards; the parameters it does not hold are averaged like DDP's."""

@@ -184,9 +184,12 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, norm_typ
     parts: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, DeviceMesh | None]] = {}
     for grad in grads:
         local = _local(grad).detach().float().to(device)
+        # FSDP2 leaves the last ranks' shards of a small tensor empty (5 rows over 4 ranks: 2, 2, 1, 0);
+        # they still add their (zero) part, so that every rank joins the same all-reduces in one order.
         if local.numel() == 0:
-            continue
-        part = local.abs().max() if norm_type == math.inf else local.pow(2).sum()
+            part = torch.zeros((), device=device)
+        else:
+            part = local.abs().max() if norm_type == math.inf else local.pow(2).sum()
         mesh, dimensions = _sharded_dimensions(grad)
         key = (id(mesh), dimensions)
         if key in parts:

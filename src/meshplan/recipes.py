@@ -238,6 +238,10 @@ def plan_from_environment(environ: Mapping[str, str] | None = None, extras: Mapp
         config["parallelism_config"] = {key: _environment_number(environ, variable)
                                         for variable, key in accelerate_compat.PARALLELISM_VARIABLES.items()
                                         if variable in environ}
+        # The sizes are checked against the launched world, as a recipe's against its num_processes.
+        world_size = _environment_number(environ, "WORLD_SIZE") if "WORLD_SIZE" in environ else None
+        if type(world_size) is int:
+            config["num_processes"] = world_size
     try:
         return plan_from_accelerate_config(config, extras)
     except PlanError as error:
@@ -424,6 +428,9 @@ def _fsdp2_plan(section: Mapping[str, Any], tensor_parallel: bool, extras: Mappi
                 options: dict[str, Any]) -> Plan:
     """The FSDP2 Plan of an fsdp_config section: ZeRO on FSDP2, or TP x FSDP2 with a tp size."""
     version = section.get("fsdp_version", 1)
+    if version == "2":
+        raise PlanError("key fsdp_config.fsdp_version='2' is a string: versions are integers in a recipe, as "
+                        "`accelerate config` writes them; write fsdp_version: 2, without quotes.")
     if version != 2 or isinstance(version, bool):
         raise PlanError(
             f"key fsdp_config.fsdp_version={shown(version)}: meshplan runs FSDP2 only (fsdp_version: 2), not FSDP1, "

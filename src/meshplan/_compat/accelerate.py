@@ -141,7 +141,7 @@ DEEPSPEED_VARIABLES = {
 # The parallelism_config sizes `accelerate launch` exports, by variable (prepare_extend_env_parallelism_config).
 PARALLELISM_VARIABLES = {
     f"PARALLELISM_CONFIG_{name}": f"parallelism_config_{name.lower()}"
-    for name in ("TP_SIZE", "DP_SHARD_SIZE", "CP_SIZE", "SP_SIZE")
+    for name in ("TP_SIZE", "DP_SHARD_SIZE", "DP_REPLICATE_SIZE", "CP_SIZE", "SP_SIZE")
 }
 
 USE_FSDP = "ACCELERATE_USE_FSDP"  # distributed_type: FSDP (the fsdp_config follows in FSDP_* variables)
