@@ -229,6 +229,8 @@ def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, clip,
 
 
 # The layouts whose model meshplan shards itself in prepare (so Accelerate never wraps its forward).
+# On the 2 processes of the test, tp-fsdp's FSDP2 shards over one replica: the autocast checked here
+# wraps the forward whatever the mesh (the 2 x 2 launch above checks the training itself).
 SHARDED_IN_PREPARE = {"tp": meshplan.TensorParallel(tp_size=2), "fsdp2": meshplan.ZeRO(stage=3, engine="fsdp2"),
                       "tp-fsdp": meshplan.TensorParallel(tp_size=2, data_parallel="shard")}
 
