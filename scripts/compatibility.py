@@ -85,10 +85,12 @@ def _precision() -> list[str]:
         "|---|---|---|---|",
         "| ddp, tp, tp-dp | yes | yes: fp32 weights, forward under bf16 autocast | passed on, not tested |",
         "| zero1, zero2, zero3, zero3-offload | yes | yes: DeepSpeed's bf16 mode, bf16 weights and an fp32 master copy | passed on, not tested |",
+        "| fsdp2, fsdp2-stage2, tp-fsdp | yes | yes: fp32 weights (sharded), forward under bf16 autocast | passed on, not tested |",
         "",
         "The Lightning rows `precision \"32-true\"` and `precision \"bf16-mixed\"` above train every layout in",
         "both. Accelerate (`mixed_precision` in the recipe or in `meshplan.accelerator()`) and the HF Trainer",
-        "(`bf16=True`) take the same setting; their conformance tests train in fp32. fp16 is rendered for the",
+        "(`bf16=True`) take the same setting; their conformance tests train in fp32, and the Accelerate row",
+        "`mixed_precision bf16` checks that the forward of the models meshplan shards in `prepare` runs in bf16. fp16 is rendered for the",
         "engines (DeepSpeed's `fp16` section, `fp16=True`) but no test trains in it, and DeepSpeed's fp16 loss",
         "scaler is not saved in meshplan checkpoints.",
     ]

@@ -48,4 +48,11 @@ def test_calls_from_any_test_are_served_by_the_preloaded_fork_server() -> None:
     # pytest names the running test in PYTEST_CURRENT_TEST; were that counted as a change of the
     # environment, every test after the first would start fresh interpreters, importing DeepSpeed
     # and Lightning again in each worker. The probe imports neither.
-    assert spawn(was_imported_before_the_call, 2, "deepspeed", timeout=120) == [True, True]
+    import os
+
+    from meshplan import testing
+
+    served = spawn(was_imported_before_the_call, 2, "deepspeed", timeout=120)
+    started_with = testing._server_environment or {}
+    changed = sorted(key for key in {*started_with, *os.environ} if started_with.get(key) != os.environ.get(key))
+    assert served == [True, True], f"variables changed since the fork server started: {changed}"

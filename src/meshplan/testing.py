@@ -117,8 +117,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300.
 
 # Variables that change between calls but that no preloaded module reads at import: pytest names
 # the running test in PYTEST_CURRENT_TEST, so counting it would start fresh interpreters for every
-# call made from any test but the first.
-_VARIABLES_NO_MODULE_READS = frozenset({"PYTEST_CURRENT_TEST"})
+# call made from any test but the first; threadpoolctl (imported with scikit-learn, by some datasets
+# code) sets KMP_DUPLICATE_LIB_OK the first time it is imported.
+_VARIABLES_NO_MODULE_READS = frozenset({"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK"})
 
 # The environment the fork server started with (its preloaded modules read it); None before it starts.
 _server_environment: dict[str, str] | None = None

@@ -57,10 +57,11 @@ def estimate(model: Any, layout: Any, *, world_size: int, nodes: int = 1, micro_
     activations, weight_copies, logits = _activations(facts, plan, half, micro_batch_size, seq_len, gradient_checkpointing, tp_size)
     compute_bytes = 2 if half is not None else 4
     residual_bytes = compute_bytes if plan.uses_deepspeed else 4
-    # TP's collectives carry the residual stream's dtype: fp32 under autocast (measured: DTensor
-    # reduces the rowwise outputs and gathers the logits in fp32 there too).
+    # Under autocast a linear layer computes, and returns, the 16-bit dtype: TP's rowwise layers
+    # reduce, and the LM head gathers, 16-bit outputs. The residual stream stays fp32, so the input
+    # gradients a colwise layer reduces (before autocast's cast) and a rowwise embedding's output are fp32.
     within_tp = tensor_parallel_bytes(facts, tp_size=tp_size, tokens=micro_batch_size * seq_len,
-                                      activation_bytes=residual_bytes, residual_bytes=residual_bytes,
+                                      activation_bytes=compute_bytes, residual_bytes=residual_bytes,
                                       recomputed=gradient_checkpointing)
     sent = data_parallel_bytes(facts, plan, dp_size=dp_size, tp_size=tp_size, half=half is not None) + within_tp
     # Temporary full tensors of the backward pass: autocast's 16-bit copies of the weights, kept for
