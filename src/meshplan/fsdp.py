@@ -27,6 +27,7 @@ from meshplan.errors import PlanError
 from meshplan.plan import Plan
 from meshplan.tp.apply import listed
 from meshplan.tp.plans import find_pretrained_models
+from meshplan.tp.sync import average_tensors
 
 
 def layer_classes(model: nn.Module, requested: str | None = None) -> set[str]:
@@ -149,19 +150,8 @@ def average_plain_gradients(parameters: Iterable[nn.Parameter], mesh: DeviceMesh
     FSDP2 reduces the gradients of what it shards; a parameter it does not hold (one outside the
     Hugging Face models) is a whole copy on each process, as under DDP, and is averaged here.
     """
-    if mesh.size() == 1:
-        return
-    grads = [parameter.grad for parameter in parameters
-             if parameter.grad is not None and not isinstance(parameter.grad, DTensor)]
-    if not grads:
-        return
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
-    dist.all_reduce(flat, group=mesh.get_group())
-    flat /= mesh.size()
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    average_tensors([parameter.grad for parameter in parameters
+                     if parameter.grad is not None and not isinstance(parameter.grad, DTensor)], mesh)
 
 
 @torch.no_grad()

@@ -55,9 +55,9 @@ def training_arguments(plan: Plan) -> dict[str, Any]:
             "lightning.Trainer(strategy=meshplan.TensorParallel(...)) or meshplan.accelerator(...) instead."
         )
     if not plan.uses_deepspeed:
-        _refuse_leftover_deepspeed(plan)
+        _refuse_leftover_engine(plan, accelerate_compat.USE_DEEPSPEED)
     if not plan.uses_fsdp2:
-        _refuse_leftover_fsdp(plan)
+        _refuse_leftover_engine(plan, accelerate_compat.USE_FSDP)
     arguments: dict[str, Any] = {"use_cpu": True} if on_cpu else {}
     arguments.update(_training_settings(plan))
     if plan.uses_fsdp2:
@@ -125,28 +125,22 @@ def _launched_as_a_group(environ: Mapping[str, str] | None = None) -> bool:
     return "LOCAL_RANK" in environ or any(size.isdigit() and int(size) > 1 for size in sizes)
 
 
-def _refuse_leftover_deepspeed(plan: Plan) -> None:
-    # TrainingArguments without `deepspeed` still builds a DeepSpeed plugin when this variable is
-    # set, so the Trainer would run DeepSpeed in place of the plan's layout. Accelerate sets it in
-    # `accelerate launch` of a DeepSpeed config and leaves it set after any DeepSpeed Accelerator.
-    if accelerate_compat.flag_set(accelerate_compat.USE_DEEPSPEED):
-        raise PlanError(
-            f"ACCELERATE_USE_DEEPSPEED=true is set in this process, so the HF Trainer would run DeepSpeed instead "
-            f"of strategy={plan.strategy!r}. It comes from `accelerate launch` with a DeepSpeed config, or from an "
-            f"earlier DeepSpeed Trainer or Accelerator in this process: launch with a non-DeepSpeed config (or "
-            f"torchrun), run this layout in a fresh process, or unset the variable before building TrainingArguments."
-        )
+# The variables with which `accelerate launch` of a DeepSpeed or FSDP config (and every DeepSpeed or FSDP
+# Accelerator, which leaves them set) makes the Trainer's Accelerator build that engine's plugin,
+# even from TrainingArguments that do not ask for it: variable -> (engine, the config's distributed_type).
+_LEFTOVER_ENGINES = {accelerate_compat.USE_DEEPSPEED: ("DeepSpeed", "a DeepSpeed"),
+                     accelerate_compat.USE_FSDP: ("Accelerate's FSDP", "an FSDP")}
 
 
-def _refuse_leftover_fsdp(plan: Plan) -> None:
-    # Without fsdp arguments the Trainer's Accelerator still builds an FSDP plugin from the environment when
-    # this variable is set: `accelerate launch` of an FSDP config sets it, and so does every FSDP Accelerator.
-    if accelerate_compat.flag_set(accelerate_compat.USE_FSDP):
+def _refuse_leftover_engine(plan: Plan, variable: str) -> None:
+    """A PlanError when ``variable`` would make the HF Trainer run another engine than ``plan``'s."""
+    if accelerate_compat.flag_set(variable):
+        engine, config = _LEFTOVER_ENGINES[variable]
         raise PlanError(
-            f"ACCELERATE_USE_FSDP=true is set in this process, so the HF Trainer would run Accelerate's FSDP instead "
-            f"of strategy={plan.strategy!r}. It comes from `accelerate launch` with an FSDP config, or from an earlier "
-            f"FSDP Trainer or Accelerator in this process: launch with a config of this layout (or torchrun), run it "
-            f"in a fresh process, or unset the variable before building TrainingArguments."
+            f"{variable}=true is set in this process, so the HF Trainer would run {engine} instead of "
+            f"strategy={plan.strategy!r}. It comes from `accelerate launch` with {config} config, or from an earlier "
+            f"Trainer or Accelerator that ran {engine} in this process: launch with a config of this layout (or "
+            f"torchrun), run it in a fresh process, or unset the variable before building TrainingArguments."
         )
 
 

@@ -32,18 +32,22 @@ def broadcast_parameters(module: nn.Module, dp_mesh: DeviceMesh) -> None:
 @torch.no_grad()
 def average_gradients(module: nn.Module, dp_mesh: DeviceMesh) -> None:
     """Averages the gradients of ``module`` over the data-parallel mesh, one flat all-reduce per dtype."""
-    if dp_mesh.size() == 1:
+    average_tensors([_local(parameter.grad) for parameter in module.parameters() if parameter.grad is not None], dp_mesh)
+
+
+@torch.no_grad()
+def average_tensors(tensors: list[torch.Tensor], mesh: DeviceMesh) -> None:
+    """Replaces each of ``tensors`` (plain tensors) by its mean over ``mesh``, one flat all-reduce per dtype and device."""
+    if mesh.size() == 1:
         return
     buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for parameter in module.parameters():
-        if parameter.grad is not None:
-            grad = _local(parameter.grad)
-            buckets.setdefault((grad.dtype, grad.device), []).append(grad)
-    for grads in buckets.values():
-        flat = torch.cat([grad.reshape(-1) for grad in grads])
-        dist.all_reduce(flat, group=dp_mesh.get_group())
-        flat /= dp_mesh.size()
+    for tensor in tensors:
+        buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for bucket in buckets.values():
+        flat = torch.cat([tensor.reshape(-1) for tensor in bucket])
+        dist.all_reduce(flat, group=mesh.get_group())
+        flat /= mesh.size()
         offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        for tensor in bucket:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
