@@ -294,9 +294,11 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_pat
     steps = _steps("lightning", "zero2")
     # The bar counts out of all steps throughout; after the restart it goes on from the checkpoint's step, one at a time.
     assert all(total == str(steps) for _, total in re.findall(r"(\d+)/(\d+) steps", log))
-    done = [int(done) for done in re.findall(rf"(\d+)/{steps} steps", log.split("restarting every worker", 1)[1])]
-    last_drop = max([index for index in range(1, len(done)) if done[index] < done[index - 1]], default=0)
-    resumed = done[last_drop:]  # the bar of the resumed run (a redraw of the old one may come first)
+    # The resumed run's bar starts fresh ("[00:00<?]": no rate yet). Redraws of the killed run's bar
+    # may come before it, at a step below or above the checkpoint's.
+    after_restart = log.split("restarting every worker", 1)[1]
+    fresh_bar = after_restart.rfind("training: ", 0, after_restart.rfind("<?]"))
+    resumed = [int(done) for done in re.findall(rf"(\d+)/{steps} steps", after_restart[fresh_bar:])]
     assert resumed[0] == metrics["resumed_at_step"] and resumed[-1] == steps
     assert all(later - earlier in (0, 1) for earlier, later in zip(resumed, resumed[1:]))
     assert metrics["train_steps"] == steps and 0 < metrics["resumed_at_step"] < steps

@@ -19,6 +19,7 @@ Ray Train V2 (the default of ray 2.60) runs the function.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -102,7 +103,8 @@ def test_what_is_not_a_layout_is_a_plan_error() -> None:
 def test_outside_a_ray_train_worker_the_strategy_says_where_it_runs() -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=meshplan.ray.strategy("ddp"), max_steps=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(PlanError, match=r"inside Ray Train's training function .*meshplan.from_recipe"):
+    # Lightning sets LOCAL_RANK, MASTER_ADDR, ... in this process before the strategy refuses.
+    with _environment_restored(), pytest.raises(PlanError, match=r"inside Ray Train's training function .*meshplan.from_recipe"):
         trainer.fit(parity.ParityModule("llama", parity.GLOBAL_BATCH))
 
 
@@ -160,7 +162,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     worker_tmp = folder / "tmp"
     worker_tmp.mkdir()
     python_path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))  # workers import helpers
-    with pytest.MonkeyPatch.context() as patch:
+    # ray.init writes variables of its own into this process's environment (RAY_USAGE_STATS_ENABLED,
+    # PYTHONBREAKPOINT, ...) and leaves them; the tests after these run in the environment they had.
+    with _environment_restored(), pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_TMPDIR", str(folder))  # Ray's sessions, logs and sockets
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": python_path, "TMPDIR": str(worker_tmp), "OMP_NUM_THREADS": "1"}})
@@ -168,6 +172,17 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             yield folder
         finally:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _environment_restored() -> Iterator[None]:
+    """Puts os.environ back as it was, whatever the code inside wrote to it."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 @pytest.fixture(scope="module")
