@@ -47,13 +47,19 @@ from meshplan.checkpoint.accelerate_state import CheckpointingAccelerator
 from meshplan.checkpoint.pretrained import consolidated_state_dict
 from meshplan.deepspeed_config import deepspeed_config
 from meshplan.errors import PlanError
-from meshplan.fsdp import average_plain_gradients, check_fsdp2_model, clip_grad_norm, fully_shard_models
+from meshplan.fsdp import (
+    average_plain_gradients,
+    check_fsdp2_model,
+    clip_grad_norm,
+    fully_shard_models,
+    fully_shard_whole_models,
+)
 from meshplan.launch import warn_if_restarts_share_the_rendezvous_store
 from meshplan.plan import Plan, normalize_precision
 from meshplan.planner.types import LayoutChoice
 from meshplan.recipes import launched_recipe_extras, plan_from_environment, read_recipe, started_by_a_launcher
 from meshplan.tp.shard import plan_models, shard_models, sharding_mesh
-from meshplan.tp.sync import average_gradients, broadcast_parameters
+from meshplan.tp.sync import average_gradients
 
 # Accelerator arguments that a recipe's training settings fill in.
 _TRAINING_ARGUMENTS = {"mixed_precision": "mixed_precision", "gradient_accumulation_steps": "gradient_accumulation_steps"}
@@ -498,10 +504,9 @@ class FullyShardedAccelerator(TensorParallelAccelerator):
         data_parallel = self.torch_device_mesh[DATA_PARALLEL_DIMENSION]
         if self.plan.strategy == "tp":
             super()._shard_parameters(module)  # also starts every replica from data-parallel rank 0's weights
+            fully_shard_models(module, self.plan, data_parallel)
         else:
-            module.to(self.device)
-            broadcast_parameters(module, data_parallel)  # FSDP2 keeps each rank's own slice: make them one model's
-        fully_shard_models(module, self.plan, data_parallel)
+            fully_shard_whole_models(module, self.plan, self.device, data_parallel)
 
     def _synchronize(self, module: nn.Module) -> None:
         """FSDP2 reduced what it shards; the parameters it does not hold are averaged like DDP's."""

@@ -27,7 +27,7 @@ from meshplan.errors import PlanError
 from meshplan.plan import Plan
 from meshplan.tp.apply import listed
 from meshplan.tp.plans import find_pretrained_models
-from meshplan.tp.sync import average_tensors
+from meshplan.tp.sync import average_tensors, broadcast_parameters
 
 
 def layer_classes(model: nn.Module, requested: str | None = None) -> set[str]:
@@ -136,6 +136,18 @@ def fully_shard_models(root: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
         # keeps a root gathered after the forward when reshard_after_forward is None (its default
         # for the root), which only saves the re-gather of the embeddings and head.
         fully_shard(model, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
+
+
+def fully_shard_whole_models(root: nn.Module, plan: Plan, device: torch.device, mesh: DeviceMesh) -> None:
+    """Moves ``root`` to ``device``, makes every process start from the weights of ``mesh``'s first rank,
+    then shards its models (``fully_shard_models``): ZeRO on FSDP2, where no TP sharding came first.
+
+    fully_shard keeps each process's own slice of its own copy of a weight, so copies that differ
+    (a model built with another seed on each rank) would be mixed into one model.
+    """
+    root.to(device)  # the collectives below run on the device's backend (nccl has no CPU tensors)
+    broadcast_parameters(root, mesh)
+    fully_shard_models(root, plan, mesh)
 
 
 def is_fully_sharded(module: nn.Module) -> bool:

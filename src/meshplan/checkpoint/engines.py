@@ -163,10 +163,10 @@ def local_slice(reader: Any, key: str, tensor: DTensor) -> torch.Tensor:
         CheckpointError: ``layout_problem(tensor)`` is not None (checked for every model tensor
             before anything is loaded: this is the last guard).
     """
-    problem = layout_problem(tensor)
+    indices = local_indices(tensor)
+    problem = _indices_problem(tensor, indices)
     if problem is not None:
         raise CheckpointError(f"cannot load {shown_key(key)}: {problem}.")
-    indices = local_indices(tensor)
     if any(len(index) == 0 for index in indices):
         return torch.empty(tuple(len(index) for index in indices), dtype=reader.dtype(key))
     blocks = tuple(slice(int(index.min()), int(index.max()) + 1) for index in indices)
@@ -187,8 +187,12 @@ def layout_problem(tensor: torch.Tensor) -> str | None:
     """
     if not isinstance(tensor, DTensor):
         return None
+    return _indices_problem(tensor, local_indices(tensor))
+
+
+def _indices_problem(tensor: DTensor, indices: list[torch.Tensor] | None) -> str | None:
+    """``layout_problem`` of ``tensor``, given its ``local_indices``."""
     local_shape = tuple(tensor.to_local().shape)
-    indices = local_indices(tensor)
     if indices is not None and tuple(len(index) for index in indices) == local_shape:
         return None
     return (f"a DTensor placed {shown(tensor.placements)} on a mesh of shape {shown(tuple(tensor.device_mesh.shape))} "

@@ -13,10 +13,9 @@ from typing import Any, Hashable
 
 from typing_extensions import override
 
-from meshplan.fsdp import average_plain_gradients, check_fsdp2_model, fully_shard_models
+from meshplan.fsdp import average_plain_gradients, check_fsdp2_model, fully_shard_whole_models
 from meshplan.lightning.model_parallel import ModelParallelPlanStrategy
 from meshplan.plan import Plan
-from meshplan.tp.sync import broadcast_parameters
 
 
 class FSDP2(ModelParallelPlanStrategy):
@@ -58,12 +57,7 @@ class FSDP2(ModelParallelPlanStrategy):
 
     @override
     def _shard(self) -> None:
-        data_parallel = self.device_mesh["data_parallel"]
-        module = self.lightning_module
-        module.to(self.root_device)  # the collectives below run on the device's backend
-        # fully_shard keeps each process's own slice of its own copy: every process starts from rank 0's.
-        broadcast_parameters(module, data_parallel)
-        fully_shard_models(module, self.plan, data_parallel)
+        fully_shard_whole_models(self.lightning_module, self.plan, self.root_device, self.device_mesh["data_parallel"])
 
     @override
     def _average_gradients(self) -> None:
