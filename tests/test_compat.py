@@ -15,7 +15,7 @@ import pytest
 
 from meshplan._compat import Internal
 
-LIBRARIES = ["lightning", "accelerate", "deepspeed", "torch", "transformers", "ray"]
+LIBRARIES = ["lightning", "accelerate", "deepspeed", "torch", "transformers", "ray", "peft"]
 # DeepSpeed's attributes of ZeRO parameters, optimizers and engines, and internals meshplan once
 # reached directly and now reaches through a public name (transformers' _tp_plan, Lightning's
 # LightningOptimizer._optimizer).

@@ -25,13 +25,16 @@ ACCELERATOR = os.environ.get("MESHPLAN_TEST_ACCELERATOR", "cpu")
 STEPS = 4
 GLOBAL_BATCH = 8
 SEQUENCE = 16
-LEARNING_RATE = {"llama": 1e-3, "llama-tied": 1e-3, "llama-odd": 1e-3, "minilm": 1e-4}
+LEARNING_RATE = {"llama": 1e-3, "llama-tied": 1e-3, "llama-odd": 1e-3, "minilm": 1e-4, "llama-lora": 1e-3, "minilm-lora": 1e-4}
 # BERT's own epsilon. With 1e-8, Adam turns the float32 rounding noise in gradients that are
 # exactly zero in theory (attention key biases) into updates of the order of lr, in any layout.
 ADAM_EPS = 1e-6
 LOSS_TOLERANCE = 1e-4
 CLIP = 0.5  # small enough that clipping is active in the first steps
-REFERENCE_RUNS = (("llama", None), ("minilm", None), ("llama", CLIP), ("llama-tied", None), ("llama-odd", None))
+REFERENCE_RUNS = (("llama", None), ("minilm", None), ("llama", CLIP), ("llama-tied", None), ("llama-odd", None),
+                  ("llama-lora", None), ("minilm-lora", None))
+# LoRA on every linear layer of Llama's blocks: column-wise (q, k, v, gate, up) and row-wise (o, down) under TP.
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WEIGHT_TOLERANCE = 1e-5
 
 
@@ -56,7 +59,29 @@ def build_model(name: str) -> torch.nn.Module:
         return BertForSequenceClassification.from_pretrained(
             minilm_path(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
         )
+    if name.endswith("-lora"):
+        return lora_model(build_model(name.removesuffix("-lora")))
     raise ValueError(name)
+
+
+def lora_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with peft LoRA adapters (rank 4, no dropout), as a user wraps it; the frozen base stays as built.
+
+    ``init_lora_weights=False`` starts lora_B random instead of zero (peft's option for tests), so
+    that lora_A has a gradient from the first step and both matrices are checked. A Llama gets
+    adapters on every linear layer of its blocks; MiniLM (sequence classification) on its
+    attention's query and value and on the output projections, with its classifier head
+    trained whole (peft's ``modules_to_save`` for SEQ_CLS).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    if isinstance(model, LlamaForCausalLM):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_LORA_TARGETS, lora_dropout=0.0, init_lora_weights=False)
+    else:
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], lora_dropout=0.0,
+                            init_lora_weights=False, task_type="SEQ_CLS")
+    return get_peft_model(model, config)
 
 
 class TokenDataset(Dataset):

@@ -24,6 +24,7 @@ from meshplan._compat.deepspeed import full_shape, has_fp32_master, is_zero3_par
 from meshplan._compat.torch import local_indices
 from meshplan.checkpoint.state_checks import count_problem, is_count
 from meshplan.errors import CheckpointError, shown, shown_key
+from meshplan.peft import checkpointed
 
 
 @dataclass
@@ -78,11 +79,14 @@ def reshard_fully_sharded(models: dict[str, nn.Module]) -> None:
 
 def model_entries(prefix: str, module: nn.Module) -> tuple[list[Entry], dict[str, str], dict[int, str]]:
     """The entries of ``module``'s state dict under ``prefix``, the aliases of tied tensors
-    (alias key -> stored key), and the stored key of each tensor by ``id``."""
+    (alias key -> stored key), and the stored key of each tensor by ``id``.
+
+    A module with peft adapters contributes only the tensors that train (meshplan.peft.checkpointed).
+    """
     entries: list[Entry] = []
     aliases: dict[str, str] = {}
     keys: dict[int, str] = {}
-    for name, tensor in module.state_dict(keep_vars=True).items():
+    for name, tensor in checkpointed(module).items():
         key = f"{prefix}/{name}"
         if id(tensor) in keys:
             aliases[key] = keys[id(tensor)]
@@ -241,6 +245,12 @@ def _zero_optimizer_entries(prefix: str, optimizer: Any, keys: dict[int, str]) -
     return entries
 
 
+def is_unstored_frozen(parameter: torch.Tensor, keys: dict[int, str]) -> bool:
+    """Whether ``parameter`` is a frozen base weight of a peft model, which a checkpoint does not store: a torch
+    optimizer may still list it, but it never has optimizer state (it has no gradient)."""
+    return id(parameter) not in keys and not parameter.requires_grad
+
+
 def load_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str, reader: Any) -> None:
     """Sets every parameter's optimizer state from the stored tensors ``{prefix}/{key}/{name}``."""
     if is_zero_optimizer(optimizer):
@@ -249,6 +259,8 @@ def load_optimizer_state(optimizer: Any, keys: dict[int, str], prefix: str, read
     for group in optimizer.param_groups:
         on_device = bool(group.get("capturable") or group.get("fused"))
         for parameter in group["params"]:
+            if is_unstored_frozen(parameter, keys):
+                continue
             stored = reader.states_of(f"{prefix}/{keys[id(parameter)]}")
             if stored:
                 optimizer.state[parameter] = {name: _state_like(parameter, reader, key, on_device)

@@ -83,8 +83,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
     Every entry is checked by type before any value is used (``_check_manifest``), and every file
     it lists must be a regular file of the size it gives, directly inside the checkpoint (looked
-    at with lstat: a symbolic link is refused, never followed). ``aliases``, ``models`` and
-    ``optimizers`` are ``{}`` when the manifest has none.
+    at with lstat: a symbolic link is refused, never followed). ``aliases``, ``models``,
+    ``optimizers`` and ``adapters`` are ``{}`` when the manifest has none.
     """
     path = Path(path)
     if not path.exists():
@@ -96,7 +96,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         )
     manifest = load_manifest_json(path)
     _check_manifest(path, manifest)
-    for optional in ("aliases", "models", "optimizers"):
+    for optional in ("aliases", "models", "optimizers", "adapters"):
         manifest.setdefault(optional, {})
     _check_files(path, manifest["files"])
     return manifest
@@ -152,6 +152,8 @@ def _check_manifest(path: Path, manifest: Any) -> None:
         for index, entry in enumerate(_checked_list(path, f"models[{shown(name)}]", entries)):
             where = f"models[{shown(name)}][{index}]"
             _check_fields(path, where, entry, {"prefix": str, "class": str, "config": dict})
+    for name, entry in _checked_object(path, manifest, "adapters").items():
+        _check_adapter_entry(path, f"adapters[{shown(name)}]", entry, tensors)
     for name, groups in _checked_object(path, manifest, "optimizers").items():
         for index, group in enumerate(_checked_list(path, f"optimizers[{shown(name)}]", groups)):
             where = f"optimizers[{shown(name)}][{index}]"
@@ -160,6 +162,23 @@ def _check_manifest(path: Path, manifest: Any) -> None:
             if stray:
                 raise _manifest_error(path, f"{where}['params']",
                                       f"holds {shown(stray[0])}, not a tensor of this checkpoint")
+
+
+def _check_adapter_entry(path: Path, where: str, entry: Any, tensors: dict[str, str]) -> None:
+    """A model's peft adapters: ``frozen`` (a fingerprint string) and ``peft_models``, each with a ``prefix``,
+    an ``adapter`` name, its ``config`` (an object with a ``peft_type``) and ``weights`` (adapter-file key ->
+    a tensor of this checkpoint)."""
+    _check_fields(path, where, entry, {"frozen": str, "peft_models": list})
+    for index, model in enumerate(entry["peft_models"]):
+        inner = f"{where}['peft_models'][{index}]"
+        _check_fields(path, inner, model, {"prefix": str, "adapter": str, "config": dict, "weights": dict})
+        if not isinstance(model["config"].get("peft_type"), str):
+            raise _manifest_error(path, f"{inner}['config']['peft_type']", f"is {shown(model['config'].get('peft_type'))}, "
+                                  f"not a peft method's name")
+        for file_key, key in model["weights"].items():
+            if not isinstance(key, str) or key not in tensors:
+                raise _manifest_error(path, f"{inner}['weights'][{shown(file_key)}]", f"names {shown(key)}, not a tensor "
+                                      f"of this checkpoint")
 
 
 def _checked_object(path: Path, manifest: dict[str, Any], name: str, required: bool = False) -> dict[str, Any]:

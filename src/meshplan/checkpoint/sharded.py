@@ -23,6 +23,7 @@ from meshplan._compat.deepspeed import full_shape, is_zero_optimizer, zero_param
 from meshplan.checkpoint.engines import (
     Entry,
     innermost_optimizer,
+    is_unstored_frozen,
     layout_problem,
     load_model_tensor,
     load_optimizer_state,
@@ -50,6 +51,7 @@ from meshplan.checkpoint.tensor_files import (
     tensor_bytes,
 )
 from meshplan.errors import CheckpointError, shown, shown_key, shown_path
+from meshplan.peft import adapter_manifest, checkpointed, frozen_fingerprint, is_peft_model
 
 STATE_FILE = "state.pt"
 
@@ -115,6 +117,7 @@ def save_training_state(path: str | os.PathLike, models: dict[str, nn.Module], o
             "tensors": {entry.key: _tensor_file(owner, world) for entry, owner in zip(entries, _balanced_owners(entries, world))},
             "aliases": aliases,
             "models": {name: _pretrained_models(module) for name, module in models.items()},
+            **_adapters(models, keys),
             "optimizers": {name: _param_groups(innermost_optimizer(optimizer), keys) for name, optimizer in optimizers.items()},
         })
     _barrier()
@@ -199,6 +202,22 @@ def _pretrained_models(module: nn.Module) -> list[dict[str, Any]]:
         {"prefix": f"{name}." if name else "", "class": type(model).__name__, "config": model.config.to_dict()}
         for name, model in find_pretrained_models(module)
     ]
+
+
+def _adapters(models: dict[str, nn.Module], keys: dict[int, str]) -> dict[str, Any]:
+    """The manifest's ``adapters`` entry for the models with peft adapters (none: no entry).
+
+    Per model: ``frozen``, the fingerprint of its frozen base (meshplan.peft.frozen_fingerprint),
+    which a resume must match, and ``peft_models``, what export writes an adapter directory from
+    (meshplan.peft.adapter_manifest).
+    """
+    adapters = {}
+    for name, module in models.items():
+        if not is_peft_model(module):
+            continue
+        stored = {tensor_name: keys[id(tensor)] for tensor_name, tensor in checkpointed(module).items() if id(tensor) in keys}
+        adapters[name] = {"frozen": frozen_fingerprint(module), "peft_models": adapter_manifest(module, stored)}
+    return {"adapters": adapters} if adapters else {}
 
 
 def _param_groups(optimizer: Any, keys: dict[int, str]) -> list[dict[str, Any]]:
@@ -319,7 +338,8 @@ def _load_training_state(reader: CheckpointReader, models: dict[str, nn.Module],
     targets = []
     keys: dict[int, str] = {}
     for name, module in models.items():
-        for tensor_name, tensor in module.state_dict(keep_vars=True).items():
+        _check_adapters(reader, name, module)
+        for tensor_name, tensor in checkpointed(module).items():
             if id(tensor) in keys:
                 continue
             key = f"{name}/{tensor_name}"
@@ -345,6 +365,31 @@ def _load_training_state(reader: CheckpointReader, models: dict[str, nn.Module],
         load_optimizer_state(inner, keys, name, reader)
         _set_hyperparameters(inner, hyperparameters[name])
     _barrier()
+
+
+def _check_adapters(reader: CheckpointReader, name: str, module: nn.Module) -> None:
+    """A CheckpointError unless the checkpoint and ``module`` agree on peft adapters: both have them or neither,
+    on the same frozen base (names and shapes), training the same tensors."""
+    saved = reader.manifest["adapters"].get(name)
+    where = f"checkpoint {shown_path(reader.path)}: model {shown(name)}"
+    if not is_peft_model(module):
+        if saved is not None:
+            raise CheckpointError(f"{where} was saved with peft adapters and holds only their weights; wrap the model "
+                                  f"as it was (peft.get_peft_model with the same config) before loading it.")
+        return
+    if saved is None:
+        raise CheckpointError(f"{where} was saved without peft adapters, and this model has them; load it into the model "
+                              f"it was saved from, or export it and build the adapters on the exported model.")
+    if saved["frozen"] != frozen_fingerprint(module):
+        raise CheckpointError(f"{where}: the frozen base model's parameter names and shapes differ from those the "
+                              f"checkpoint's adapters were trained on; build the same base model (and adapter config) "
+                              f"before loading.")
+    trained = {f"{name}/{tensor_name}" for tensor_name in checkpointed(module)}
+    stored = {key for key in reader.keys() if key.startswith(f"{name}/")}
+    extra = sorted(stored - trained)
+    if extra:
+        raise CheckpointError(f"{where} holds trained tensors this model does not train ({', '.join(map(shown_key, extra[:5]))}"
+                              f"{' ...' if len(extra) > 5 else ''}); build the adapters with the config they were saved with.")
 
 
 def _check_targets(reader: CheckpointReader, targets: list[tuple[str, torch.Tensor]]) -> None:
@@ -403,6 +448,8 @@ def _check_optimizer_state(reader: CheckpointReader, name: str, optimizer: Any, 
         # The first parameter with state of each number of dimensions, and its state names.
         first: dict[int, tuple[str, set[str]]] = {}
         for parameter in parameters:
+            if is_unstored_frozen(parameter, keys):
+                continue
             key = keys[id(parameter)]
             stored = reader.states_of(f"{name}/{key}")
             if not stored:

@@ -16,6 +16,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from meshplan.errors import PlanError
+from meshplan.peft import is_adapter_layer, tp_plan_for_lora_layer
 from meshplan.plan import TP_STYLES
 
 # Each style of the Plan's vocabulary (TP_STYLES) -> factory of the torch ParallelStyle that
@@ -47,6 +48,9 @@ def match_plan(module: nn.Module, tp_plan: dict[str, str]) -> dict[str, str]:
     Raises:
         PlanError: a pattern matches no submodule, names a style meshplan cannot apply, or would
             shard a module that is not an ``nn.Linear`` or ``nn.Embedding``.
+
+    A peft LoRA layer the plan names is expanded into its base layer and its adapter's two linear
+    layers (meshplan.peft.tp_plan_for_lora_layer), so a model's own plan holds once it has adapters.
     """
     modules = {name: submodule for name, submodule in module.named_modules() if name}
     resolved: dict[str, str] = {}
@@ -60,10 +64,15 @@ def match_plan(module: nn.Module, tp_plan: dict[str, str]) -> dict[str, str]:
         matches = [name for name in modules if regex.match(name)]
         if not matches:
             raise PlanError(f"tp_plan pattern {pattern!r} matches no submodule of {type(module).__name__}.")
-        if style != "replicate":  # "replicate" leaves a module whole, whatever its class
-            for name in matches:
-                _check_shardable(module, pattern, name, modules[name])
-        resolved.update(dict.fromkeys(matches, style))
+        if style == "replicate":  # leaves a module whole, whatever its class
+            resolved.update(dict.fromkeys(matches, style))
+            continue
+        for name in matches:
+            if is_adapter_layer(modules[name]):  # a peft LoRA layer: its inner layers, split consistently
+                resolved.update(tp_plan_for_lora_layer(name, modules[name], style, pattern))
+                continue
+            _check_shardable(module, pattern, name, modules[name])
+            resolved[name] = style
     return resolved
 
 
