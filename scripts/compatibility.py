@@ -24,7 +24,7 @@ CONFORMANCE_TESTS = ["tests/test_conformance_lightning.py", "tests/test_accelera
                      "tests/test_hf_trainer.py"]
 FRONT_ENDS = ["Lightning", "Accelerate", "HF Trainer"]
 LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp", "fsdp2", "fsdp2-stage2", "tp-fsdp", "ddp-2node",
-           "zero3-2node"]
+           "zero3-2node", "ddp+lora", "zero2+lora", "zero3+lora", "tp+lora", "tp-dp+lora"]
 PACKAGES = ["torch", "lightning", "accelerate", "deepspeed", "transformers"]
 
 

@@ -107,7 +107,8 @@ def _assert_conformance(result: dict, recipe: str, folder: Path) -> None:
     matrix.record("Accelerate", recipe, cells)
 
 
-def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, folder: Path) -> dict:
+def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, folder: Path, model_name: str = "llama",
+                       scale: float = SCALE, accumulation: int = ACCUMULATION) -> dict:
     # Every sample of the eval set once, in order, although 9 is not a multiple of the world.
     assert conformance["gathered_rows"] == accelerate_train.EVAL_SIZE
     assert conformance["gathered_equals_eval_set"]
@@ -123,9 +124,12 @@ def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, 
     # from_pretrained loads them, hold exactly the trained weights.
     assert conformance["saves"]["get_state_dict"] == 0.0
     trained = torch.load(folder / "weights.pt", weights_only=True)
-    for name in ("save_model", "save_pretrained"):
-        loaded = dict(LlamaForCausalLM.from_pretrained(folder / name).named_parameters())
-        assert all(torch.equal(loaded[key].detach(), trained[key]) for key in trained), name
+    if model_name.endswith("-lora"):
+        _check_lora_saves(folder, trained)
+    else:
+        for name in ("save_model", "save_pretrained"):
+            loaded = dict(LlamaForCausalLM.from_pretrained(folder / name).named_parameters())
+            assert all(torch.equal(loaded[key].detach(), trained[key]) for key in trained), name
     cells = {
         "prepare (model, optimizer, loaders, scheduler)": matrix.WORKS,
         "accumulate()": matrix.WORKS,  # the parity above accumulates two micro-batches per step
@@ -147,10 +151,22 @@ def _check_conformance(conformance: dict, recipe: str, data_parallel_size: int, 
         cells["clip_grad_norm_ (max_norm=inf, measures)"] = matrix.WORKS
         cells["clip_grad_norm_ (max_norm not the recipe's)"] = matrix.refused("DeepSpeed clips at the recipe's value")
     else:
-        expected = accelerate_train.first_batch_gradient_norm(trained, SCALE, ACCUMULATION)
+        expected = accelerate_train.first_batch_gradient_norm(trained, scale, accumulation, model_name)
         assert abs(clip["norm"] - expected) < 1e-4 * expected, (clip["norm"], expected)
         cells["clip_grad_norm_ (norm)"] = matrix.WORKS
     return cells
+
+
+def _check_lora_saves(folder: Path, trained: dict[str, torch.Tensor]) -> None:
+    """A peft model's saves: save_pretrained (given get_state_dict, the HF examples' pattern) writes the adapter,
+    which PeftModel.from_pretrained loads onto the base model; save_model writes the whole state dict."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    adapter = PeftModel.from_pretrained(parity.build_model("llama"), folder / "save_pretrained")
+    assert all(torch.equal(parameter.detach(), trained[key]) for key, parameter in adapter.named_parameters())
+    saved = load_file(folder / "save_model" / "model.safetensors")
+    assert all(torch.equal(saved[key], trained[key]) for key in trained)
 
 
 @pytest.mark.parametrize(("recipe", "processes"), SINGLE_MACHINE, ids=[recipe for recipe, _ in SINGLE_MACHINE])
@@ -226,6 +242,26 @@ def test_accelerator_takes_a_recipe_path_or_a_strategy(strategy_or_recipe, clip,
     if clip is not None:  # clip_grad_norm_ clipped as the single-process reference did
         layout = "fsdp2-stage2" if plan.uses_fsdp2 else "zero2" if plan.strategy == "zero" else "tp"
         matrix.record("Accelerate", layout, {"clip_grad_norm_ (clipping active)": matrix.WORKS})
+
+
+# A peft LoRA model (a frozen base, adapters on every linear layer of the blocks) under these recipes.
+LORA_RECIPES = [("ddp", 2), ("zero2", 2), ("zero3", 2), ("tp", 2), ("tp-dp", 4)]
+
+
+@pytest.mark.parametrize(("recipe", "processes"), LORA_RECIPES, ids=[recipe for recipe, _ in LORA_RECIPES])
+def test_a_lora_model_trains_like_one_process_with_the_everyday_calls(recipe: str, processes: int, tmp_path: Path,
+                                                                     reference_paths: dict[str, str],
+                                                                     deepspeed_ops: None) -> None:
+    # The same script, the model wrapped with peft.get_peft_model: save_state / load_state (which resumes
+    # bit-exactly from checkpoints that hold only the adapters), gathers, clipping and the saves.
+    output = tmp_path / "result.json"
+    spawn(accelerate_train.main, processes, str(output), reference_paths["llama-lora"], str(CATALOGUE_DIR / f"{recipe}.yaml"),
+          None, "llama-lora", None, 1.0, True, True, ACCUMULATION, timeout=300)
+    result = _assert_parity(output, reference_paths, "llama-lora")
+    assert result["num_processes"] == processes
+    cells = _check_conformance(result["conformance"], recipe, result["data_parallel_size"], tmp_path, "llama-lora", 1.0)
+    cells.pop("exit 0")  # a spawned worker, not a launch: its exit is the launch tests' cell
+    matrix.record("Accelerate", f"{recipe}+lora", cells)
 
 
 # The layouts whose model meshplan shards itself in prepare (so Accelerate never wraps its forward).

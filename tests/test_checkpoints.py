@@ -28,7 +28,8 @@ from transformers import LlamaForCausalLM
 import meshplan
 from helpers import parity, resume
 from helpers.parity import load_reference
-from helpers.resume import (CHAIN, CROSS_LAYOUT, FOUR_PROCESS_LAYOUTS, FOUR_TO_TWO, LAYOUTS, RESUMED_AFTER, chain_runs,
+from helpers.resume import (CHAIN, CROSS_LAYOUT, FOUR_PROCESS_LAYOUTS, FOUR_TO_TWO, LAYOUTS, LORA_CHAIN, LORA_MODEL, LORA_RUN,
+                            RESUMED_AFTER, chain_runs,
                             four_process_runs, step_checkpoint, two_process_runs)
 from meshplan.checkpoint import (CheckpointError, CheckpointReader, latest_checkpoint, load_training_state,
                                  save_training_state)
@@ -55,8 +56,12 @@ def spawned(folder: Path, reference_paths: dict[str, str], deepspeed_ops: None) 
     runs = [{"label": "ZeRO-3->one-process", "model": "llama", "plan": Plan.build("ddp"),
              "resume": str(folder / step_checkpoint("ZeRO-3", RESUMED_AFTER))}]
     runs += chain_runs(1, folder)
+    runs += chain_runs(1, folder, LORA_CHAIN, LORA_MODEL)
     runs += [{"label": name, "model": "llama", "plan": Plan.build("ddp"), "resume": str(path), "expect_error": True}
              for name, path in unsafe.items()]
+    # A LoRA checkpoint holds no base weights: resuming it needs the model it was trained on.
+    runs += [{"label": f"LoRA-onto-{model}", "model": model, "plan": Plan.build("ddp"), "expect_error": True,
+              "resume": str(folder / step_checkpoint(LORA_RUN["label"], RESUMED_AFTER))} for model in ("llama", "llama-tied-lora")]
     one = spawn(resume.train_and_resume, 1, runs, reference_paths, str(folder), timeout=300)[0]
     return {2: two, 4: four, 1: one}
 
@@ -71,6 +76,7 @@ def _two_process_spawn(folder: Path, reference_paths: dict[str, str]) -> dict:
     runs += [{"label": "ZeRO-3-uneven->FSDP2", "model": "llama-odd", "plan": LAYOUTS["FSDP2"],
               "resume": str(folder / step_checkpoint("ZeRO-3-uneven", RESUMED_AFTER))}]
     runs += [{"label": "full-disk-on-rank-1", "model": "llama", "plan": LAYOUTS["DDP"], "fail_writes_on_rank": 1}]
+    runs += [LORA_RUN, *chain_runs(2, folder, LORA_CHAIN, LORA_MODEL)]
     results = spawn(resume.train_and_resume, 2, runs, reference_paths, str(folder), timeout=900)
     results[0]["full-disk-on-rank-1"]["rank 0"] = results[0]["full-disk-on-rank-1"]["error"]
     results[0]["full-disk-on-rank-1"]["rank 1"] = results[1]["full-disk-on-rank-1"]["error"]
@@ -168,6 +174,39 @@ def test_chain_across_engines_and_process_counts_continues_the_reference(
     written_by = [json.loads((path / "meshplan-checkpoint.json").read_text())["world_size"]
                   for path in _chain_checkpoints(folder).values()]
     assert written_by == [processes for _, _, processes, _ in CHAIN]
+
+
+@pytest.mark.slow
+def test_lora_chain_across_layouts_continues_the_unbroken_run(
+        two_process_results: dict, one_process_results: dict, reference_paths: dict[str, str], folder: Path) -> None:
+    # DeepSpeed ZeRO-3 x 2 -> TP x 2 -> one process, with checkpoints that hold only the adapters.
+    results = {**two_process_results, **one_process_results}
+    unbroken, tp_link, last_link = (results[label] for label, _, _, _ in LORA_CHAIN)
+    _assert_continues_reference(unbroken, reference_paths, first_step=0, model=LORA_MODEL)  # the unbroken run
+    assert (tp_link["global_step"], last_link["global_step"]) == (2, parity.STEPS)
+    losses = unbroken["losses"][:1] + tp_link["losses"] + last_link["losses"]
+    assert max(abs(a - b) for a, b in zip(losses, unbroken["losses"], strict=True)) < parity.LOSS_TOLERANCE
+    assert last_link["weight_error"] < parity.WEIGHT_TOLERANCE  # against the one-process reference, frozen base included
+    final = torch.load(folder / f"{LORA_CHAIN[-1][0]}.weights.pt", weights_only=True)
+    straight = torch.load(folder / f"{LORA_CHAIN[0][0]}.weights.pt", weights_only=True)
+    assert max((final[key] - straight[key]).abs().max().item() for key in straight) < parity.WEIGHT_TOLERANCE
+    for label, _, processes, _ in LORA_CHAIN[:2]:  # each link's checkpoint: the adapters only, written by its world
+        manifest = json.loads((folder / step_checkpoint(label, 1 if label == LORA_RUN["label"] else 2)
+                               / "meshplan-checkpoint.json").read_text())
+        assert manifest["world_size"] == processes
+        model_keys = [key for key in manifest["tensors"] if key.startswith("module/")]  # Lightning saves the module so
+        assert model_keys and all(".lora_A." in key or ".lora_B." in key for key in model_keys), model_keys[:3]
+        assert manifest["adapters"]["module"]["peft_models"][0]["config"]["peft_type"] == "LORA"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "message"), [
+    ("llama", "was saved with peft adapters and holds only their weights"),
+    ("llama-tied-lora", "the frozen base model's parameters (names, shapes, tied weights) differ"),
+])
+def test_a_lora_checkpoint_resumes_only_onto_its_base_model(model: str, message: str, one_process_results: dict) -> None:
+    error = one_process_results[f"LoRA-onto-{model}"]["error"]
+    assert error.startswith("CheckpointError") and message in error, error
 
 
 @pytest.mark.slow

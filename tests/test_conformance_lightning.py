@@ -3,7 +3,8 @@
 Two spawns carry every cell (process start-up dominates the cost): one of 2 workers runs the
 whole script of tests/helpers/conformance_lightning.py under ddp, zero1, zero2, zero3, zero3-offload,
 tp and fsdp2 (ZeRO-3 on FSDP2) in turn, one of 4 workers under tp-dp (TP 2 x DP 2) and tp-fsdp
-(TP 2 x FSDP2 2). Each test below asserts one group
+(TP 2 x FSDP2 2). The ``+lora`` layouts (ddp, zero3, tp, tp-dp) run the same script on the model
+wrapped in peft LoRA adapters. Each test below asserts one group
 of cells for every layout against numbers computed here, in one process, and then records the
 cells it proved in the conformance matrix (tests/helpers/matrix.py).
 """
@@ -17,15 +18,14 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import LlamaForCausalLM
 
 from helpers import conformance_lightning as script
 from helpers import matrix, parity
-from helpers.conformance_lightning import ACCUMULATE, CLIP, EPOCHS, GAMMA, LEARNING_RATE, STEPS_PER_EPOCH, eval_set
+from helpers.conformance_lightning import ACCUMULATE, CLIP_BY_MODEL, EPOCHS, GAMMA, LEARNING_RATE, STEPS_PER_EPOCH, eval_set
 from meshplan.testing import spawn
 
-TWO_PROCESS_LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "fsdp2"]
-FOUR_PROCESS_LAYOUTS = ["tp-dp", "tp-fsdp"]
+TWO_PROCESS_LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "fsdp2", "ddp+lora", "zero3+lora", "tp+lora"]
+FOUR_PROCESS_LAYOUTS = ["tp-dp", "tp-fsdp", "tp-dp+lora"]
 LAYOUTS = TWO_PROCESS_LAYOUTS + FOUR_PROCESS_LAYOUTS
 STEPS = EPOCHS * STEPS_PER_EPOCH
 # Tolerances with AdamW eps=1e-6 (parity.ADAM_EPS). The noise floor there (DESIGN.md) is 5.6e-6
@@ -42,9 +42,9 @@ BF16_VISIBLE = 1e-5  # two fp32 runs agree to 5e-7: a larger difference shows th
 # ---------------------------------------------------------------- the single-process reference
 
 
-def _reference_run(clip: float | None) -> dict[str, Any]:
+def _reference_run(clip: float | None, model_name: str = "llama") -> dict[str, Any]:
     """The main run in one plain PyTorch loop: accumulate, clip, step AdamW, step StepLR."""
-    model = parity.build_model("llama")
+    model = parity.build_model(model_name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, eps=parity.ADAM_EPS)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=GAMMA)
     losses, norms, lrs = [], [], []
@@ -65,21 +65,29 @@ def _reference_run(clip: float | None) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
-    return _reference_run(CLIP)
+def references() -> dict[str, dict[str, Any]]:
+    """The reference run of each model the layouts train (the plain Llama, and its LoRA model)."""
+    return {model: _reference_run(clip, model) for model, clip in CLIP_BY_MODEL.items()}
 
 
-def _plain_model(weights: dict[str, np.ndarray]) -> LlamaForCausalLM:
-    """A plain, single-process model holding ``weights``."""
-    model = LlamaForCausalLM(parity.tiny_llama_config())
-    model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()})
+@pytest.fixture(scope="module")
+def reference(references: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return references["llama"]
+
+
+def _plain_model(weights: dict[str, np.ndarray], model_name: str = "llama") -> torch.nn.Module:
+    """A plain, single-process model (parity.build_model's ``model_name``) holding ``weights``."""
+    model = parity.build_model(model_name)
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()}, strict=not model_name.endswith("-lora"))
+    loaded = {name for name, _ in model.named_parameters()}
+    assert loaded == set(weights), "the weights are not those of the model"
     return model.eval()
 
 
 @torch.no_grad()
-def _plain_eval(weights: dict[str, np.ndarray]) -> dict[str, float]:
+def _plain_eval(weights: dict[str, np.ndarray], model_name: str = "llama") -> dict[str, float]:
     """Validation and test loss of a plain model holding ``weights``."""
-    model = _plain_model(weights)
+    model = _plain_model(weights, model_name)
 
     def loss(name: str) -> float:
         ids = eval_set(name).input_ids
@@ -109,7 +117,7 @@ def results(tmp_path_factory: pytest.TempPathFactory, deepspeed_ops: None) -> di
 @pytest.fixture(scope="module")
 def trained_eval(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per layout: the plain model's eval numbers with the weights that layout trained."""
-    return {layout: _plain_eval(result["weights"]) for layout, result in results.items()}
+    return {layout: _plain_eval(result["weights"], script.model_name(layout)) for layout, result in results.items()}
 
 
 def _rows(predictions: dict[int, list]) -> list[int]:
@@ -122,6 +130,11 @@ def _gathers_in_forward(layout: str) -> bool:
     return layout.startswith("zero3") or layout in ("fsdp2", "tp-fsdp")
 
 
+def _engine_layout(layout: str) -> str:
+    """The layout without its model: ``zero3`` for ``zero3+lora``."""
+    return layout.removesuffix(script.LORA_SUFFIX)
+
+
 # A forward pass of these layouts is collective: 9 predict samples in batches of 4 give data-parallel
 # rank 0 two batches and rank 1 one, which they refuse (by world rank).
 UNEVEN_PREDICT_COUNTS = {"zero3": "[2, 1]", "zero3-offload": "[2, 1]", "fsdp2": "[2, 1]", "tp-fsdp": "[2, 2, 1, 1]"}
@@ -132,18 +145,20 @@ REFUSING_ENGINE = {"zero3": "ZeRO stage 3", "zero3-offload": "ZeRO stage 3", "fs
 
 
 @pytest.mark.slow  # trains the tiny model in this process
-def test_the_reference_clips_and_accumulates(reference: dict[str, Any]) -> None:
+@pytest.mark.parametrize("model", ["llama", "llama-lora"])
+def test_the_reference_clips_and_accumulates(model: str, references: dict[str, dict[str, Any]]) -> None:
     # Otherwise the clipping cells would prove nothing: the norm is above the threshold at every
     # step, and clipping moves the reference's weights far beyond the parity tolerance.
-    assert min(reference["norms"]) > 2 * CLIP
-    assert _weight_error(reference["weights"], _reference_run(None)["weights"]) > 10 * WEIGHT_TOLERANCE
+    reference = references[model]
+    assert min(reference["norms"]) > 2 * CLIP_BY_MODEL[model]
+    assert _weight_error(reference["weights"], _reference_run(None, model)["weights"]) > 10 * WEIGHT_TOLERANCE
     assert len(reference["losses"]) == ACCUMULATE * STEPS and len(reference["norms"]) == STEPS
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_fit_accumulates_clips_and_schedules_as_one_process(layout: str, results: dict, reference: dict) -> None:
-    result = results[layout]
+def test_fit_accumulates_clips_and_schedules_as_one_process(layout: str, results: dict, references: dict) -> None:
+    result, reference = results[layout], references[script.model_name(layout)]
     assert result["global_step"] == STEPS  # one optimizer step per ACCUMULATE batches
     errors = [abs(a - b) for a, b in zip(result["losses"], reference["losses"], strict=True)]
     assert max(errors) < LOSS_TOLERANCE, f"losses {result['losses']} vs {reference['losses']}"
@@ -164,12 +179,13 @@ def test_validate_test_and_predict_after_fit(layout: str, trainer: str, results:
     samples = script.PREDICT_SAMPLES
     if _gathers_in_forward(layout):  # refused, then 8 samples predicted
         refused = measured["predict_refused"]
-        assert REFUSING_ENGINE[layout] in refused and UNEVEN_PREDICT_COUNTS[layout] in refused, refused
+        engine = _engine_layout(layout)
+        assert REFUSING_ENGINE[engine] in refused and UNEVEN_PREDICT_COUNTS[engine] in refused, refused
         samples = script.EVEN_PREDICT_SAMPLES
     else:
         assert measured["predict_refused"] is None
     assert _rows(measured["predictions"]) == list(range(samples))  # each sample exactly once
-    plain_logits = _plain_logits(results[layout]["weights"], samples)
+    plain_logits = _plain_logits(results[layout]["weights"], samples, script.model_name(layout))
     for rows in measured["predictions"].values():
         for index, logits in rows:
             np.testing.assert_allclose(logits, plain_logits[index], atol=EVAL_TOLERANCE)
@@ -179,7 +195,7 @@ def test_validate_test_and_predict_after_fit(layout: str, trainer: str, results:
              f"{predict} {where}": matrix.WORKS}
     if _gathers_in_forward(layout):
         cells[f"{predict} {where}, uneven batches per rank"] = matrix.refused(
-            f"a forward pass is collective under {REFUSING_ENGINE[layout]}")
+            f"a forward pass is collective under {REFUSING_ENGINE[_engine_layout(layout)]}")
     matrix.record("Lightning", layout, cells)
 
 
@@ -213,9 +229,9 @@ def test_fsdp2_evaluates_outside_inference_mode(results: dict) -> None:
 
 
 @torch.no_grad()
-def _plain_logits(weights: dict[str, np.ndarray], samples: int) -> np.ndarray:
+def _plain_logits(weights: dict[str, np.ndarray], samples: int, model_name: str = "llama") -> np.ndarray:
     """The last-position logits of a plain model holding ``weights`` on the first ``samples`` predict rows."""
-    return _plain_model(weights)(input_ids=eval_set("predict", samples).input_ids).logits[:, -1].numpy()
+    return _plain_model(weights, model_name)(input_ids=eval_set("predict", samples).input_ids).logits[:, -1].numpy()
 
 
 @pytest.mark.slow
@@ -225,13 +241,15 @@ def test_validate_and_test_load_the_weights_of_a_checkpoint(layout: str, results
     measured, expected = results[layout]["from_checkpoint"], trained_eval[layout]
     assert measured["val_loss"] == pytest.approx(expected["val_loss"], abs=EVAL_TOLERANCE)
     assert measured["test_loss"] == pytest.approx(expected["test_loss"], abs=EVAL_TOLERANCE)
-    assert abs(_plain_eval(_untrained_weights())["val_loss"] - expected["val_loss"]) > 100 * EVAL_TOLERANCE
+    model = script.model_name(layout)
+    # The untrained model is far from the trained one (LoRA moves the loss least: by 4.9e-4, 49 tolerances).
+    assert abs(_plain_eval(_untrained_weights(model), model)["val_loss"] - expected["val_loss"]) > 10 * EVAL_TOLERANCE
     matrix.record("Lightning", layout, {"trainer.validate(ckpt_path=...)": matrix.WORKS,
                                         "trainer.test(ckpt_path=...)": matrix.WORKS})
 
 
-def _untrained_weights() -> dict[str, np.ndarray]:
-    return {name: tensor.detach().numpy() for name, tensor in parity.build_model("llama").named_parameters()}
+def _untrained_weights(model_name: str = "llama") -> dict[str, np.ndarray]:
+    return {name: tensor.detach().numpy() for name, tensor in parity.build_model(model_name).named_parameters()}
 
 
 def _csv_values(rows: list[dict[str, str]], column: str) -> dict[int, float]:
@@ -262,7 +280,8 @@ def test_model_checkpoint_keeps_the_expected_checkpoints(layout: str, results: d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_learning_rate_monitor_and_csv_logger_log_every_step(layout: str, results: dict, reference: dict) -> None:
+def test_learning_rate_monitor_and_csv_logger_log_every_step(layout: str, results: dict, references: dict) -> None:
+    reference = references[script.model_name(layout)]
     rows = results[layout]["csv"]
     lr_columns = sorted({column for row in rows for column, value in row.items() if column.startswith("lr-") and value})
     assert len(lr_columns) == 1, lr_columns

@@ -46,9 +46,18 @@ def trainer_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[fl
 
 
 @pytest.fixture(scope="module")
-def trainer_results(trainer_reference, tmp_path_factory: pytest.TempPathFactory, deepspeed_ops: None) -> dict:
+def trainer_lora_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], str]:
+    folder = tmp_path_factory.mktemp("trainer-lora")
+    path = str(folder / "reference.pt")
+    spawn(trainer_train.save_reference, 1, str(folder / "reference"), path, "llama-lora", timeout=300)
+    return torch.load(path, weights_only=True)[0], path
+
+
+@pytest.fixture(scope="module")
+def trainer_results(trainer_reference, trainer_lora_reference, tmp_path_factory: pytest.TempPathFactory,
+                    deepspeed_ops: None) -> dict:
     output = str(tmp_path_factory.mktemp("trainer-runs"))
-    return spawn(trainer_train.run_recipes, 2, RECIPES, trainer_reference[1], output, timeout=600)[0]
+    return spawn(trainer_train.run_recipes, 2, RECIPES, trainer_reference[1], output, trainer_lora_reference[1], timeout=600)[0]
 
 
 @pytest.mark.slow
@@ -61,6 +70,20 @@ def test_trainer_with_recipe_matches_its_single_process_reference(recipe: str, t
     assert len(result["losses"]) == parity.STEPS
     assert max(abs(a - b) for a, b in zip(result["losses"], trainer_reference[0])) < parity.LOSS_TOLERANCE
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", trainer_train.LORA_LAYOUTS)
+def test_trainer_trains_a_lora_model_like_one_process(layout: str, trainer_results: dict, trainer_lora_reference) -> None:
+    result = trainer_results[trainer_train.lora_key(str(CATALOGUE_DIR / f"{layout}.yaml"))]
+    assert result["deepspeed"] == (layout != "ddp")
+    assert result["trainable"] and all(".lora_A." in name or ".lora_B." in name for name in result["trainable"])
+    assert len(result["losses"]) == parity.STEPS
+    assert max(abs(a - b) for a, b in zip(result["losses"], trainer_lora_reference[0])) < parity.LOSS_TOLERANCE
+    assert result["weight_error"] < parity.WEIGHT_TOLERANCE  # the frozen base included: it did not move
+    assert result["saved_adapter_error"] == 0.0  # save_model wrote the adapter PeftModel.from_pretrained loads
+    matrix.record(FRONT_END, f"{layout}+lora", {"train with eval and save steps": matrix.WORKS,
+                                                 "save_model + PeftModel.from_pretrained": matrix.WORKS})
 
 
 def test_deepspeed_values_the_trainer_owns_are_auto() -> None:

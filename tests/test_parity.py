@@ -3,7 +3,8 @@
 Two spawns carry all the runs (process start-up dominates the cost): one of 2 workers for
 DDP, ZeRO 1/2/3, ZeRO-3 with offload, TP 2, ZeRO 2/3 on FSDP2 and every registered strategy
 name, and one of 4 workers for TP 2 x DP 2 and TP 2 x FSDP2 2. Gradient clipping and accumulation
-are in the cases that say so. Each case is then checked by its own test.
+are in the cases that say so, and the ``-lora`` models are wrapped in peft LoRA adapters. Each case
+is then checked by its own test.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def test_two_processes_match_one(case: Case, two_process_results: dict, referenc
 @pytest.mark.parametrize("case", FOUR_PROCESS_CASES, ids=lambda case: f"{case.model}-{case.label}")
 def test_tp_by_dp_mesh_matches_one_process(case: Case, four_process_results: dict, reference_paths: dict[str, str]) -> None:
     _assert_matches_reference(four_process_results[f"{case.model}/{case.label}"], case, reference_paths)
+
+
+# Bytes of optimizer state per trainable parameter: AdamW's two moments, plus DeepSpeed's fp32 master copy.
+ADAM_STATE_BYTES = {"DDP": 8, "ZeRO-2": 12, "ZeRO-3": 12}
+
+
+@pytest.mark.parametrize("label", ADAM_STATE_BYTES)
+def test_a_lora_models_frozen_base_carries_no_optimizer_state(label: str, two_process_results: dict) -> None:
+    # The issue's bound for ZeRO-2: at most 1.10 x 12 bytes x trainable / N per rank (N = 2); DDP keeps
+    # AdamW's 8 bytes of every trainable parameter on each rank. A frozen base with optimizer state
+    # would add over 5 times as much (the base has 22,688 parameters, the adapters 4,096).
+    result = two_process_results[f"llama-lora/{label}"]
+    share = ADAM_STATE_BYTES[label] * result["trainable"] / (1 if label == "DDP" else 2)
+    assert 0.9 * share <= result["optimizer_state_bytes"] <= 1.10 * share, (result["optimizer_state_bytes"], share)
 
 
 def test_clipping_is_active_in_the_reference(reference_paths: dict[str, str]) -> None:

@@ -344,3 +344,142 @@ def test_an_fsdp2_layout_naming_a_class_the_model_lacks_is_refused():
 def test_the_catalogues_fsdp2_recipes_are_estimated_under_their_own_names(recipe, world_size, plan):
     result = meshplan.estimate(tiny_llama(), recipe, world_size=world_size, seq_len=32)
     assert result.layout == recipe and result == meshplan.estimate(tiny_llama(), plan, world_size=world_size, seq_len=32)
+
+
+# ---------------------------------------------------------------- LoRA (peft): frozen weights hold weights only
+
+LLAMA_8B_NUMEL = 8_030_261_248
+LLAMA_8B_NORMS = (2 * 32 + 1) * 4096  # two RMSNorms a layer and the final one
+LLAMA_8B_EMBEDDING = 128256 * 4096
+# LoRA r=8 on q_proj (4096 -> 4096) and v_proj (4096 -> 1024, 8 KV heads of 128) in each of the 32 layers.
+LORA_A = 32 * 2 * (8 * 4096)
+LORA_B = 32 * (4096 * 8 + 1024 * 8)
+LORA_TRAINABLE = LORA_A + LORA_B
+
+
+def lora_llama_8b():
+    """Llama-3-8B on the meta device with LoRA r=8 on q and v, as ``meshplan plan --lora`` sizes it."""
+    from meshplan.planner.model import with_lora
+
+    return with_lora(model_facts(llama_8b()), r=8, targets="q,v")
+
+
+def test_a_lora_model_on_the_meta_device_trains_only_its_adapters():
+    facts = lora_llama_8b()
+    assert (facts.numel, facts.trainable_numel) == (LLAMA_8B_NUMEL + LORA_TRAINABLE, LORA_TRAINABLE)
+    assert facts.description == "LlamaForCausalLM with LoRA r=8 on q_proj, v_proj"
+
+
+def test_under_lora_frozen_weights_hold_weights_only_and_the_adapters_sixteen_bytes_in_every_layout():
+    # Per rank of 8, by what each engine holds (see planner/memory.py): DDP keeps fp32 weights and the
+    # adapters' fp32 gradients and AdamW moments; DeepSpeed casts every weight, frozen ones too, to bf16
+    # and keeps bf16 gradients and an fp32 master copy and moments of the adapters' partition alone;
+    # ZeRO-1/2 keep the frozen base whole on every rank, ZeRO-3 partitions it (parameters of at most
+    # 1e5 elements, norms and adapters here, stay whole); TP splits the base and lora_B of a colwise
+    # layer (q, v) and keeps lora_A whole.
+    facts, numel, trainable = lora_llama_8b(), LLAMA_8B_NUMEL + LORA_TRAINABLE, LORA_TRAINABLE
+    tp_trainable = LORA_A + LORA_B // 8
+    expected = {
+        "ddp": (4 * numel, 4 * trainable, 8 * trainable),
+        "zero2": (2 * numel, 2 * trainable // 8, 12 * trainable // 8),
+        "zero3": (2 * (numel // 8 + LLAMA_8B_NORMS + trainable), 2 * trainable // 8, 12 * trainable // 8),
+        "tp": (4 * ((LLAMA_8B_NUMEL - LLAMA_8B_NORMS) // 8 + LLAMA_8B_NORMS + tp_trainable), 4 * tp_trainable, 8 * tp_trainable),
+    }
+    layouts = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "tp": meshplan.TensorParallel(tp_size=8)}
+    for name, layout in layouts.items():
+        result = meshplan.estimate(facts, layout, world_size=8)
+        assert (result.parameters, result.gradients, result.optimizer_states) == expected[name], name
+        full = meshplan.estimate(llama_8b(), layout, world_size=8)
+        assert result.gradients + result.optimizer_states < (full.gradients + full.optimizer_states) / 100, name
+
+
+def test_under_lora_only_the_adapters_gradients_are_reduced_and_zero_3_still_gathers_the_frozen_weights():
+    facts, trainable, base = lora_llama_8b(), LORA_TRAINABLE, LLAMA_8B_NUMEL
+    ring = 7 / 8  # of the whole tensor, per rank, for a gather or a reduce-scatter over 8 ranks
+    assert meshplan.estimate(facts, "ddp", world_size=8).communication_bytes_per_step == pytest.approx(2 * ring * 4 * trainable)
+    # ZeRO-2 all-reduces the adapters' bf16 gradients and gathers back only them: the frozen base is whole already.
+    assert meshplan.estimate(facts, "zero2", world_size=8).communication_bytes_per_step == pytest.approx(3 * ring * 2 * trainable)
+    # ZeRO-3 gathers every weight for the forward pass and again for the backward pass, except those of
+    # the layers no gradient reaches: the embedding, and the first layer's q, k and v projections (their
+    # input needs no gradient, their weights do not train). It reduce-scatters the adapters' gradients alone.
+    unreached = LLAMA_8B_EMBEDDING + 4096 * 4096 + 2 * 1024 * 4096
+    full = meshplan.estimate(llama_8b(), "zero3", world_size=8).communication_bytes_per_step
+    lora = meshplan.estimate(facts, "zero3", world_size=8).communication_bytes_per_step
+    assert lora == pytest.approx(full + ring * 2 * (2 * trainable - base - unreached), rel=1e-9)
+
+
+def test_a_live_lora_model_and_one_built_on_the_meta_device_are_planned_alike():
+    from meshplan.peft import lora_model
+    from meshplan.planner.model import with_lora
+
+    torch.manual_seed(0)
+    live = lora_model(LlamaForCausalLM(tiny_llama()), r=4, targets="q,v,down", task_type="CAUSAL_LM")
+    meta = with_lora(model_facts(tiny_llama()), r=4, targets="q,v,down")
+    for layout in ("zero2", "zero3", meshplan.TensorParallel(tp_size=2)):
+        assert meshplan.estimate(live, layout, world_size=2, seq_len=32) == meshplan.estimate(meta, layout, world_size=2, seq_len=32)
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, torch.bfloat16), (torch.bfloat16, None)])
+def test_the_trace_of_a_lora_model_counts_exactly_what_its_real_forward_pass_saves(dtype, autocast):
+    # Frozen layers save less (no input for a weight gradient), adapters add their own; under autocast
+    # a frozen weight's bf16 copy is made at each use and saved where a gradient flows through it.
+    from meshplan.peft import lora_model
+
+    torch.manual_seed(0)
+    model = lora_model(LlamaForCausalLM(tiny_llama()), r=4, targets="q,v,down", task_type="CAUSAL_LM").to(dtype).train()
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameter_storages:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(0, 512, (2, 48))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=autocast or dtype,
+                                                                                     enabled=autocast is not None):
+        model(input_ids=ids, labels=ids)
+    trace = trace_activations(model_facts(model), micro_batch_size=2, seq_len=48, dtype=dtype, autocast=autocast)
+    copies = trace.outside.weight_copies + trace.num_layers * trace.per_layer.weight_copies
+    assert trace.activations(1, gradient_checkpointing=False) + copies == sum(saved.values())
+    whole = trace_activations(model_facts(tiny_llama()), micro_batch_size=2, seq_len=48, dtype=dtype, autocast=autocast)
+    assert trace.activations(1, gradient_checkpointing=False) < whole.activations(1, gradient_checkpointing=False)
+
+
+def test_zero_candidates_size_the_reduce_bucket_to_the_adapters_and_the_prefetch_to_the_whole_model():
+    # Only gradients pass through the reduce bucket; ZeRO-3 prefetches frozen weights as the others.
+    from meshplan.peft import lora_model
+    from meshplan.planner.choose import bucket_options
+
+    assert bucket_options(lora_llama_8b()) == {1: {"reduce_bucket_size": LORA_TRAINABLE}, 2: {"reduce_bucket_size": LORA_TRAINABLE},
+                                               3: {"reduce_bucket_size": LORA_TRAINABLE}}
+    small = model_facts(lora_model(LlamaForCausalLM(tiny_llama()), targets="q,v", task_type="CAUSAL_LM"))
+    assert bucket_options(small)[3] == {"reduce_bucket_size": small.trainable_numel, "stage3_prefetch_bucket_size": small.numel}
+
+
+def test_the_cli_plans_for_lora_and_says_so(capsys, tmp_path):
+    llama_8b().save_pretrained(tmp_path)
+    common = ["plan", "--model", str(tmp_path), "--devices", "8", "--device-memory", "80GB"]
+    assert main([*common, "--lora", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"] == {"name": "LlamaForCausalLM", "description": "LlamaForCausalLM with LoRA r=8 on q_proj, v_proj",
+                                "parameters": LLAMA_8B_NUMEL + LORA_TRAINABLE, "trainable_parameters": LORA_TRAINABLE}
+    zero2 = next(c for c in printed["candidates"] if c["layout"] == "zero2")
+    assert zero2["bytes_per_rank"]["optimizer_states"] == 12 * LORA_TRAINABLE // 8
+    assert main([*common, "--lora", "--lora-r", "16", "--lora-targets", "k,o"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    # 32 layers of k_proj (4096 -> 1024) and o_proj (4096 -> 4096) adapters of rank 16: 6.82M parameters.
+    assert 32 * (16 * 4096 + 1024 * 16 + 16 * 4096 + 4096 * 16) == 6_815_744
+    assert first.startswith("LlamaForCausalLM with LoRA r=16 on k_proj, o_proj: 8.04B parameters, 6.82M of them trained")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--lora", "--lora-targets", "q,nonsense"], "LoRA target 'nonsense' matches no nn.Linear layer of LlamaForCausalLM"),
+    (["--lora", "--lora-r", "0"], "LoRA needs a rank of at least 1"),
+    (["--lora-r", "4"], "add --lora to plan for them"),
+])
+def test_the_cli_refuses_lora_options_it_cannot_use(capsys, tmp_path, arguments, message):
+    tiny_llama().save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--devices", "2", "--device-memory", "80GB", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("meshplan plan: ")

@@ -144,14 +144,17 @@ def checkpointed(module: nn.Module) -> dict[str, Any]:
 
 
 def frozen_fingerprint(module: nn.Module) -> str:
-    """A hash of the names and whole shapes of ``module``'s frozen parameters: the same in every layout
-    (ZeRO-3 partitions and DTensor shards count with their whole shapes), different for another base model."""
+    """A hash of the names, whole shapes and ties of ``module``'s frozen parameters: the same in every layout
+    (ZeRO-3 partitions and DTensor shards count with their whole shapes), different for a base model of
+    another architecture. Two checkpoints of one architecture (other values) have the same fingerprint."""
     from meshplan._compat.deepspeed import full_shape
 
     digest = hashlib.sha256()
+    first_names: dict[int, str] = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
         if getattr(tensor, "requires_grad", True) is False and isinstance(tensor, nn.Parameter):
-            digest.update(f"{name}:{list(full_shape(tensor))}\n".encode())
+            tied_to = first_names.setdefault(id(tensor), name)
+            digest.update(f"{name}:{list(full_shape(tensor))}{'' if tied_to == name else f'={tied_to}'}\n".encode())
     return digest.hexdigest()
 
 

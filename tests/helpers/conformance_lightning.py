@@ -46,12 +46,22 @@ LAYOUTS: dict[str, Callable[[], Any]] = {
     "fsdp2": lambda: meshplan.ZeRO(stage=3, engine="fsdp2"),
     "tp-fsdp": lambda: meshplan.TensorParallel(tp_size=2, data_parallel="shard"),
 }
+# The same script with the model wrapped in peft LoRA adapters (parity.build_model("llama-lora")).
+LORA_SUFFIX = "+lora"
+LAYOUTS.update({f"{name}{LORA_SUFFIX}": LAYOUTS[name] for name in ("ddp", "zero3", "tp", "tp-dp")})
+
+
+def model_name(layout: str) -> str:
+    """The parity model a layout's script trains: the LoRA model for the ``+lora`` layouts."""
+    return "llama-lora" if layout.endswith(LORA_SUFFIX) else "llama"
 LEARNING_RATE = 1e-3
 GAMMA = 0.5  # StepLR per optimizer step: the lr halves after every step
 ACCUMULATE = 2
 # The reference's gradient norm is 0.54-0.57 at every step, over twice this: clipping moves its
 # weights by 1e-4 or more. AdamW undoes most of a constant scale, hence the margin.
 CLIP = 0.25
+# The LoRA model's gradient norm (its adapters' only) is 0.29 and 0.22 in its two steps: 0.1 clips both.
+CLIP_BY_MODEL = {"llama": CLIP, "llama-lora": 0.1}
 EPOCHS = 2
 STEPS_PER_EPOCH = len(parity.TokenDataset("llama")) // (parity.GLOBAL_BATCH * ACCUMULATE)
 EVAL_SAMPLES = 8  # divisible by every data-parallel size: no sample is repeated to even out ranks
@@ -83,11 +93,12 @@ def eval_set(name: str, count: int | None = None) -> Tokens:
 
 
 class ConformanceModule(pl.LightningModule):
-    """The parity Llama with everything an ordinary script uses: eval steps, logging, a scheduler."""
+    """The parity Llama (or ``model``, another of parity.build_model's) with everything an ordinary script
+    uses: eval steps, logging, a scheduler."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "llama") -> None:
         super().__init__()
-        self.model = parity.build_model("llama")
+        self.model = parity.build_model(model)
         self.losses: list[float] = []
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -149,7 +160,8 @@ def run_layouts(layouts: list[str], folder: str) -> dict[str, dict[str, Any]]:
 def _trainer(layout: str, devices: int, folder: Path, **overrides: Any) -> pl.Trainer:
     settings: dict[str, Any] = dict(
         accelerator=parity.ACCELERATOR, devices=devices, strategy=LAYOUTS[layout](), max_epochs=EPOCHS,
-        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP, precision="32-true", log_every_n_steps=1,
+        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP_BY_MODEL[model_name(layout)], precision="32-true",
+        log_every_n_steps=1,
         default_root_dir=folder, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -170,7 +182,7 @@ def _main_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
     every = ModelCheckpoint(dirpath=folder / "every", filename="{step}", every_n_train_steps=2, save_top_k=-1)
     best = ModelCheckpoint(dirpath=folder / "best", filename="{epoch}-{val_loss:.4f}", monitor="val_loss",
                            mode="min", save_top_k=1, save_last=True)
-    module = ConformanceModule()
+    module = ConformanceModule(model_name(layout))
     trainer = _trainer(layout, devices, folder, callbacks=[every, best, LearningRateMonitor(logging_interval="step")],
                        logger=CSVLogger(folder, name="csv", version=0), enable_checkpointing=True)
     trainer.fit(module)
@@ -188,9 +200,10 @@ def _main_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
     fresh_trainer = _trainer(layout, devices, folder)
     out["new_trainer"] = _entry_points(fresh_trainer, module)
     # A new module takes the weights (only) from the checkpoints of the fit.
-    reloaded = ConformanceModule()
+    reloaded = ConformanceModule(model_name(layout))
     out["from_checkpoint"] = {
-        "val_loss": fresh_trainer.validate(reloaded, ckpt_path=folder / "best" / "last.ckpt", verbose=False)[0]["val_loss"],
+        # The last step's checkpoint: the "best" callback's last.ckpt is only rewritten with a new best.
+        "val_loss": fresh_trainer.validate(reloaded, ckpt_path=folder / "every" / "step=4.ckpt", verbose=False)[0]["val_loss"],
         "test_loss": fresh_trainer.test(reloaded, ckpt_path=folder / "every" / "step=4.ckpt", verbose=False)[0]["test_loss"],
     }
     if layout in RESHARDING:
@@ -282,7 +295,7 @@ def _resume_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
     checkpoints = folder / "resume"
 
     def fit(epochs: int, ckpt_path: str | None) -> tuple[ConformanceModule, pl.Trainer]:
-        module = ConformanceModule()
+        module = ConformanceModule(model_name(layout))
         trainer = _trainer(layout, devices, folder, max_epochs=epochs, enable_checkpointing=True,
                            callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True)])
         if ckpt_path is None:
@@ -305,7 +318,7 @@ def _one_batch_per_process_loader() -> DataLoader:
 def _bf16_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
     """The main run's settings in bf16-mixed, up to 10 epochs with an EarlyStopping on a metric that never improves."""
     stopper = EarlyStopping(monitor="plateau", patience=1, mode="min")
-    module = ConformanceModule()
+    module = ConformanceModule(model_name(layout))
     trainer = _trainer(layout, devices, folder, precision="bf16-mixed", max_epochs=10, callbacks=[stopper])
     trainer.fit(module)
     out = {"losses": _global_mean(module.losses), "global_step": trainer.global_step,
@@ -317,7 +330,7 @@ def _bf16_run(layout: str, devices: int, folder: Path) -> dict[str, Any]:
 
 def _master_dtype(module: ConformanceModule) -> str | None:
     """The dtype of the optimizer's master copy of the weights under DeepSpeed (collective), else None."""
-    parameter = next(module.model.parameters())
+    parameter = next(p for p in module.model.parameters() if p.requires_grad)  # a LoRA model's base has no master
     if not has_fp32_master(parameter):
         return None
     import deepspeed

@@ -25,7 +25,7 @@ ACCELERATOR = os.environ.get("MESHPLAN_TEST_ACCELERATOR", "cpu")
 STEPS = 4
 GLOBAL_BATCH = 8
 SEQUENCE = 16
-LEARNING_RATE = {"llama": 1e-3, "llama-tied": 1e-3, "llama-odd": 1e-3, "minilm": 1e-4, "llama-lora": 1e-3, "minilm-lora": 1e-4}
+LEARNING_RATE = {"llama": 1e-3, "llama-tied": 1e-3, "llama-odd": 1e-3, "minilm": 1e-4, "llama-lora": 1e-3, "minilm-lora": 1e-4, "llama-tied-lora": 1e-3}
 # BERT's own epsilon. With 1e-8, Adam turns the float32 rounding noise in gradients that are
 # exactly zero in theory (attention key biases) into updates of the order of lr, in any layout.
 ADAM_EPS = 1e-6
@@ -198,7 +198,18 @@ def lightning_run(case: Case, reference_path: str, world: tuple[int, int]) -> di
     weights = full_parameters(module.model)
     _, reference = torch.load(reference_path, weights_only=True)
     weight_error = max((weights[key].cpu() - reference[key]).abs().max().item() for key in reference)
-    return {"losses": losses.tolist(), "weight_error": weight_error, "steps": len(module.losses) // case.accumulate}
+    result = {"losses": losses.tolist(), "weight_error": weight_error, "steps": len(module.losses) // case.accumulate}
+    if case.model.endswith("-lora"):  # what the frozen base costs: the optimizer states this rank holds
+        from meshplan.planner.measure import model_state_bytes
+
+        result["optimizer_state_bytes"] = model_state_bytes(trainer.strategy.model, trainer.optimizers[0])["optimizer_states"]
+        result["trainable"] = sum(p.numel() for p in reference_trainable(case.model))
+    return result
+
+
+def reference_trainable(name: str) -> list[torch.nn.Parameter]:
+    """The parameters of ``build_model(name)`` that train (a LoRA model's adapters), whole."""
+    return [parameter for parameter in build_model(name).parameters() if parameter.requires_grad]
 
 
 def run_cases(cases: list[Case], reference_paths: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -37,10 +37,24 @@ TWO_PROCESS_CASES = [
     # FSDP2 reduce-scatters every micro-batch's gradients into the accumulated shards.
     Case("llama", "FSDP2-2-clip-accumulate", meshplan.ZeRO(stage=2, engine="fsdp2"), 2, clip=CLIP, accumulate=2),
     Case("llama", "FSDP2-3-clip-accumulate", meshplan.ZeRO(stage=3, engine="fsdp2"), 2, clip=CLIP, accumulate=2),
+    # Accumulation without clipping (which would hide a wrong gradient scale): Lightning divides the loss by
+    # accumulate_grad_batches, and DeepSpeed's engine.backward must not divide it again.
+    Case("llama", "ZeRO-2-accumulate", meshplan.ZeRO(stage=2), 2, accumulate=2),
+    Case("llama", "ZeRO-3-accumulate", meshplan.ZeRO(stage=3), 2, accumulate=2),
     # Tied embeddings stay whole (and tied) under TP; ZeRO-3 partitions the shared weight once.
     Case("llama-tied", "TP-2", meshplan.TensorParallel(tp_size=2), 8),
     Case("llama-tied", "ZeRO-3", meshplan.ZeRO(stage=3), 4),
     Case("llama-tied", "FSDP2-3", meshplan.ZeRO(stage=3, engine="fsdp2"), 4),  # the shared weight stays in the root unit
+    # peft LoRA models (frozen base, trained adapters): Llama with adapters on every block layer, MiniLM with
+    # adapters on query, value and the dense projections and its classifier trained whole (modules_to_save).
+    Case("llama-lora", "DDP", meshplan.DDP(), 4),
+    Case("llama-lora", "ZeRO-2", meshplan.ZeRO(stage=2), 4),
+    Case("llama-lora", "ZeRO-3", meshplan.ZeRO(stage=3), 4),
+    Case("llama-lora", "TP-2", meshplan.TensorParallel(tp_size=2), 8),
+    Case("llama-lora", "FSDP2-3", meshplan.ZeRO(stage=3, engine="fsdp2"), 4),
+    Case("llama-lora", "ZeRO-3-accumulate", meshplan.ZeRO(stage=3), 2, accumulate=2),
+    Case("minilm-lora", "ZeRO-3", meshplan.ZeRO(stage=3), 4),
+    Case("minilm-lora", "TP-2", meshplan.TensorParallel(tp_size=2), 8),
     # The catalogue's recipes in the Lightning Trainer, through meshplan.from_recipe.
     *(
         Case("llama", f"recipe-{name}", meshplan.from_recipe(CATALOGUE_DIR / f"{name}.yaml"), 8 if name == "tp" else 4)
@@ -61,5 +75,8 @@ FOUR_PROCESS_CASES = [
          accumulate=2),
     Case("llama-tied", "TP-2xFSDP-2", meshplan.TensorParallel(tp_size=2, data_parallel="shard"), 4),
     Case("llama", "recipe-tp-fsdp", meshplan.from_recipe(CATALOGUE_DIR / "tp-fsdp.yaml"), 4),
+    Case("llama-lora", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
+    Case("llama-lora", "TP-2xFSDP-2", meshplan.TensorParallel(tp_size=2, data_parallel="shard"), 4),
+    Case("minilm-lora", "TP-2xDP-2", meshplan.TensorParallel(tp_size=2), 4),
 ]
 

@@ -62,6 +62,15 @@ CHAIN = [
     ("chain-FSDP2", LAYOUTS["FSDP2"], 2, "chain-TP-2xFSDP2-2"),
     ("chain-one-process", Plan.build("ddp"), 1, "chain-FSDP2"),
 ]
+# A peft LoRA run (checkpoints hold only the adapters and their optimizer state) through DeepSpeed
+# ZeRO-3 x 2 -> TP x 2 -> one process; its first link is LORA_RUN, trained from scratch.
+LORA_MODEL = "llama-lora"
+LORA_CHAIN = [
+    ("LoRA-ZeRO-3", LAYOUTS["ZeRO-3"], 2, None),
+    ("LoRA-chain-TP-2", LAYOUTS["TP-2"], 2, "LoRA-ZeRO-3"),
+    ("LoRA-chain-one-process", Plan.build("ddp"), 1, "LoRA-chain-TP-2"),
+]
+LORA_RUN = {"label": LORA_CHAIN[0][0], "model": LORA_MODEL, "plan": LORA_CHAIN[0][1]}
 
 
 def two_process_runs(folder: Path) -> list[dict[str, Any]]:
@@ -86,15 +95,18 @@ def four_process_runs(folder: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def chain_runs(processes: int, folder: Path) -> list[dict[str, Any]]:
-    """The chain's links that ``processes`` processes run (spawned on ``processes``, or on the first two
-    ranks of the 4-process spawn), as ``train_and_resume`` runs."""
+def chain_runs(processes: int, folder: Path, chain: list[tuple[str, Plan, int, str | None]] = CHAIN,
+               model: str = "llama") -> list[dict[str, Any]]:
+    """The links of ``chain`` that ``processes`` processes run (spawned on ``processes``, or on the first two
+    ranks of the 4-process spawn), as ``train_and_resume`` runs. Each link trains one step; the last
+    one trains to the reference's last step."""
     runs = []
-    for step, (label, plan, link_processes, resumed) in enumerate(CHAIN, start=1):
+    for step, (label, plan, link_processes, resumed) in enumerate(chain, start=1):
         if resumed is None or link_processes != processes:
             continue
-        runs.append({"label": label, "model": "llama", "plan": plan, "resume": str(folder / step_checkpoint(resumed, step - 1)),
-                     "steps": step, "save": True})
+        steps = parity.STEPS if step == len(chain) else step
+        runs.append({"label": label, "model": model, "plan": plan, "resume": str(folder / step_checkpoint(resumed, step - 1)),
+                     "steps": steps, "save": True})
     return runs
 
 

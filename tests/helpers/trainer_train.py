@@ -58,8 +58,9 @@ class EvalDataset(Dataset):
 
 
 def train(output_dir: str, batch_size: int, layout: dict[str, Any], *, conformance: bool = False,
-          resume: bool = False) -> tuple[list[float], Trainer]:
-    """Trains the tiny Llama with the HF Trainer; ``layout`` are extra TrainingArguments.
+          resume: bool = False, model_name: str = "llama") -> tuple[list[float], Trainer]:
+    """Trains the tiny Llama (``model_name``: parity.build_model's, "llama-lora" for its peft LoRA model) with
+    the HF Trainer; ``layout`` are extra TrainingArguments.
 
     With ``conformance`` the run also evaluates and saves a checkpoint every EVERY steps;
     ``resume`` continues from the latest checkpoint-N in ``output_dir``.
@@ -73,25 +74,38 @@ def train(output_dir: str, batch_size: int, layout: dict[str, Any], *, conforman
         seed=0, **schedule, **layout,
     )
     recorder = _LossRecorder()
-    trainer = Trainer(model=parity.build_model("llama"), args=arguments, train_dataset=parity.TokenDataset("llama"),
+    trainer = Trainer(model=parity.build_model(model_name), args=arguments, train_dataset=parity.TokenDataset("llama"),
                       eval_dataset=EvalDataset() if conformance else None, callbacks=[recorder])
     trainer.train(resume_from_checkpoint=True if resume else None)
     return recorder.losses, trainer
 
 
-def save_reference(output_dir: str, path: str) -> None:
+def save_reference(output_dir: str, path: str, model_name: str = "llama") -> None:
     """Worker entry: the Trainer's own single-process run on the global batch, saved as (losses, weights)."""
-    losses, trainer = train(output_dir, parity.GLOBAL_BATCH, {"use_cpu": True})
+    losses, trainer = train(output_dir, parity.GLOBAL_BATCH, {"use_cpu": True}, model_name=model_name)
     torch.save((losses, {key: value.detach().clone() for key, value in trainer.model.named_parameters()}), path)
 
 
-def run_recipes(recipes: list[str], reference_path: str, output_dir: str) -> dict[str, dict[str, Any]]:
-    """Worker entry: one Trainer per recipe, through strategy.training_arguments(), and its conformance calls."""
+# The layouts whose runs are repeated with the peft LoRA model (results keyed "<recipe> + LoRA").
+LORA_LAYOUTS = ("ddp", "zero2", "zero3")
+
+
+def lora_key(recipe: str) -> str:
+    """The result key of ``recipe``'s run with the LoRA model."""
+    return f"{recipe} + LoRA"
+
+
+def run_recipes(recipes: list[str], reference_path: str, output_dir: str,
+                lora_reference_path: str | None = None) -> dict[str, dict[str, Any]]:
+    """Worker entry: one Trainer per recipe, through strategy.training_arguments(), and its conformance calls;
+    with ``lora_reference_path``, the recipes of LORA_LAYOUTS train the LoRA model too, right after."""
     _, reference_weights = torch.load(reference_path, weights_only=True)
     results = {}
     for recipe in recipes:
         folder = Path(output_dir) / Path(recipe).stem
         results[recipe] = _run_recipe(recipe, folder, reference_weights)
+        if lora_reference_path is not None and Path(recipe).stem in LORA_LAYOUTS:
+            results[lora_key(recipe)] = _run_lora(recipe, folder / "lora", lora_reference_path)
     if not torch.cuda.is_available():
         # Last: a Trainer with FSDP arguments leaves ACCELERATE_USE_FSDP set in this process.
         results[FSDP2_ON_CPU] = fsdp2_on_cpu(str(Path(output_dir) / "fsdp2-on-cpu"))
@@ -153,6 +167,25 @@ def _run_recipe(recipe: str, folder: Path, reference_weights: dict[str, torch.Te
         "resumed_deepspeed": resumed.is_deepspeed_enabled,
         "weight_error": _max_error(weights, reference_weights),
     }
+
+
+def _run_lora(recipe: str, folder: Path, reference_path: str) -> dict[str, Any]:
+    """The LoRA model under ``recipe``: its losses, its weights' error against the Trainer's one-process run, and
+    whether the adapter ``save_model`` writes loads (PeftModel.from_pretrained) with the weights it trained."""
+    from peft import PeftModel
+
+    layout = meshplan.from_recipe(recipe).training_arguments()
+    losses, trainer = train(str(folder / "run"), parity.GLOBAL_BATCH // trainer_world_size(), layout, model_name="llama-lora")
+    weights = parity.full_parameters(trainer.model)  # collective
+    trainer.save_model(str(folder / "saved"))  # collective under ZeRO-3: the adapter's weights are gathered
+    saved_error = None
+    if dist.get_rank() == 0:
+        loaded = PeftModel.from_pretrained(parity.build_model("llama"), str(folder / "saved"))
+        saved_error = _max_error({key: value.detach() for key, value in loaded.named_parameters()}, weights)
+    _, reference_weights = torch.load(reference_path, weights_only=True)
+    return {"losses": losses, "weight_error": _max_error(weights, reference_weights), "saved_adapter_error": saved_error,
+            "deepspeed": trainer.is_deepspeed_enabled,
+            "trainable": sorted(name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad)}
 
 
 def _max_error(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:

@@ -4,6 +4,7 @@
         [--layouts ddp,zero1,zero2,zero3,zero3-offload,fsdp2,fsdp2-stage2,tp,tp-dp,tp-fsdp] [--precision bf16[,no]]
         [--seq-len 128[,256]]
         [--micro-batch-size 2] [--gradient-checkpointing off[,on]] [--zero-option reduce_bucket_size=1000000 ...]
+        [--family-layouts llama-lora=zero2,zero3,tp ...]
         [--hidden 256 --intermediate 688 --bert-intermediate 1024 --layers 4 --heads 8 --kv-heads 4 --vocab 4096]
 
 Started without a launcher (no RANK in the environment) it starts ``--nprocs`` workers of itself
@@ -33,7 +34,9 @@ The layouts are meshplan.DDP(), meshplan.ZeRO(stage=1, 2, 3; zero3-offload offlo
 and the parameters) with the ``--zero-option`` settings, meshplan.ZeRO(stage=3 or 2, engine="fsdp2")
 (fsdp2, fsdp2-stage2), and meshplan.TensorParallel with tp_size the world size (tp) or 2 (tp-dp, and
 tp-fsdp with data_parallel="shard", on 4 or more processes). The llama family is a LlamaForCausalLM,
-the bert family a BertForSequenceClassification (2 labels); dropout is off in both.
+the bert family a BertForSequenceClassification (2 labels); dropout is off in both. The
+llama-lora family is the llama one with LoRA adapters of rank 8 on q_proj and v_proj
+(meshplan.peft.lora_model): only they train.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the 
 from helpers import accelerate_train  # noqa: E402
 
 LAYOUTS = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "fsdp2-stage2", "tp", "tp-dp", "tp-fsdp")
-FAMILIES = ("llama", "bert")
+FAMILIES = ("llama", "llama-lora", "bert")
 
 
 # ---------------------------------------------------------------- what is measured
@@ -73,6 +76,10 @@ def build_model(family: str, arguments: argparse.Namespace, seq_len: int) -> tor
     """The tiny model of ``family``, seeded, in fp32 on the CPU."""
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+    if family == "llama-lora":  # the llama family with LoRA r=8 on q and v (meshplan.peft.lora_model): its base frozen
+        from meshplan.peft import lora_model
+
+        return lora_model(build_model("llama", arguments, seq_len), r=8, targets="q,v", task_type="CAUSAL_LM")
     torch.manual_seed(0)
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(
@@ -95,7 +102,7 @@ class Batches(Dataset):
     def __init__(self, family: str, rows: int, seq_len: int, vocab: int) -> None:
         generator = torch.Generator().manual_seed(1)
         self.input_ids = torch.randint(0, vocab, (rows, seq_len), generator=generator)
-        self.labels = self.input_ids if family == "llama" else torch.randint(0, 2, (rows,), generator=generator)
+        self.labels = self.input_ids if family.startswith("llama") else torch.randint(0, 2, (rows,), generator=generator)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -277,21 +284,25 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", default="off", help="off, on, or both: off,on")
     parser.add_argument("--zero-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a DeepSpeed zero_optimization setting for the ZeRO layouts (integer values)")
+    parser.add_argument("--family-layouts", action="append", default=[], metavar="FAMILY=LAYOUT,LAYOUT",
+                        help="measure FAMILY under these of --layouts only (each family runs all of them otherwise)")
     for name, default in (("hidden", 256), ("intermediate", 688), ("bert-intermediate", 1024), ("layers", 4),
                           ("heads", 8), ("kv-heads", 4), ("vocab", 4096)):
         parser.add_argument(f"--{name}", type=int, default=default)
     arguments = parser.parse_args(argv)
     arguments.zero_options = {key: int(float(value)) for key, value in (option.split("=", 1) for option in arguments.zero_option)}
+    arguments.only = {family: set(layouts.split(",")) for family, layouts in (option.split("=", 1) for option in arguments.family_layouts)}
     return arguments
 
 
 def _combinations(arguments: argparse.Namespace) -> list[tuple[str, str, str, int, bool]]:
     switches = {"off": False, "on": True}
-    return list(itertools.product(
+    combinations = itertools.product(
         arguments.families.split(","), arguments.layouts.split(","), arguments.precision.split(","),
         [int(length) for length in arguments.seq_len.split(",")],
         [switches[value] for value in arguments.gradient_checkpointing.split(",")],
-    ))
+    )
+    return [combination for combination in combinations if combination[1] in arguments.only.get(combination[0], {combination[1]})]
 
 
 def worker(arguments: argparse.Namespace) -> None:

@@ -369,7 +369,7 @@ def _load_training_state(reader: CheckpointReader, models: dict[str, nn.Module],
 
 def _check_adapters(reader: CheckpointReader, name: str, module: nn.Module) -> None:
     """A CheckpointError unless the checkpoint and ``module`` agree on peft adapters: both have them or neither,
-    on the same frozen base (names and shapes), training the same tensors."""
+    on the same frozen base (names, shapes and ties: meshplan.peft.frozen_fingerprint), training the same tensors."""
     saved = reader.manifest["adapters"].get(name)
     where = f"checkpoint {shown_path(reader.path)}: model {shown(name)}"
     if not is_peft_model(module):
@@ -381,9 +381,9 @@ def _check_adapters(reader: CheckpointReader, name: str, module: nn.Module) -> N
         raise CheckpointError(f"{where} was saved without peft adapters, and this model has them; load it into the model "
                               f"it was saved from, or export it and build the adapters on the exported model.")
     if saved["frozen"] != frozen_fingerprint(module):
-        raise CheckpointError(f"{where}: the frozen base model's parameter names and shapes differ from those the "
-                              f"checkpoint's adapters were trained on; build the same base model (and adapter config) "
-                              f"before loading.")
+        raise CheckpointError(f"{where}: the frozen base model's parameters (names, shapes, tied weights) differ from "
+                              f"those the checkpoint's adapters were trained on; build the same base model (and adapter "
+                              f"config) before loading.")
     trained = {f"{name}/{tensor_name}" for tensor_name in checkpointed(module)}
     stored = {key for key in reader.keys() if key.startswith(f"{name}/")}
     extra = sorted(stored - trained)

@@ -99,6 +99,15 @@ class ZeRO(PlanStrategyMixin, DeepSpeedStrategy):
         _remember_engine(module, self.model)
 
     @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning's loop has already divided the loss by accumulate_grad_batches; DeepSpeed's
+        # engine.backward would divide it by its gradient_accumulation_steps (the same number) again,
+        # shrinking every accumulated gradient: invisible while clipping rescales them, and not
+        # with AdamW's eps or a norm below the clip.
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         if self.zero_stage_3 and dist.is_initialized():
             check_equal_batch_counts(dataloader, self.lightning_module.trainer, "ZeRO stage 3",

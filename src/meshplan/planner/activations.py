@@ -9,6 +9,11 @@ micro-batch and sequence length, and adds up the distinct storages that autograd
 difference of the two runs is one layer; the rest is what lies outside the layers (embeddings,
 logits, loss). Everything is exact for the implementation that will run, and costs no memory
 even for a 70B model.
+
+A model with adapters (peft) or frozen parameters is traced as it trains: the same adapters are
+added to the one- and two-layer models, and the same parameters frozen. Autograd saves less then:
+a frozen layer keeps its input only where an adapter beside it needs it, and no layer before the
+first trainable one saves anything for a gradient that nothing needs.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from meshplan._compat.torch import CopiesOf, fake_tensor_mode, storage_key
 from meshplan.errors import PlanError
 from meshplan.planner.model import ROWWISE_STYLES, ModelFacts
 from meshplan.tp.apply import match_plan
-from meshplan.tp.plans import resolve_tp_plan
+from meshplan.tp.plans import find_pretrained_models, resolve_tp_plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,8 +89,7 @@ def trace_activations(facts: ModelFacts, *, micro_batch_size: int, seq_len: int,
             encoder-decoder model), so its activations cannot be counted.
     """
     try:
-        return _cached_trace(_ConfigKey(facts.config, facts.config_text), facts.model_class, micro_batch_size, seq_len,
-                             dtype, autocast, tp_plan)
+        return _cached_trace(TraceKey(facts), facts.model_class, micro_batch_size, seq_len, dtype, autocast, tp_plan)
     except PlanError:
         raise
     except Exception as error:  # noqa: BLE001 - any failure of the trial forward pass is a model the planner cannot size
@@ -96,24 +100,27 @@ def trace_activations(facts: ModelFacts, *, micro_batch_size: int, seq_len: int,
         ) from error
 
 
-class _ConfigKey:
-    """A config as a cache key: configs are not hashable, their JSON is."""
+class TraceKey:
+    """What a trace depends on, as a cache key: the config, the adapters and the frozen parameters
+    (configs are not hashable, their JSON is)."""
 
-    def __init__(self, config: PretrainedConfig, text: str) -> None:
-        self.config = config
-        self.text = text
+    def __init__(self, facts: ModelFacts) -> None:
+        self.config = facts.config
+        self.adapters = facts.adapters
+        self.frozen = facts.frozen
+        self.text = facts.trace_text
 
     def __hash__(self) -> int:
         return hash(self.text)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ConfigKey) and other.text == self.text
+        return isinstance(other, TraceKey) and other.text == self.text
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_trace(key: _ConfigKey, model_class: type[PreTrainedModel], micro_batch_size: int, seq_len: int,
+def _cached_trace(key: TraceKey, model_class: type[PreTrainedModel], micro_batch_size: int, seq_len: int,
                   dtype: torch.dtype, autocast: torch.dtype | None, tp_plan: tuple[tuple[str, str], ...] | None) -> ActivationTrace:
-    traces = [_saved_by(_with_layers(key.config, layers), model_class, micro_batch_size, seq_len, dtype, autocast, tp_plan)
+    traces = [_saved_by(with_layers(key.config, layers), key, model_class, micro_batch_size, seq_len, dtype, autocast, tp_plan)
               for layers in (1, 2)]
     one, two = traces
     per_layer = two[0] - one[0]
@@ -123,7 +130,8 @@ def _cached_trace(key: _ConfigKey, model_class: type[PreTrainedModel], micro_bat
     return ActivationTrace(per_layer, one[0] - per_layer, layer_input, int(config.num_hidden_layers), one[1])
 
 
-def _with_layers(config: PretrainedConfig, layers: int) -> PretrainedConfig:
+def with_layers(config: PretrainedConfig, layers: int) -> PretrainedConfig:
+    """A copy of ``config`` with ``layers`` transformer layers (what a trace builds)."""
     config = copy.deepcopy(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     text.num_hidden_layers = layers
@@ -135,11 +143,12 @@ def _with_layers(config: PretrainedConfig, layers: int) -> PretrainedConfig:
     return config
 
 
-def _saved_by(config: PretrainedConfig, model_class: type[PreTrainedModel], micro_batch_size: int, seq_len: int,
+def _saved_by(config: PretrainedConfig, key: TraceKey, model_class: type[PreTrainedModel], micro_batch_size: int, seq_len: int,
               dtype: torch.dtype, autocast: torch.dtype | None, tp_plan: tuple[tuple[str, str], ...] | None) -> tuple[Saved, int]:
-    """(bytes saved, logits bytes) by one forward pass of a fake model built from ``config``."""
+    """(bytes saved, logits bytes) by one forward pass of a fake model built from ``config``, with ``key``'s adapters."""
+    model = built_model(model_class, config, dtype, key)
     with fake_tensor_mode():
-        model = _built(model_class, config, dtype)
+        make_fake(model, dtype)
         parameter_keys = {storage_key(p) for p in model.parameters()}
         split_inputs = _rowwise_inputs(model, tp_plan)
         saved: dict[int, tuple[int, bool]] = {}
@@ -153,9 +162,9 @@ def _saved_by(config: PretrainedConfig, model_class: type[PreTrainedModel], micr
                 saved[key] = (tensor.untyped_storage().nbytes(), _is_split(tensor, key, split_inputs, tokens, hidden, vocab))
             return tensor
 
-        batch = _batch(model, micro_batch_size, seq_len)
+        batch = batch_for(model_class, micro_batch_size, seq_len)
         context = torch.autocast("cpu", dtype=autocast) if autocast is not None else nullcontext()
-        with CopiesOf(parameter_keys) as copies, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
+        with _KeptCopiesOf(parameter_keys) as copies, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
             output = model(**batch)
         logits = getattr(output, "logits", None)
         logits_bytes = logits.untyped_storage().nbytes() if isinstance(logits, torch.Tensor) else 0
@@ -168,37 +177,93 @@ def _saved_by(config: PretrainedConfig, model_class: type[PreTrainedModel], micr
     ), logits_bytes
 
 
-def _built(model_class: type[PreTrainedModel], config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
-    # Built in the parameters' dtype (fake tensors cannot be converted in place afterwards).
+class _KeptCopiesOf(CopiesOf):
+    """CopiesOf that keeps the copies it saw until it is left: autocast keeps its copies of trainable
+    weights in a cache, but makes a frozen weight's copy anew at each use and frees it when nothing
+    saves it, so a tensor made later at its address would count as a weight copy."""
+
+    def __init__(self, sources: set[int]) -> None:
+        super().__init__(sources)
+        self.kept: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        result = super().__torch_dispatch__(func, types, args, kwargs)
+        if isinstance(result, torch.Tensor) and storage_key(result) in self.keys:
+            self.kept.append(result)
+        return result
+
+
+def built_model(model_class: type[PreTrainedModel], config: PretrainedConfig, dtype: torch.dtype, key: TraceKey) -> nn.Module:
+    """The model on the meta device, in the parameters' dtype, with ``key``'s adapters and frozen parameters, in train mode.
+
+    Built on the meta device and made fake afterwards (``make_fake``): peft moves each new adapter
+    to its base layer's device, which torch refuses for a fake parameter (it swaps a fake one in place).
+    """
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = model_class(config)
+        with torch.device("meta"):
+            model = model_class(config)
+            if key.adapters:
+                model = _with_adapters(model, key.adapters)
     finally:
         torch.set_default_dtype(before)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in key.frozen)
     return model.train()
 
 
-def _rowwise_inputs(model: PreTrainedModel, tp_plan: tuple[tuple[str, str], ...] | None) -> set[int]:
-    """Registers hooks that collect the storage keys of the inputs of the layers TP splits by row.
+def _with_adapters(model: PreTrainedModel, adapters: tuple[tuple[str, object], ...]) -> nn.Module:
+    """``model`` wrapped by peft in copies of ``adapters`` (peft's configs, by adapter name)."""
+    from peft import get_peft_model
+
+    (first, config), *others = adapters
+    wrapped = get_peft_model(model, copy.deepcopy(config), adapter_name=first)
+    for name, other in others:
+        wrapped.add_adapter(name, copy.deepcopy(other))
+    return wrapped
+
+
+def make_fake(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replaces the meta parameters and buffers of ``model`` by fake CPU tensors of their shapes, inside a fake
+    tensor mode: floating-point parameters in ``dtype`` (an engine that casts the model casts the adapters that
+    peft keeps in fp32 too), buffers in their own dtype. A parameter shared by several modules stays shared."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                if id(parameter) not in made:
+                    kind = dtype if parameter.is_floating_point() else parameter.dtype
+                    made[id(parameter)] = nn.Parameter(torch.empty(parameter.shape, dtype=kind), requires_grad=parameter.requires_grad)
+                module._parameters[name] = made[id(parameter)]
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
+
+
+def _rowwise_inputs(model: nn.Module, tp_plan: tuple[tuple[str, str], ...] | None) -> dict[int, torch.Tensor]:
+    """Registers hooks that collect the inputs of the layers TP splits by row, by storage key.
 
     A rowwise layer's input is split across the TP ranks (each multiplies its slice of the rows);
-    outside those, a tensor as wide as the residual stream is whole on every rank.
+    outside those, a tensor as wide as the residual stream is whole on every rank. The inputs are
+    kept: one that nothing saves (a frozen layer's) would otherwise be freed, and a tensor made
+    later at the same address would count as split.
     """
-    keys: set[int] = set()
+    keys: dict[int, torch.Tensor] = {}
+    inner = find_pretrained_models(model)[0][1]  # the transformers model inside peft's wrapper, or the model itself
     try:
-        plan = match_plan(model, resolve_tp_plan(model, dict(tp_plan) if tp_plan is not None else None))
+        plan = match_plan(inner, resolve_tp_plan(inner, dict(tp_plan) if tp_plan is not None else None))
     except PlanError:  # a model without a TP plan saves nothing split; TP is refused for it elsewhere
         return keys
-    modules = dict(model.named_modules())
+    modules = dict(inner.named_modules())
     for name, style in plan.items():
         if style in ROWWISE_STYLES and isinstance(modules.get(name), nn.Module):
             modules[name].register_forward_pre_hook(lambda module, args: keys.update(
-                storage_key(a) for a in args if isinstance(a, torch.Tensor)))
+                (storage_key(a), a) for a in args if isinstance(a, torch.Tensor)))
     return keys
 
 
-def _is_split(tensor: torch.Tensor, key: int, split_inputs: set[int], tokens: int, hidden: int, vocab: int) -> bool:
+def _is_split(tensor: torch.Tensor, key: int, split_inputs: dict[int, torch.Tensor], tokens: int, hidden: int, vocab: int) -> bool:
     """Whether TP splits this saved tensor across its ranks.
 
     Split: a rowwise layer's input, and what is not as wide as the residual stream (per-head
@@ -213,9 +278,10 @@ def _is_split(tensor: torch.Tensor, key: int, split_inputs: set[int], tokens: in
     return tensor.numel() not in (tokens, tokens * hidden) and (tensor.dim() == 0 or tensor.shape[-1] != vocab)
 
 
-def _batch(model: PreTrainedModel, micro_batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+def batch_for(model_class: type[PreTrainedModel], micro_batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a training forward pass of ``model_class``: token ids, and labels where its head takes them."""
     ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long)
-    name = type(model).__name__
+    name = model_class.__name__
     if name.endswith(("ForSequenceClassification", "ForMultipleChoice")):
         return {"input_ids": ids, "labels": torch.zeros(micro_batch_size, dtype=torch.long)}
     if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClassification", "ForConditionalGeneration")):

@@ -47,13 +47,14 @@ def bucket_options(facts: ModelFacts) -> dict[int, dict[str, int]]:
 
     DeepSpeed allocates its whole reduce bucket (5e8 elements: 1 GB in bf16, 2 GB in fp32) and
     prefetches up to 5e7 elements whatever the model; a model with fewer trainable elements than
-    that gains nothing from the rest, so the planner's ZeRO layouts size them to the model. Larger
-    models keep DeepSpeed's defaults (an empty mapping).
+    the reduce bucket (it reduces only gradients), or fewer elements than the prefetch bucket (it
+    gathers frozen parameters too), gains nothing from the rest, so the planner's ZeRO layouts size
+    them to the model. Larger models keep DeepSpeed's defaults (an empty mapping).
     """
     trainable = max(1, facts.trainable_numel)
     reduce = {"reduce_bucket_size": trainable} if trainable < DEEPSPEED_DEFAULTS["reduce_bucket_size"] else {}
-    prefetch = ({"stage3_prefetch_bucket_size": trainable}
-                if trainable < DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"] else {})
+    prefetch = ({"stage3_prefetch_bucket_size": facts.numel}
+                if facts.numel < DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"] else {})
     return {1: reduce, 2: reduce, 3: {**reduce, **prefetch}}
 
 

@@ -34,6 +34,13 @@ def add_plan_command(commands: Any, refuse: Callable[[str, Exception | str], int
     plan.add_argument("--micro-batch", type=int, default=1, help="sequences per device per forward pass (default 1)")
     plan.add_argument("--precision", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
     plan.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations in backward")
+    plan.add_argument("--lora", action="store_true",
+                      help="plan for training LoRA adapters (peft) on the frozen model: weights only for the base, "
+                           "gradients and optimizer states for the adapters")
+    plan.add_argument("--lora-r", type=int, default=8, help="with --lora: the adapters' rank (default 8)")
+    plan.add_argument("--lora-targets", default="q,v",
+                      help="with --lora: the layers to adapt, by short names (q, k, v, o, gate, up, down) or the "
+                           "layers' own names (default q,v)")
     plan.add_argument("--json", action="store_true", help="print the candidates and the choice as JSON")
     plan.add_argument("--write-recipe", metavar="PATH", help="write the chosen layout as a recipe (an Accelerate config file)")
     plan.set_defaults(run=lambda args: _plan(args, refuse))
@@ -42,15 +49,19 @@ def add_plan_command(commands: Any, refuse: Callable[[str, Exception | str], int
 def _plan(args: argparse.Namespace, refuse: Callable[[str, Exception | str], int]) -> int:
     from meshplan.errors import PlanError
     from meshplan.planner.choose import plan_layout  # here: it imports transformers' models, which --help needs not
-    from meshplan.planner.model import model_facts
+    from meshplan.planner.model import model_facts, with_lora
     from meshplan.recipes import write_recipe
 
     for option, value in (("--devices", args.devices), ("--nodes", args.nodes), ("--seq-len", args.seq_len),
                           ("--micro-batch", args.micro_batch)):
         if value is not None and value < 1:
             return refuse("meshplan plan", f"{option} {value} must be a positive integer.")
+    if not args.lora and (args.lora_r != 8 or args.lora_targets != "q,v"):
+        return refuse("meshplan plan", "--lora-r and --lora-targets size LoRA adapters: add --lora to plan for them.")
     try:
         facts = model_facts(args.model)
+        if args.lora:
+            facts = with_lora(facts, r=args.lora_r, targets=args.lora_targets)
         seq_len = args.seq_len or min(DEFAULT_SEQ_LEN, facts.max_positions or DEFAULT_SEQ_LEN)
         choice = plan_layout(facts, devices_per_node=args.devices, nodes=args.nodes, device_memory=args.device_memory,
                              micro_batch_size=args.micro_batch, seq_len=seq_len, precision=args.precision,
@@ -63,8 +74,28 @@ def _plan(args: argparse.Namespace, refuse: Callable[[str, Exception | str], int
         return refuse("meshplan plan", error)
     except OSError as error:
         return refuse("meshplan plan", f"cannot write the recipe {args.write_recipe!r}: {error.strerror or error}")
-    print(json.dumps(choice.to_dict(), indent=2) if args.json else table(choice))
+    if args.json:
+        print(json.dumps({"model": _model_dict(facts), **choice.to_dict()}, indent=2))
+    else:
+        if facts.trainable_numel < facts.numel:  # adapters or frozen weights: say what trains
+            print(f"{facts.description}: {_count(facts.numel)} parameters, {_count(facts.trainable_numel)} of them trained; "
+                  f"the frozen ones hold weights only.")
+        print(table(choice))
     return 0
+
+
+def _model_dict(facts: Any) -> dict[str, Any]:
+    """What ``--json`` says of the model: its class, its adapters, and how many of its parameters train."""
+    return {"name": facts.name, "description": facts.description, "parameters": facts.numel,
+            "trainable_parameters": facts.trainable_numel}
+
+
+def _count(number: int) -> str:
+    """A parameter count in a few digits: 8.03B, 3.41M, 12.5K."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if number >= scale:
+            return f"{number / scale:.3g}{suffix}"
+    return str(number)
 
 
 def _with_precision(plan: Plan, precision: str) -> Plan:

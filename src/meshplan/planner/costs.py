@@ -25,7 +25,9 @@ def estimate(model: Any, layout: Any, *, world_size: int, nodes: int = 1, micro_
     Args:
         model: a transformers ``PretrainedConfig``, a model directory or ``config.json`` path, or
             an ``nn.Module`` (one holding a transformers model). A config is built on the meta
-            device, so a 70B model costs nothing.
+            device, so a 70B model costs nothing. A model with peft adapters (LoRA), or with
+            parameters frozen otherwise, is sized as it trains: a frozen parameter holds its weight
+            alone, without gradient or optimizer states.
         layout: a meshplan strategy, a ``Plan``, or a recipe (a path or a catalogue name: ``"zero3"``).
         world_size: processes in all; ``nodes`` of them share ``world_size // nodes`` each.
         micro_batch_size: sequences per rank per forward pass.
@@ -84,13 +86,12 @@ def estimate(model: Any, layout: Any, *, world_size: int, nodes: int = 1, micro_
 def host_traffic(facts: ModelFacts, plan: Plan, dp_size: int, weight_bytes: int) -> int:
     """Bytes offload copies between host and device per step: offloaded parameters in for the forward
     and the backward pass, and the gradient share out to the optimizer on the CPU and the updated
-    weights back."""
+    weights back (of the trainable parameters: frozen ones have neither)."""
     if not plan.uses_deepspeed:
         return 0
-    share = -(-facts.numel // dp_size) * weight_bytes
-    traffic = 2 * share if plan.offload_optimizer else 0
+    traffic = 2 * -(-facts.trainable_numel // dp_size) * weight_bytes if plan.offload_optimizer else 0
     if plan.offload_parameters:
-        traffic += 2 * share
+        traffic += 2 * -(-facts.numel // dp_size) * weight_bytes
     return traffic
 
 

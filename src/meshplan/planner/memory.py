@@ -18,7 +18,14 @@ engine wins, because the planner predicts what the engine holds:
   around the forward pass as under DDP and TP. On top, the units it has gathered whole: at
   stage 3 a model's root unit and two blocks (the one running and the one prefetched), at
   stage 2 (no resharding after the forward pass) every unit, from the forward to the backward pass.
-- Only trainable parameters carry gradients and optimizer states.
+- Only trainable parameters carry gradients and optimizer states (and, under DeepSpeed, an fp32
+  master copy). A frozen parameter (``requires_grad=False``: a LoRA model's base weights) is held
+  as a weight alone, as each engine holds its weights: DeepSpeed casts every parameter, frozen ones
+  too, to the 16-bit dtype and builds its flat groups, gradient partitions and reduce buckets of the
+  trainable ones only, so ZeRO-1/2 keep a frozen weight whole on every rank (2 bytes in bf16) and
+  ZeRO-3 partitions it as the others; FSDP2 shards it (fp32); DDP keeps it whole (fp32); TP splits
+  it by the plan (a LoRA layer's ``base_layer`` as the layer it wraps, its ``lora_A`` and ``lora_B``
+  as meshplan.peft chooses).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshplan.plan import Plan
+from meshplan.planner.gradients import GradientFlow, gradient_flow
 from meshplan.planner.model import ModelFacts
 
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py), used when a Plan leaves them unset.
@@ -190,13 +198,27 @@ def reused_numel(facts: ModelFacts, plan: Plan) -> int:
     """
     reuse = deepspeed_option(plan, "stage3_max_reuse_distance")
     threshold = deepspeed_option(plan, "stage3_param_persistence_threshold")
+    used = used_in_backward(facts)
     kept, after = 0, 0
     for parameter in reversed(facts.parameters):
-        # DeepSpeed counts every parameter it walks, persistent ones too, and keeps while under the limit.
-        if parameter.numel > threshold and 2 * after < reuse:
+        # DeepSpeed counts every parameter it walks, persistent ones too, and keeps while under the limit;
+        # one the backward pass does not use (a frozen layer no gradient reaches) it releases after the forward pass.
+        if parameter.numel > threshold and 2 * after < reuse and parameter.name in used:
             kept += parameter.numel
         after += parameter.numel
     return min(kept, deepspeed_option(plan, "stage3_max_live_parameters"))
+
+
+def used_in_backward(facts: ModelFacts) -> set[str]:
+    """The names of the parameters the backward pass uses: those of a layer a gradient reaches
+    (meshplan.planner.gradients; every one in a model without frozen parameters)."""
+    flow = gradient_flow(facts)
+    return {p.name for p in facts.parameters if any(_reached(facts, flow, holder) for holder in facts.holders.get(p.name, ("",)))}
+
+
+def _reached(facts: ModelFacts, flow: GradientFlow, module_name: str) -> bool:
+    inside = facts.in_model(module_name)
+    return inside is None or flow.runs_backward(inside)  # outside the transformers model: assumed reached
 
 
 def persistent_numel(facts: ModelFacts, plan: Plan) -> int:

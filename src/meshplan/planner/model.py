@@ -4,14 +4,20 @@ A model arrives as a transformers config, a model directory or ``config.json`` p
 ``nn.Module``. Configs are built on the meta device, so a 70-billion-parameter model costs no
 memory; a module is read where it is (a LightningModule or any module holding a transformers
 model works: the transformers model inside it is what is sized).
+
+A model with frozen parameters, such as one wrapped in LoRA adapters by ``peft.get_peft_model``
+(built on the meta device too: ``get_peft_model`` adds its adapters there), is sized as it will
+train: each parameter says whether it trains, and the activations are traced with the same adapters
+and the same parameters frozen (see ``ModelFacts.adapters`` and ``ModelFacts.frozen``).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from meshplan._compat import peft as peft_compat
 from meshplan.errors import PlanError
 from meshplan.tp.plans import find_pretrained_models
 from meshplan.tp.shard import plan_models
@@ -96,8 +103,13 @@ class ModelFacts:
         config: its transformers config (what activations are traced from).
         model_class: the transformers class to rebuild it from the config.
         parameters: every parameter once (tied weights once).
-        tp_plans: ``{tp_size: {module name: style}}`` for each TP size the model takes, filled on demand.
-        tp_refusal: why the model cannot run under TP, or None.
+        module: the module the parameters are read from (on the meta device for a config).
+        styles: ``{module name: style}`` of the TP plan these facts were split by (empty: not split).
+        adapters: ``(adapter name, peft config)`` of each adapter of the peft model around the
+            transformers model (empty without peft): the activations are traced with the same adapters.
+        frozen: names of the parameters that do not train, relative to the peft model around the
+            transformers model, or to the transformers model without one (what the trace freezes).
+        model_name: the transformers model's name in ``module`` ("" when ``module`` is that model).
     """
 
     name: str
@@ -106,6 +118,9 @@ class ModelFacts:
     parameters: tuple[ParameterFacts, ...]
     module: nn.Module
     styles: dict[str, str] = field(default_factory=dict, repr=False)
+    adapters: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+    frozen: frozenset[str] = field(default=frozenset(), repr=False)
+    model_name: str = ""
     _split: dict[tuple[Any, ...], "ModelFacts"] = field(default_factory=dict, repr=False, compare=False)
     _units: dict[str | None, "ShardingUnits"] = field(default_factory=dict, repr=False, compare=False)
 
@@ -113,6 +128,12 @@ class ModelFacts:
     def config_text(self) -> str:
         """The config as JSON: what identifies the architecture, for caching traces."""
         return self.config.to_json_string()
+
+    @functools.cached_property
+    def trace_text(self) -> str:
+        """What identifies the activations a forward pass saves: the config, the adapters and the frozen parameters."""
+        adapters = [(name, config.to_dict()) for name, config in self.adapters]
+        return "\n".join([self.config_text, json.dumps(adapters, default=str, sort_keys=True), *sorted(self.frozen)])
 
     @property
     def numel(self) -> int:
@@ -123,6 +144,32 @@ class ModelFacts:
     def trainable_numel(self) -> int:
         """Elements in the parameters that train."""
         return sum(p.numel for p in self.parameters if p.trainable)
+
+    def in_model(self, name: str) -> str | None:
+        """The module ``name`` (in ``module``) relative to the transformers model, or None when it lies outside it."""
+        if not self.model_name:
+            return name
+        prefix = f"{self.model_name}."
+        return name[len(prefix):] if name.startswith(prefix) else None
+
+    @functools.cached_property
+    def holders(self) -> dict[str, tuple[str, ...]]:
+        """The names of the modules that hold each parameter, by the parameter's name (a tied weight has two)."""
+        names = {id(parameter): name for name, parameter in self.module.named_parameters()}
+        held: dict[str, list[str]] = {}
+        for module_name, module in self.module.named_modules():
+            for parameter in module._parameters.values():
+                if parameter is not None:
+                    held.setdefault(names[id(parameter)], []).append(module_name)
+        return {name: tuple(modules) for name, modules in held.items()}
+
+    @property
+    def description(self) -> str:
+        """The model's class name, with its adapters when it has any (for messages: "LlamaForCausalLM with LoRA r=8")."""
+        if not self.adapters:
+            return self.name
+        kinds = ", ".join(_adapter_text(config) for _, config in self.adapters)
+        return f"{self.name} with {kinds}"
 
     @property
     def hidden_size(self) -> int:
@@ -175,10 +222,11 @@ class ModelFacts:
     def _with_styles(self, tp_size: int, tp_plan: tuple[tuple[str, str], ...] | None) -> "ModelFacts":
         styles = self.tp_styles(tp_size, tp_plan)
         parameters = tuple(
-            ParameterFacts(p.name, p.shape, p.trainable, styles.get(p.name.rpartition(".")[0])) for p in self.parameters
+            replace(p, tp_style=styles.get(p.name.rpartition(".")[0])) for p in self.parameters
         )
         # The same module, so the same sharding units.
-        return ModelFacts(self.name, self.config, self.model_class, parameters, self.module, styles, _units=self._units)
+        return ModelFacts(self.name, self.config, self.model_class, parameters, self.module, styles, self.adapters, self.frozen,
+                          self.model_name, _units=self._units)
 
 
 @dataclass(frozen=True)
@@ -236,6 +284,34 @@ def model_facts(model: Any) -> ModelFacts:
     return _facts(module, module)
 
 
+def with_lora(facts: ModelFacts, *, r: int = 8, targets: str = "q,v") -> ModelFacts:
+    """The facts of ``facts``' model with LoRA adapters of rank ``r`` on ``targets`` (``meshplan.peft.lora_model``),
+    the rest frozen; as ``meshplan plan --lora`` sizes it. ``facts``' module is wrapped in place (a config's
+    model is built for the facts alone, so this costs nothing).
+
+    Raises:
+        PlanError: a target the model lacks, or a rank below 1.
+    """
+    from meshplan.peft import lora_model
+
+    if peft_compat.peft_models(facts.module):
+        raise PlanError(f"{facts.description} has adapters already; size it as it is, without adding LoRA.")
+    return model_facts(lora_model(facts.module, r=r, targets=targets, task_type=peft_task_type(facts.model_class)))
+
+
+def peft_task_type(model_class: type[PreTrainedModel]) -> str | None:
+    """peft's task type for a transformers class: a causal LM's adapters alone train (CAUSAL_LM), a classifier's
+    head trains whole too (SEQ_CLS, TOKEN_CLS); None (a plain PeftModel) for the others."""
+    name = model_class.__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None
+
+
 def load_config(path: str | os.PathLike) -> PretrainedConfig:
     """The transformers config in a model directory or at a ``config.json`` path."""
     path = Path(path)
@@ -285,4 +361,25 @@ def _facts(model: PreTrainedModel, root: nn.Module) -> ModelFacts:
     parameters = tuple(
         ParameterFacts(name, tuple(parameter.shape), parameter.requires_grad) for name, parameter in root.named_parameters()
     )
-    return ModelFacts(type(model).__name__, model.config, type(model), parameters, root)
+    # What the activation trace rebuilds: the peft model around the transformers model, or the model itself.
+    wrapped = [peft_model for _, peft_model in peft_compat.peft_models(root) if _holds(peft_model, model)]
+    traced = wrapped[0] if wrapped else model
+    adapters = tuple(wrapped[0].peft_config.items()) if wrapped else ()
+    frozen = frozenset(name for name, parameter in traced.named_parameters() if not parameter.requires_grad)
+    model_name = next(name for name, module in root.named_modules() if module is model)
+    return ModelFacts(type(model).__name__, model.config, type(model), parameters, root, adapters=adapters, frozen=frozen,
+                      model_name=model_name)
+
+
+def _holds(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(module is inner for module in outer.modules())
+
+
+def _adapter_text(config: Any) -> str:
+    """A peft config in a few words: "LoRA r=8 on q_proj, v_proj", or its peft type."""
+    kind = str(getattr(config, "peft_type", type(config).__name__)).rpartition(".")[2]
+    if kind != "LORA":
+        return kind
+    targets = config.target_modules
+    named = ", ".join(sorted(targets)) if isinstance(targets, (set, frozenset, list, tuple)) else str(targets)
+    return f"LoRA r={config.r} on {named}"
