@@ -25,7 +25,7 @@ CONFORMANCE_TESTS = ["tests/test_conformance_lightning.py", "tests/test_accelera
 FRONT_ENDS = ["Lightning", "Accelerate", "HF Trainer"]
 LAYOUTS = ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "tp", "tp-dp", "fsdp2", "fsdp2-stage2", "tp-fsdp", "ddp-2node",
            "zero3-2node", "ddp+lora", "zero2+lora", "zero3+lora", "tp+lora", "tp-dp+lora"]
-PACKAGES = ["torch", "lightning", "accelerate", "deepspeed", "transformers"]
+PACKAGES = ["torch", "lightning", "accelerate", "deepspeed", "transformers", "peft"]
 
 
 def run_conformance_tests(log: Path) -> int:
@@ -57,7 +57,8 @@ def render(cells: dict[str, dict[str, dict[str, str]]]) -> str:
         "sample count, or saved weights equal to the live model's. **yes** means that test passed; **PlanError**",
         "means meshplan refuses the combination before it can go wrong (a hang, a silently ignored setting), with a",
         "message that says what to do instead, and the test checks that error; an empty cell does not apply to the",
-        "layout or was not tested. The reasons for the PlanError cells follow each table.",
+        "layout or was not tested. The reasons for the PlanError cells follow each table. A `+lora` column is the",
+        "layout training a model wrapped in peft LoRA adapters (see [LoRA](lora.md)).",
         "",
         f"Written by `python scripts/compatibility.py` from the test results ({versions}).",
     ]

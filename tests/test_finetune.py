@@ -126,6 +126,39 @@ def _encoded_test_split(model_dir: Path):
 
 
 @pytest.mark.slow
+def test_lora_finetune_learns_the_task_and_leaves_an_adapter_and_a_merged_model(tmp_path: Path) -> None:
+    # The default run with --lora (MiniLM, the reviews, ZeRO-2 under Lightning, 100 steps): issue 14 asks for
+    # 0.85 held-out accuracy within 5 minutes on 2 cores; it takes 1 to 2.5 (0.54 -> 0.95).
+    output = tmp_path / "out"
+    run = _finetune("--lora", "--output", str(output), timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    _assert_console(run.stdout + run.stderr, output, 100, verbose=False)  # the merge's library output went to the log too
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["eval_accuracy_after"] >= 0.85 and metrics["learning_rate"] == 1e-3
+    adapter = output / "adapter"
+    lora = metrics["lora"]
+    assert (lora["r"], lora["alpha"], lora["targets"], lora["adapter"]) == (8, 16, "q,v", str(adapter))
+    # Only the adapters and the head train: about 0.3% of MiniLM's 22.7M weights, in a file of about 0.3 MB.
+    assert 0 < lora["trainable_parameters"] < 100_000
+    assert lora["adapter_bytes"] == sum(path.stat().st_size for path in adapter.iterdir()) < 2**20
+    assert "LoRA adapter" in run.stdout and str(adapter) in run.stdout
+    # The model path is a whole model, as without --lora; the adapter loads onto the base with peft.
+    merged = AutoModelForSequenceClassification.from_pretrained(output)
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+    test = _encoded_test_split(output)
+    reproduced = accuracy(merged, test, dp_rank=0, dp_size=1, batch_size=32, device=torch.device("cpu"))
+    assert abs(reproduced - metrics["eval_accuracy_after"]) <= 1 / len(test) + 1e-9
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2), adapter)
+    batch = test[:32]
+    with torch.no_grad():
+        logits = [model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                  for model in (merged, adapted)]
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
 def test_a_failing_worker_shows_its_traceback_from_this_run(tmp_path: Path) -> None:
     model_dir = tmp_path / "torn-model"
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -222,6 +255,9 @@ def _bad_input_cases(tmp_path: Path, tiny_llama_dir: Path) -> dict[str, tuple[li
                                                 "fsdp_layer_classes='NoSuchLayer' names NoSuchLayer"),
         "fsdp2 under the HF Trainer on the CPU": (["--framework", "trainer", "--recipe", "fsdp2"],
                                                   "cannot run under the HF Trainer on the CPU"),
+        "lora target the model lacks": (["--lora", "--lora-targets", "q,gate"], "LoRA target 'gate' matches no nn.Linear"),
+        "lora rank 0": (["--lora", "--lora-r", "0"], "--lora-r 0 and --lora-alpha 16 must be at least 1"),
+        "lora option without --lora": (["--lora-targets", "q,k,v"], "--lora-targets sets up LoRA adapters and needs --lora"),
     }
 
 
@@ -229,7 +265,8 @@ def _bad_input_cases(tmp_path: Path, tiny_llama_dir: Path) -> dict[str, tuple[li
                                   "tp size the model cannot take", "more devices than the machine has", "no devices",
                                   "restarts under the HF Trainer", "restarts without checkpoints",
                                   "negative checkpoint interval", "fsdp2 layer classes the model lacks",
-                                  "fsdp2 under the HF Trainer on the CPU"])
+                                  "fsdp2 under the HF Trainer on the CPU", "lora target the model lacks", "lora rank 0",
+                                  "lora option without --lora"])
 def test_bad_input_exits_2_with_one_paragraph(case: str, tmp_path: Path, tiny_llama_dir: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     if case == "fsdp2 under the HF Trainer on the CPU" and torch.cuda.is_available():

@@ -8,9 +8,10 @@ import contextlib
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from meshplan.errors import shown
+from meshplan.finetune.defaults import LEARNING_RATE, LORA_ALPHA, LORA_LEARNING_RATE, LORA_R, LORA_TARGETS
 from meshplan.finetune.output import LOG_NAME
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def _finetune(args: argparse.Namespace) -> int:
             framework=args.framework, devices=args.devices if args.devices is not None else default_devices(),
             max_steps=args.max_steps, output=str(output),
             checkpoint_every=_checkpoint_every(args), max_restarts=args.max_restarts,
+            learning_rate=LORA_LEARNING_RATE if args.lora else LEARNING_RATE, **_lora_options(args),
         )
         job = with_chosen_layout(job)  # --recipe auto: chosen here, once; every worker runs the job's layout
         check_job(job)
@@ -115,8 +117,9 @@ def _finetune(args: argparse.Namespace) -> int:
     except OSError as error:
         return _refuse("meshplan finetune", f"--output {shown(args.output)} cannot be written: {_os_reason(error)}.")
     threads = max(1, (os.cpu_count() or 1) // job.devices)
+    lora = f", LoRA r={job.lora_r} alpha={job.lora_alpha} on {job.lora_targets}" if job.lora else ""
     print(f"meshplan finetune: {Path(job.model).name} on {job.data} with {Path(job.recipe).name}, "
-          f"{job.framework}, {job.devices} processes, {job.max_steps} steps", flush=True)
+          f"{job.framework}, {job.devices} processes, {job.max_steps} steps{lora}", flush=True)
     if job.layout is not None:
         print(announcement(job.layout), flush=True)
     code, log = _run_finetune_workers(job, job_path, threads, args.verbose)
@@ -130,10 +133,64 @@ def _finetune(args: argparse.Namespace) -> int:
             print(f"meshplan finetune: a worker failed (exit code {code}); from the log ({log}):\n"
                   f"{_failure_excerpt(log)}", file=sys.stderr)
         return code
+    if job.lora:
+        code = _merge_adapter(job, log)
+        if code:
+            return code
     metrics = json.loads((Path(job.output) / "metrics.json").read_text())
     print(f"held-out accuracy: before {metrics['eval_accuracy_before']:.3f}, after {metrics['eval_accuracy_after']:.3f}; "
-          f"{metrics['train_steps']} steps, {metrics['samples_per_second']:.1f} samples/s; model saved in {job.output}")
+          f"{metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s, {metrics['samples_per_second']:.1f} "
+          f"samples/s; model saved in {job.output}")
+    if metrics.get("lora"):
+        lora = metrics["lora"]
+        print(f"LoRA adapter ({lora['trainable_parameters']:,} trained parameters, {lora['adapter_bytes'] / 2**20:.2f} MiB) "
+              f"saved in {lora['adapter']}; the model in {job.output} has it merged")
     return 0
+
+
+def _merge_adapter(job: FinetuneJob, log: Path | None) -> int:
+    """After a LoRA run: the base with the adapter merged, into OUTPUT (in this process: the workers are done).
+
+    What the libraries print meanwhile (DeepSpeed's start-up line, transformers' report of the
+    new head the adapter's copy replaces) goes to the log, as the workers' output does; 1 if the merge fails.
+    """
+    from meshplan.finetune.save import ADAPTER_DIR, merge_adapter
+
+    print(f"meshplan finetune: merging the adapter into the model in {job.output}", flush=True)
+    try:
+        with _output_to(log):
+            merge_adapter(job)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"meshplan finetune: merging the adapter failed ({type(error).__name__}: {error}); the adapter is in "
+              f"{Path(job.output) / ADAPTER_DIR}.", file=sys.stderr)
+        return 1
+    return 0
+
+
+@contextlib.contextmanager
+def _output_to(log: Path | None) -> Iterator[None]:
+    """This process's stdout and stderr (file descriptors 1 and 2, so C libraries' output too) appended to ``log``
+    meanwhile; unchanged when ``log`` is None (--verbose)."""
+    if log is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(log, "a") as file:
+            os.dup2(file.fileno(), 1)
+            os.dup2(file.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def _run_finetune_workers(job: FinetuneJob, job_path: Path, threads: int, verbose: bool) -> tuple[int, Path | None]:
@@ -190,7 +247,8 @@ def _export(args: argparse.Namespace) -> int:
     from meshplan.errors import PlanError
 
     try:
-        out = export(args.checkpoint, args.out_dir, model=args.model, max_shard_size=args.max_shard_size)
+        out = export(args.checkpoint, args.out_dir, model=args.model, max_shard_size=args.max_shard_size, merge=args.merge,
+                     base=args.base)
     except (CheckpointError, PlanError) as error:
         return _refuse("meshplan export", error)
     except OSError as error:  # export removed what it had written
@@ -198,7 +256,11 @@ def _export(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("meshplan export: interrupted; nothing was written.", file=sys.stderr)
         return 130
-    print(f"meshplan export: wrote {out} (load it with from_pretrained)")
+    if (out / "adapter_config.json").is_file():
+        print(f"meshplan export: wrote the adapter to {out} (load it with PeftModel.from_pretrained(base_model, "
+              f"{str(out)!r}); --merge writes a whole model)")
+    else:
+        print(f"meshplan export: wrote {out} (load it with from_pretrained)")
     return 0
 
 
@@ -239,6 +301,19 @@ def _os_reason(error: OSError) -> str:
     """An OSError in a few words: what failed and on which file (names cut short)."""
     reason = error.strerror or type(error).__name__
     return f"{reason} ({shown(str(error.filename))})" if error.filename is not None else reason
+
+
+def _lora_options(args: argparse.Namespace) -> dict[str, object]:
+    """The job's LoRA fields from --lora and its options (defaults for those not given); an option without --lora is an error."""
+    from meshplan.finetune.errors import FinetuneError
+
+    options = {"lora_r": (args.lora_r, LORA_R), "lora_alpha": (args.lora_alpha, LORA_ALPHA),
+               "lora_targets": (args.lora_targets, LORA_TARGETS)}
+    given = [name for name, (value, _) in options.items() if value is not None]
+    if given and not args.lora:
+        flag = "--" + given[0].replace("_", "-")
+        raise FinetuneError(f"{flag} sets up LoRA adapters and needs --lora; without it every weight trains.")
+    return {"lora": args.lora, **{name: default if value is None else value for name, (value, default) in options.items()}}
 
 
 def _checkpoint_every(args: argparse.Namespace) -> int:
@@ -282,16 +357,30 @@ def build_parser() -> argparse.ArgumentParser:
                           f"and resume from the latest one found there (default: never; {DEFAULT_CHECKPOINT_EVERY} with --max-restarts)")
     finetune.add_argument("--max-restarts", type=int, default=0, help="like torchrun's: when a worker dies, restart "
                           "every worker up to N times, resuming from the latest checkpoint (default 0)")
+    finetune.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight, with "
+                          f"learning rate {LORA_LEARNING_RATE:g} instead of {LEARNING_RATE:g}; writes the adapter to "
+                          "OUTPUT/adapter and the merged model to OUTPUT")
+    finetune.add_argument("--lora-r", type=int, help=f"LoRA rank (default {LORA_R})")
+    finetune.add_argument("--lora-alpha", type=int, help=f"LoRA alpha: the adapters' output is scaled by alpha/r "
+                          f"(default {LORA_ALPHA})")
+    finetune.add_argument("--lora-targets", help="the layers that get adapters: q, k, v, o, gate, "
+                          f"up, down or the layers' own names, comma-separated (default {LORA_TARGETS})")
     finetune.add_argument("--verbose", action="store_true", help=f"show the workers' own output (the engines' "
                           f"messages) on the console instead of in OUTPUT/{LOG_NAME}")
     finetune.set_defaults(run=_finetune)
-    export = commands.add_parser("export", help="turn a meshplan checkpoint into a Hugging Face model directory")
+    export = commands.add_parser("export", help="turn a meshplan checkpoint into a Hugging Face model directory (or a "
+                                 "peft adapter directory)")
     export.add_argument("checkpoint", help="a checkpoint directory written by any meshplan strategy (Lightning or Accelerate) "
                         "that holds a transformers PreTrainedModel")
     export.add_argument("out_dir", help="the model directory to create (must not exist, or be an empty directory; "
                         "missing parents are created)")
     export.add_argument("--model", help="the model's prefix, when the checkpoint holds several Hugging Face models")
     export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB (default 5GB)")
+    export.add_argument("--merge", action="store_true", help="for a checkpoint of LoRA adapters (which holds only the "
+                        "adapters): write the base model with the adapter merged in, instead of a peft adapter directory")
+    export.add_argument("--base", metavar="DIR", help="the local model directory the adapters were trained on: --merge "
+                        "reads the base from it (default: the adapter config's base_model_name_or_path, when that is a "
+                        "local directory); without --merge it is recorded in adapter_config.json")
     export.set_defaults(run=_export)
     slurm = commands.add_parser(
         "slurm", help="print an sbatch script that runs a recipe on N nodes of a Slurm cluster",

@@ -27,7 +27,7 @@ from meshplan.testing import spawn  # noqa: E402
 
 ONE_PROCESS_CASES = [
     parity.Case(model, label, strategy, parity.GLOBAL_BATCH)
-    for model in ("llama", "minilm")
+    for model in ("llama", "minilm", "llama-lora")
     for label, strategy in (
         ("DDP", meshplan.DDP()),
         ("ZeRO-2", meshplan.ZeRO(stage=2)),

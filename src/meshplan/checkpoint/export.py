@@ -4,6 +4,9 @@ Whatever layout wrote the checkpoint (DDP, ZeRO 1/2/3, TP, TP x DP; Lightning or
 provided it holds a transformers PreTrainedModel, its tensors are whole, so export only copies them out: each tensor is read from the checkpoint
 and appended to its output safetensors file before the next is read. Peak memory is the largest
 tensor, not the model.
+
+A checkpoint of a model with peft adapters holds only the adapters: it is exported as a peft
+adapter directory, or with ``merge=True`` merged into its base model (adapter_export.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from meshplan.checkpoint.adapter_export import adapter_of, write_adapter, write_merged
 from meshplan.checkpoint.sharded import CheckpointReader
 from meshplan.checkpoint.tensor_files import TensorFileWriter, tensor_bytes
 from meshplan.errors import CheckpointError, shown
@@ -26,12 +30,19 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K
 
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
-           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, merge: bool = False,
+           base: str | os.PathLike | None = None) -> Path:
     """Writes the Hugging Face model in ``checkpoint`` to ``out_dir`` (config.json plus safetensors).
 
     Only a transformers ``PreTrainedModel`` can be exported (its config is what makes the folder
     loadable); a checkpoint of plain torch modules is read with ``CheckpointReader`` or
     ``load_training_state`` instead.
+
+    A model trained with peft adapters (LoRA) is checkpointed without its frozen base. By default
+    its adapter is written as peft writes one (adapter_config.json and adapter_model.safetensors),
+    which ``PeftModel.from_pretrained(base_model, out_dir)`` loads. With ``merge=True`` the base
+    model is read from ``base`` and the adapter merged into it: ``out_dir`` is then a whole model
+    that ``from_pretrained`` loads.
 
     The model is written into a new hidden folder beside ``out_dir`` (``.NAME.partial-XXXXXXXX``)
     that is renamed to ``out_dir`` once complete; on any failure, an interrupt included, that
@@ -46,10 +57,15 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: 
         model: which model, when the checkpoint holds several: its prefix, e.g. ``"model"``.
         max_shard_size: the largest safetensors file, in bytes or as "500MB"/"5GB"; a larger model
             is split into ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``.
+        merge: for a model with a LoRA adapter: write the base model with the adapter merged in.
+        base: the local model directory the adapter was trained on. With ``merge``, the base is read
+            from it (default: the adapter config's ``base_model_name_or_path``, when that is a local
+            directory); without, it is written into adapter_config.json as that path.
 
     Raises:
         CheckpointError: ``out_dir`` cannot be created, the checkpoint cannot be read, or it holds no
-            PreTrainedModel (or several, and ``model`` names none of them).
+            PreTrainedModel (or several, and ``model`` names none of them); with ``merge``: the model
+            has no adapter, or the base cannot be found or does not take the adapter.
         OSError: writing failed (the partial folder is removed first).
     """
     out = Path(out_dir).absolute()
@@ -57,12 +73,21 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: 
     limit = parse_size(max_shard_size)
     with CheckpointReader(checkpoint) as reader:
         module_name, pretrained = _pick_model(reader, model)
-        names = _hf_names(reader, f"{module_name}/{pretrained['prefix']}")
+        adapter = adapter_of(reader, module_name, pretrained)
+        if merge and adapter is None:
+            raise CheckpointError(f"checkpoint {shown(str(reader.path))} holds a whole model, not an adapter: there is "
+                                  f"nothing to merge; export it without --merge (merge=False).")
+        names = _hf_names(reader, f"{module_name}/{pretrained['prefix']}") if adapter is None else []
         shards = _split(reader, names, limit)
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = _new_partial(out)
         try:
-            _write_model(reader, shards, names, pretrained, partial)
+            if adapter is None:
+                _write_model(reader, shards, names, pretrained, partial)
+            elif merge:
+                write_merged(reader, adapter, pretrained, base, partial, limit)
+            else:
+                write_adapter(reader, adapter, base, partial)
             # rename(2) replaces an empty directory and fails on anything else: a directory that
             # filled up meanwhile is not replaced.
             os.rename(partial, out)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from meshplan.checkpoint import latest_checkpoint, save_pretrained
+from meshplan.checkpoint import latest_checkpoint
 from meshplan.checkpoint.manifest import is_finite_number
 from meshplan.checkpoint.state_checks import is_count
 from meshplan.checkpoint.store import discard_checkpoint
@@ -21,6 +21,7 @@ from meshplan.finetune.data import StepSampler
 from meshplan.finetune.evaluate import accuracy
 from meshplan.finetune.job import FinetuneJob, Prepared
 from meshplan.finetune.progress import ProgressReporter
+from meshplan.finetune.save import save_outputs
 
 EVAL_BATCH = 32
 
@@ -41,6 +42,7 @@ def _metrics(job: FinetuneJob, before: float, after: float, steps: int, seconds:
         "devices": job.devices,
         "model": job.model,
         "data": job.data,
+        "learning_rate": job.learning_rate,
     }
 
 
@@ -83,7 +85,7 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
             reporter.step(self.trainer.global_step, loss, steps_run * job.batch_size / elapsed)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=job.learning_rate)
+            return torch.optim.AdamW(_trainable(self), lr=job.learning_rate)
 
         def train_dataloader(self) -> DataLoader:
             # Built after a checkpoint is restored: global_step is where the run goes on from.
@@ -124,10 +126,15 @@ def run_lightning(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     )
     trainer.fit(module, ckpt_path=_latest(job))
     reporter.stage(f"saving the model to {job.output}")
-    save_pretrained(prepared.model, prepared.tokenizer, job.output)
+    saved = save_outputs(job, prepared, prepared.model)
     results = module.results
-    return _metrics(job, results["before"], results["after"], trainer.global_step, results["seconds"],
-                    trainer.global_step - results["first_step"])
+    return {**_metrics(job, results["before"], results["after"], trainer.global_step, results["seconds"],
+                       trainer.global_step - results["first_step"]), **saved}
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train: all of them, or with LoRA the adapters and the head (the base stays frozen)."""
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
 
 
 def _dp_size(strategy: Any) -> int:
@@ -162,7 +169,7 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     accelerator = meshplan.accelerator(job.plan)
     tp_size = getattr(accelerator, "tp_size", 1)
     dp_size, dp_rank = accelerator.num_processes // tp_size, accelerator.process_index // tp_size
-    optimizer = torch.optim.AdamW(prepared.model.parameters(), lr=job.learning_rate)
+    optimizer = torch.optim.AdamW(_trainable(prepared.model), lr=job.learning_rate)
     if accelerator.state.deepspeed_plugin is not None:
         # The loader is this loop's own (resumable, sharded by data-parallel rank), not prepared:
         # DeepSpeed learns the micro batch from its config instead.
@@ -199,8 +206,8 @@ def run_accelerate(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     reporter.stage("measuring held-out accuracy after training")
     after = evaluate()
     reporter.stage(f"saving the model to {job.output}")
-    save_pretrained(accelerator.unwrap_model(model), prepared.tokenizer, job.output)
-    return _metrics(job, progress.accuracy_before, after, progress.step, seconds, progress.step - first_step)
+    saved = save_outputs(job, prepared, accelerator.unwrap_model(model))
+    return {**_metrics(job, progress.accuracy_before, after, progress.step, seconds, progress.step - first_step), **saved}
 
 
 def _save_only_latest(accelerator: Any, job: FinetuneJob, step: int) -> None:
@@ -260,8 +267,8 @@ def run_trainer(job: FinetuneJob, prepared: Prepared) -> dict[str, Any]:
     reporter.stage("measuring held-out accuracy after training")
     after = evaluate(trainer.model)
     reporter.stage(f"saving the model to {job.output}")
-    save_pretrained(trainer.model, prepared.tokenizer, job.output)
-    return _metrics(job, before, after, trainer.state.global_step, seconds)
+    saved = save_outputs(job, prepared, trainer.model)
+    return {**_metrics(job, before, after, trainer.state.global_step, seconds), **saved}
 
 
 FRONTENDS = {"lightning": run_lightning, "accelerate": run_accelerate, "trainer": run_trainer}

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from meshplan.finetune.data import find_columns, label_names, load_splits
+from meshplan.finetune.defaults import LEARNING_RATE, LORA_ALPHA, LORA_R, LORA_TARGETS
 from meshplan.finetune.errors import FinetuneError
 from meshplan.finetune.output import JOB_FORMAT
 from meshplan.fsdp import check_fsdp2_model
@@ -46,6 +48,10 @@ class FinetuneJob:
         layout: with ``recipe="auto"``, the layout the planner chose before any worker started:
             ``{"chosen", "tp_size", "reason", "plan"}``, the Plan as ``plan_to_json`` writes it,
             so that every worker runs that very layout. None for a recipe.
+        lora: train LoRA adapters (peft) instead of every weight: the model is wrapped with
+            ``meshplan.peft.lora_model`` before the front end prepares it.
+        lora_r, lora_alpha, lora_targets: the adapters' rank, alpha (scaling ``alpha / r``) and
+            layers, by short names (``q,v``; see ``meshplan.peft.lora_targets``).
     """
 
     model: str
@@ -58,10 +64,14 @@ class FinetuneJob:
     checkpoint_every: int = 0
     max_restarts: int = 0
     batch_size: int = 16
-    learning_rate: float = 1e-4
+    learning_rate: float = LEARNING_RATE
     max_length: int = 48
     seed: int = 0
     layout: dict[str, Any] | None = None
+    lora: bool = False
+    lora_r: int = LORA_R
+    lora_alpha: int = LORA_ALPHA
+    lora_targets: str = LORA_TARGETS
 
     def to_json(self, path: Path) -> None:
         """Writes the job for the workers, marked as meshplan's, replacing any earlier one in one step.
@@ -132,7 +142,7 @@ WITHOUT_TENSOR_PARALLEL = ("trainer",)
 def with_chosen_layout(job: FinetuneJob) -> FinetuneJob:
     """``job`` with the layout the planner chooses when its recipe is "auto" (else ``job`` as it is).
 
-    The planner sizes the model for ``job.devices`` processes on this machine, each with its share
+    The planner sizes the model (with the job's LoRA adapters, the base frozen) for ``job.devices`` processes on this machine, each with its share
     of the global batch (``batch_size`` over each layout's data-parallel ranks) of ``max_length`` tokens, in fp32, and the
     memory of one process (``meshplan.planner.memory_per_process``: a GPU's, or the host's memory
     divided among the workers). The HF Trainer cannot run tensor parallelism: for it, the fastest
@@ -150,6 +160,8 @@ def with_chosen_layout(job: FinetuneJob) -> FinetuneJob:
     config = load_config(job.model)  # a FinetuneError for a path that holds no model, as for a recipe
     with torch.device("meta"):  # the model the workers train (its task's head), sized without memory
         model = model_class(task_of(config)).from_config(config)
+        if job.lora:  # with LoRA, the frozen base has no gradients or optimizer state to place
+            model = _quietly_with_lora(job, model, task_of(config))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     choice = choose_layout(model, processes_per_node=job.devices, device=device, global_batch_size=job.batch_size,
                            seq_len=job.max_length, precision="no")
@@ -203,6 +215,8 @@ def check_settings(job: FinetuneJob) -> None:
     if job.checkpoint_every and job.framework == "trainer":
         raise FinetuneError("--checkpoint-every and --max-restarts need --framework lightning or accelerate: the HF "
                             "Trainer writes DeepSpeed's own checkpoints, which resume only in the layout that wrote them.")
+    if job.lora and (job.lora_r < 1 or job.lora_alpha < 1):
+        raise FinetuneError(f"--lora-r {job.lora_r} and --lora-alpha {job.lora_alpha} must be at least 1.")
 
 
 def _check_layout(job: FinetuneJob) -> None:
@@ -217,9 +231,11 @@ def _check_layout(job: FinetuneJob) -> None:
     data_parallel = job.devices // (plan.resolved_tp_size(job.devices) if plan.strategy == "tp" else 1)
     if job.batch_size % data_parallel:
         raise FinetuneError(f"the global batch {job.batch_size} does not split over {data_parallel} data-parallel ranks.")
-    if plan.strategy == "tp" or plan.uses_fsdp2:
+    if job.lora or plan.strategy == "tp" or plan.uses_fsdp2:
         with torch.device("meta"):  # the structure without the weights
             model = model_class(task).from_config(config)
+            if job.lora:  # unknown --lora-targets are a PlanError here; TP plans are checked on the wrapped model
+                model = _quietly_with_lora(job, model, task)
         if plan.strategy == "tp":
             plan_models(model, plan.resolved_tp_size(job.devices), plan.tp_plan_dict)
         if plan.uses_fsdp2:
@@ -228,6 +244,23 @@ def _check_layout(job: FinetuneJob) -> None:
         from meshplan.hf_trainer import training_arguments
 
         training_arguments(plan)
+
+
+def with_lora(job: FinetuneJob, model: torch.nn.Module, task: str) -> torch.nn.Module:
+    """``model`` wrapped in the job's LoRA adapters: a classifier's head trains whole (SEQ_CLS), a causal LM's
+    adapters only (CAUSAL_LM). A PlanError for targets the model lacks."""
+    from meshplan.peft import lora_model
+
+    return lora_model(model, r=job.lora_r, alpha=job.lora_alpha, targets=job.lora_targets,
+                      task_type="CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS")
+
+
+def _quietly_with_lora(job: FinetuneJob, model: torch.nn.Module, task: str) -> torch.nn.Module:
+    """``with_lora`` in the command's own process, whose console shows no library warnings: the deprecations of
+    transformers that peft triggers are nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return with_lora(job, model, task)
 
 
 def load_config(model: str) -> PretrainedConfig:
@@ -281,16 +314,28 @@ class Prepared:
         # from_pretrained returns a model in eval mode (dropout off). The HF Trainer switches it to
         # training mode itself; Lightning (2.2 on) keeps each module's mode, and an Accelerate loop
         # trains whatever mode it is given, so every front end starts from training mode here.
-        self.model = self._model(job).train()
+        self.model = pretrained_model(job, self.task, self.label_names).train()
+        if job.lora:
+            self.model = with_lora(job, self.model, self.task).train()
 
-    def _model(self, job: FinetuneJob) -> torch.nn.Module:
-        if self.task == "causal-lm":
-            return AutoModelForCausalLM.from_pretrained(job.model, local_files_only=True)
-        names = self.label_names or []
-        return AutoModelForSequenceClassification.from_pretrained(
-            job.model, local_files_only=True, num_labels=len(names), ignore_mismatched_sizes=True,
-            id2label=dict(enumerate(names)), label2id={name: index for index, name in enumerate(names)},
-        )
+
+def pretrained_model(job: FinetuneJob, task: str, names: list[str] | None) -> torch.nn.Module:
+    """The pretrained model the job starts from (before any LoRA); a classifier's head sized to the label ``names``."""
+    if task == "causal-lm":
+        return AutoModelForCausalLM.from_pretrained(job.model, local_files_only=True)
+    names = names or []
+    return AutoModelForSequenceClassification.from_pretrained(
+        job.model, local_files_only=True, num_labels=len(names), ignore_mismatched_sizes=True,
+        id2label=dict(enumerate(names)), label2id={name: index for index, name in enumerate(names)},
+    )
+
+
+def task_and_labels(job: FinetuneJob) -> tuple[str, list[str] | None]:
+    """The job's task and, for classification, its label names, as the workers find them (without tokenizing)."""
+    task = task_of(load_config(job.model))
+    splits = load_splits(job.data)
+    _, label = find_columns(splits["train"], task, job.data)
+    return task, (label_names(splits, label, job.data) if label else None)
 
 
 def _umask() -> int:
