@@ -79,7 +79,9 @@ def test_trainer_trains_a_lora_model_like_one_process(layout: str, trainer_resul
     assert result["deepspeed"] == (layout != "ddp")
     assert result["trainable"] and all(".lora_A." in name or ".lora_B." in name for name in result["trainable"])
     assert len(result["losses"]) == parity.STEPS
-    assert max(abs(a - b) for a, b in zip(result["losses"], trainer_lora_reference[0])) < parity.LOSS_TOLERANCE
+    loss_error = max(abs(a - b) for a, b in zip(result["losses"], trainer_lora_reference[0]))
+    print(layout, "+ LoRA loss error", loss_error, "weight error", result["weight_error"])  # figures, with -s
+    assert loss_error < parity.LOSS_TOLERANCE
     assert result["weight_error"] < parity.WEIGHT_TOLERANCE  # the frozen base included: it did not move
     assert result["saved_adapter_error"] == 0.0  # save_model wrote the adapter PeftModel.from_pretrained loads
     matrix.record(FRONT_END, f"{layout}+lora", {"train with eval and save steps": matrix.WORKS,
