@@ -144,3 +144,39 @@ def test_a_manifest_adapter_entry_that_points_outside_the_checkpoint_is_refused(
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"adapters\['model'\]\['peft_models'\]\[0\]\['weights'\]\['x'\] names 'model/not-stored'"):
         CheckpointReader(path)
+
+
+def test_a_whole_trained_copy_leaves_the_models_own_plan() -> None:
+    # modules_to_save=["lm_head"]: peft trains a whole copy of the head; the model's own plan would shard it.
+    model = _llama_with(LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    plan = plan_models(model, 2)["base_model.model"]
+    assert not any(name.startswith("lm_head") for name in plan)
+    assert plan["model.layers.0.self_attn.q_proj.lora_B.default"] == "colwise"
+
+
+def test_a_checkpoint_keeps_the_buffers_of_the_modules_that_train() -> None:
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)),
+                           LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"]))
+    stored = set(checkpointed(model))
+    assert "base_model.model.1.modules_to_save.default.running_mean" in stored  # the trained copy's statistics
+    assert "base_model.model.1.original_module.running_mean" not in stored  # the frozen original's
+    assert "base_model.model.0.base_layer.weight" not in stored
+
+
+def test_an_adapter_that_did_not_train_is_left_out_of_the_manifest(tmp_path: Path) -> None:
+    model = _llama_with(LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))  # added, never active: frozen
+    with CheckpointReader(save_training_state(tmp_path / "ckpt", {"model": model}, {}, {})) as reader:
+        entries = reader.manifest["adapters"]["model"]["peft_models"]
+    assert [entry["adapter"] for entry in entries] == ["default"]
+    assert all(".default." in key for key in entries[0]["weights"].values())
+
+
+@pytest.mark.slow  # two processes
+def test_tp_ranks_drop_a_replicated_input_alike_whatever_their_seeds() -> None:
+    # Otherwise lora_A, whole on each rank, would get another gradient on each and the copies drift apart.
+    from helpers import lora_workers
+    from meshplan.testing import spawn
+
+    results = spawn(lora_workers.replicated_adapter_gradients_after_dropout, 2, timeout=300)
+    assert results[0] == {"gradients_equal": True, "draws_equal": True}

@@ -282,11 +282,21 @@ def _training_kwargs(plan: Plan, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _accumulation_steps(kwargs: dict[str, Any]) -> int:
+    """The micro-batches per step the Accelerator is given: ``gradient_accumulation_steps`` or a
+    ``gradient_accumulation_plugin``'s ``num_steps`` (DeepSpeed's config must say the same, or its
+    engine steps at every micro-batch)."""
+    plugin = kwargs.get("gradient_accumulation_plugin")
+    if plugin is not None:
+        return plugin.num_steps
+    return kwargs.get("gradient_accumulation_steps", 1)
+
+
 def _deepspeed_accelerator(plan: Plan, on_cpu: bool, kwargs: dict[str, Any]) -> Accelerator:
     config = deepspeed_config(
         plan,
         micro_batch_size="auto",
-        gradient_accumulation_steps=kwargs.get("gradient_accumulation_steps", 1),
+        gradient_accumulation_steps=_accumulation_steps(kwargs),
         # DeepSpeed's engine clips at 1.0 when the config names no value: say 0 (off) explicitly.
         gradient_clipping=plan.option("gradient_clipping") or 0,
         precision=kwargs.get("mixed_precision", "no"),

@@ -115,9 +115,13 @@ def tp_plan_for_lora_layer(name: str, layer: nn.Module, style: str, pattern: str
     for adapter in peft_compat.lora_adapters(layer):
         plan[f"{name}.lora_A.{adapter}"], plan[f"{name}.lora_B.{adapter}"] = adapter_styles
     if style == "rowwise" and _has_dropout(layer):
-        warnings.warn(f"{name}: lora_dropout under tensor parallelism on a row-wise layer drops each rank's share of the "
-                      f"input with that rank's own mask, so training differs from one process (it is still dropout at "
-                      f"the same rate). Set lora_dropout=0 to reproduce a one-process run exactly.", stacklevel=3)
+        # The ranks of a TP group share one random stream (meshplan.tp.sync.share_random_state): a
+        # replicated input is masked alike on each, as in one process, but each rank's share here
+        # draws the mask a rank of one process would draw for its first share.
+        warnings.warn(f"{name}: lora_dropout under tensor parallelism on a row-wise layer masks each rank's share of the "
+                      f"input with the same random stream, so the masks of the shares repeat one another: still dropout "
+                      f"at the same rate, but not one process's masks. Set lora_dropout=0 to reproduce a one-process "
+                      f"run exactly.", stacklevel=3)
     return plan
 
 
@@ -134,13 +138,18 @@ def checkpointed(module: nn.Module) -> dict[str, Any]:
     """The tensors of ``module``'s state dict (``keep_vars``) that a checkpoint stores.
 
     All of them, unless ``module`` holds peft adapters: then only the parameters that train (the
-    adapters and ``modules_to_save`` copies). The frozen base is not stored, as peft's own
-    ``save_pretrained`` does not store it: the run that resumes rebuilds it from the model it started from.
+    adapters and ``modules_to_save`` copies) and the buffers of the modules that hold them. The
+    frozen base is not stored, as peft's own ``save_pretrained`` does not store it: the run that
+    resumes rebuilds it from the model it started from.
     """
     state = module.state_dict(keep_vars=True)
     if not is_peft_model(module):
         return state
-    return {name: tensor for name, tensor in state.items() if getattr(tensor, "requires_grad", False)}
+    trained = {name: tensor for name, tensor in state.items() if isinstance(tensor, nn.Parameter) and tensor.requires_grad}
+    # The buffers of the modules that train (a modules_to_save head's norm statistics) change with them.
+    owners = {name.rpartition(".")[0] for name in trained}
+    return {name: tensor for name, tensor in state.items()
+            if name in trained or (not isinstance(tensor, nn.Parameter) and name.rpartition(".")[0] in owners)}
 
 
 def frozen_fingerprint(module: nn.Module) -> str:
@@ -170,13 +179,17 @@ def adapter_manifest(module: nn.Module, stored: dict[str, str]) -> list[dict[str
     peft's own renaming).
     """
     entries = []
+    names = list(module.state_dict(keep_vars=True))
     for name, peft_model in peft_compat.peft_models(module):
         prefix = f"{name}." if name else ""
-        local = {key[len(prefix):]: key for key in stored if key.startswith(prefix)}
+        # Every name, stored or not: peft selects an adapter's tensors by name, and takes all it is given
+        # when none matches (an adapter that did not train, whose tensors are not stored).
+        local = {key[len(prefix):]: stored.get(key) for key in names if key.startswith(prefix)}
         for adapter, config in peft_model.peft_config.items():
             selected = peft_compat.adapter_state_dict(peft_model, dict(local), adapter)
-            entries.append({"prefix": prefix, "adapter": adapter, "config": _json_config(config),
-                            "weights": {file_key: stored[state_name] for file_key, state_name in selected.items()}})
+            weights = {file_key: key for file_key, key in selected.items() if key is not None}
+            if weights:  # an adapter with nothing stored did not train: there is nothing to export
+                entries.append({"prefix": prefix, "adapter": adapter, "config": _json_config(config), "weights": weights})
     return entries
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PreTrainedModel
 
+from meshplan._compat.peft import is_modules_to_save
 from meshplan.errors import PlanError
 from meshplan.tp.apply import linear_layer_patterns, listed, pattern_to_regex, unshardable_layer_names
 
@@ -78,10 +79,21 @@ def resolve_tp_plan(model: PreTrainedModel, user_plan: dict[str, str] | None = N
         plan = {_relative_to_model(model, pattern): style for pattern, style in user_plan.items()}
         return _keep_tied_embeddings_whole(model, plan, refuse=True)
     if source == "own":
-        return _keep_tied_embeddings_whole(model, own_tp_plan(model), refuse=False)
+        return _without_trained_copies(model, _keep_tied_embeddings_whole(model, own_tp_plan(model), refuse=False))
     if source == "inferred":
-        return infer_tp_plan(model)
+        return _without_trained_copies(model, infer_tp_plan(model))
     raise _no_plan_error(model)
+
+
+def _without_trained_copies(model: PreTrainedModel, plan: dict[str, str]) -> dict[str, str]:
+    """Drops the entries of the model's own or inferred plan that name a module peft trains a whole copy of
+    (``modules_to_save``): such copies stay whole on every rank. A user's plan naming one is refused
+    (meshplan.peft.tp_plan_for_lora_layer)."""
+    copies = [name for name, module in model.named_modules() if is_modules_to_save(module)]
+    if plan is None or not copies:
+        return plan
+    return {pattern: style for pattern, style in plan.items()
+            if not any(pattern_to_regex(pattern).match(name) for name in copies)}
 
 
 def _no_plan_error(model: PreTrainedModel) -> PlanError:

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from meshplan.errors import PlanError
 from meshplan.tp.apply import apply_tp_plan, match_plan
 from meshplan.tp.plans import check_tp_size, find_pretrained_models, resolve_tp_plan
-from meshplan.tp.sync import broadcast_parameters
+from meshplan.tp.sync import broadcast_parameters, share_random_state
 
 
 def plan_models(root: nn.Module, tp_size: int, user_plan: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
@@ -46,10 +46,12 @@ def sharding_mesh(module: nn.Module) -> DeviceMesh | None:
 
 def shard_models(root: nn.Module, plans: dict[str, dict[str, str]], device: torch.device, tp_mesh: DeviceMesh,
                  dp_mesh: DeviceMesh) -> None:
-    """Moves ``root`` to ``device``, shards the planned models over ``tp_mesh`` and makes every
-    data-parallel replica start from the weights of data-parallel rank 0."""
+    """Moves ``root`` to ``device``, shards the planned models over ``tp_mesh``, makes every
+    data-parallel replica start from the weights of data-parallel rank 0, and gives each TP group
+    one random stream (``share_random_state``)."""
     root.to(device)  # the collectives below run on the device's backend (nccl has no CPU tensors)
     modules = dict(root.named_modules())
     for name, plan in plans.items():
         apply_tp_plan(modules[name], plan, tp_mesh)
     broadcast_parameters(root, dp_mesh)
+    share_random_state(tp_mesh)

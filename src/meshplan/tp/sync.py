@@ -18,6 +18,27 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def share_random_state(tp_mesh: DeviceMesh) -> None:
+    """Gives every rank of this tensor-parallel group its first rank's torch random generators. Collective.
+
+    The ranks of a TP group compute the same replicated activations, and dropout on them (a LoRA
+    adapter's input, a model's hidden dropout) must draw the same masks on each, or the replicated
+    parameters those activations reach get other gradients on each rank and drift apart: one
+    random stream per TP group, as Megatron-LM keeps for its replicated regions. Called once the
+    model is sharded, and after a checkpoint put back each rank's own generators (one written by
+    other ranks, or fewer, may hold none or others for some of them).
+    """
+    if tp_mesh.size() == 1:
+        return
+    group = tp_mesh.get_group()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    states = [torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None]
+    dist.broadcast_object_list(states, src=dist.get_global_rank(group, 0), group=group)
+    torch.set_rng_state(states[0])
+    if cuda and states[1] is not None:
+        torch.cuda.set_rng_state(states[1])
+
+
 @torch.no_grad()
 def broadcast_parameters(module: nn.Module, dp_mesh: DeviceMesh) -> None:
     """Copies the parameters and buffers of data-parallel rank 0 to the other replicas."""
