@@ -95,3 +95,14 @@ def test_where_a_user_reads_first_says_to_use_meshplan_accelerator(capsys: pytes
     assert "meshplan.accelerator()" in capsys.readouterr().out
     opening = (ROOT / "docs" / "accelerate.md").read_text().split("\n\n")[:4]
     assert any("rank 0 of 1" in paragraph for paragraph in opening)
+
+
+def test_deepspeed_accumulates_as_many_micro_batches_as_a_plugin_says() -> None:
+    # DeepSpeed's config must name the Accelerator's accumulation, or its engine steps at every micro-batch.
+    from accelerate.utils import GradientAccumulationPlugin
+
+    from meshplan.accelerate import _accumulation_steps
+
+    assert _accumulation_steps({"gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=4)}) == 4
+    assert _accumulation_steps({"gradient_accumulation_steps": 3}) == 3
+    assert _accumulation_steps({}) == 1
