@@ -238,6 +238,18 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], Any], list[str], str]] = {
         ["--merge"], "rank_pattern={'query': '4'}"),
     "merge of a LoRA variant": (lambda m: m["adapters"]["model"]["peft_models"][0]["config"].__setitem__("use_qalora", True),
                                 ["--merge"], "sets use_qalora=True; --merge merges plain LoRA only"),
+    "merge with a target pattern that is no regular expression": (
+        lambda m: m["adapters"]["model"]["peft_models"][0]["config"].__setitem__("target_modules", "("),
+        ["--merge"], "target_modules='('"),
+    "merge with modules_to_save that are no names": (
+        lambda m: m["adapters"]["model"]["peft_models"][0]["config"].__setitem__("modules_to_save", {"a": 1}),
+        ["--merge"], "modules_to_save={'a': 1}"),
+    "merge of the PreTrainedModel base class": (lambda m: m["models"]["model"][0].__setitem__("class", "PreTrainedModel"),
+                                                ["--merge"], "'PreTrainedModel' is no transformers PreTrainedModel"),
+    "merge with an adapter weight missing": (
+        lambda m: m["adapters"]["model"]["peft_models"][0]["weights"].pop(
+            next(key for key in m["adapters"]["model"]["peft_models"][0]["weights"] if ".lora_B." in key)),
+        ["--merge"], "the adapter lacks 1 of its tensors"),
     "merge of a config that imports a module": (
         lambda m: m["adapters"]["model"]["peft_models"][0]["config"].__setitem__("megatron_config", {"x": 1}),
         ["--merge"], "sets megatron_config"),

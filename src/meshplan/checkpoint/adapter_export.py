@@ -9,8 +9,10 @@ value that does not check out is a CheckpointError naming the entry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,8 @@ def write_adapter(reader: CheckpointReader, adapter: dict[str, Any], base: str |
     ``PeftModel.from_pretrained(base_model, folder)`` loads it; ``base`` (when given) is written as
     the config's ``base_model_name_or_path``, which AutoPeftModel classes load the base from.
     """
-    config = dict(adapter["config"])
+    # auto_mapping names the class AutoPeftModel imports: nothing a checkpoint should choose.
+    config = {key: value for key, value in adapter["config"].items() if key != "auto_mapping"}
     if base is not None:
         config["base_model_name_or_path"] = str(base)
     weights = sorted(adapter["weights"].items())
@@ -115,10 +118,10 @@ def write_merged(reader: CheckpointReader, adapter: dict[str, Any], pretrained: 
     _check_mergeable(reader, adapter)
     model_class = _pretrained_class(reader, pretrained)
     base_dir = _base_dir(adapter, base)
-    with tempfile.TemporaryDirectory(prefix="meshplan-adapter-") as staged:
+    with tempfile.TemporaryDirectory(prefix="meshplan-adapter-") as staged, _quiet_transformers():
         write_adapter(reader, adapter, base_dir, Path(staged))
         merged = _load_and_merge(model_class, pretrained, base_dir, Path(staged), reader, adapter)
-    merged.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
+        merged.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
     if (base_dir / "tokenizer_config.json").is_file():  # the base's tokenizer, so the folder is a whole model
         from transformers import AutoTokenizer
 
@@ -150,6 +153,7 @@ def _check_mergeable(reader: CheckpointReader, adapter: dict[str, Any]) -> None:
         if setting not in _PLAIN_LORA_SETTINGS and setting in defaults and value != defaults[setting]:
             raise CheckpointError(f"{where} sets {setting}={shown(value)}; --merge merges plain LoRA only: export the "
                                   f"adapter (without --merge) and merge it with peft.")
+    _check_plain_settings(where, config)
     rows = max((reader.shape(key)[0] for key in adapter["weights"].values() if reader.shape(key)), default=0)
     pattern = config.get("rank_pattern") or {}
     ranks = [config.get("r"), *pattern.values()] if isinstance(pattern, dict) else [None]
@@ -159,13 +163,43 @@ def _check_mergeable(reader: CheckpointReader, adapter: dict[str, Any]) -> None:
                               f"its largest trained tensor ({rows}).")
 
 
+def _check_plain_settings(where: str, config: dict[str, Any]) -> None:
+    """The plain-LoRA settings peft reads when it builds the adapter, checked by type before it sees them; the
+    names it matches as regular expressions must compile."""
+    def refuse(setting: str) -> CheckpointError:
+        return CheckpointError(f"{where} has {setting}={shown(config.get(setting))}, not a value peft's LoraConfig takes.")
+
+    for setting in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = config.get(setting)
+        names = [value] if isinstance(value, str) else value
+        if value is not None and not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+            raise refuse(setting)
+    patterns = [config.get("target_modules")] if isinstance(config.get("target_modules"), str) else []
+    for setting in ("rank_pattern", "alpha_pattern"):
+        value = config.get(setting) or {}
+        if not (isinstance(value, dict) and all(type(number) in (int, float) for number in value.values())):
+            raise refuse(setting)
+        patterns += list(value)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error:
+            raise refuse("target_modules" if pattern == config.get("target_modules") else "rank_pattern") from None
+    if not (type(config.get("lora_alpha", 8)) in (int, float) and type(config.get("lora_dropout", 0.0)) in (int, float)):
+        raise refuse("lora_alpha")
+    for setting in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
+        if not isinstance(config.get(setting, False), bool):
+            raise refuse(setting)
+
+
 def _pretrained_class(reader: CheckpointReader, pretrained: dict[str, Any]) -> type:
     """The transformers class the manifest names: looked up in transformers by name, and only a PreTrainedModel."""
     import transformers
 
     name = pretrained["class"]
     found = getattr(transformers, name, None) if name.isidentifier() and not name.startswith("_") else None
-    if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)):
+    if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)
+            and isinstance(found.config_class, type) and issubclass(found.config_class, transformers.PretrainedConfig)):
         raise CheckpointError(f"checkpoint {shown_path(reader.path)}: the model class {shown(name)} is no transformers "
                               f"PreTrainedModel; --merge builds only those.")
     return found
@@ -189,24 +223,45 @@ def _load_and_merge(model_class: type, pretrained: dict[str, Any], base_dir: Pat
                     reader: CheckpointReader, adapter: dict[str, Any]) -> Any:
     """The base model with the adapter in ``adapter_dir`` loaded and merged; a CheckpointError if they do not fit."""
     from peft import PeftModel
-    from transformers.utils import logging
 
-    verbosity, shows_bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    # A "Loading weights" bar, or the report of the head the base lacks (the adapter brings it), on
-    # stderr would come before export's one-line answer.
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     try:
         config = _merged_config(model_class, pretrained, base_dir, reader, adapter)
         model = model_class.from_pretrained(str(base_dir), config=config, use_safetensors=True, trust_remote_code=False,
                                             local_files_only=True)
-        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        _check_all_loaded(reader, adapter, peft_model)
+        return peft_model.merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, re.error) as error:
         if isinstance(error, CheckpointError):
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"the base model in {shown(str(base_dir))} does not take this checkpoint's adapter as a "
                               f"{model_class.__name__}: {shown(first)}. Pass --base with the model it was trained on.") from None
+
+
+def _check_all_loaded(reader: CheckpointReader, adapter: dict[str, Any], peft_model: Any) -> None:
+    """A CheckpointError unless the checkpoint gave every tensor of the adapter peft built (peft only warns
+    about a missing one, and would merge a layer without it, or keep a head copy's random weights)."""
+    from meshplan._compat.peft import adapter_state_dict
+
+    expected = set(adapter_state_dict(peft_model, dict(peft_model.state_dict()), "default"))
+    missing = sorted(expected - set(adapter["weights"]))
+    if missing:
+        raise CheckpointError(f"checkpoint {shown_path(reader.path)}: the adapter lacks {len(missing)} of its tensors "
+                              f"({', '.join(shown_key(key) for key in missing[:_SHOWN])}); nothing was merged.")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Any:
+    """transformers' progress bars and reports off: a "Loading weights" or "Writing model shards" bar, or the report
+    of the head the base lacks (the adapter brings it), on stderr would come before export's one-line answer."""
+    from transformers.utils import logging
+
+    verbosity, shows_bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
     finally:
         logging.set_verbosity(verbosity)
         if shows_bars:
@@ -225,7 +280,7 @@ def _merged_config(model_class: type, pretrained: dict[str, Any], base_dir: Path
     labels: dict[str, Any] = {}
     id2label = trained.get("id2label")
     if id2label is not None:
-        if not (isinstance(id2label, dict) and all(isinstance(key, str) and key.isdigit() and len(key) < 10
+        if not (isinstance(id2label, dict) and all(isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10
                                                    and isinstance(name, str) for key, name in id2label.items())):
             raise CheckpointError(f"checkpoint {shown_path(reader.path)}: the model's id2label is {shown(id2label)}, not "
                                   f"label numbers and names.")
