@@ -58,16 +58,15 @@ TARGET_NAMES = {
 }
 
 
+def is_adapter_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of peft's adapter layers or a trainable copy of a whole module (``modules_to_save``):
+    a tensor-parallel plan entry must be rewritten for it."""
+    return peft_compat.is_tuner_layer(module) or peft_compat.is_modules_to_save(module)
+
+
 def is_peft_model(module: nn.Module) -> bool:
     """Whether ``module`` holds peft adapter layers or peft's trainable copies of whole modules (``modules_to_save``)."""
-    if not peft_compat.peft_loaded():
-        return False
-    return any(peft_compat.is_tuner_layer(inner) or peft_compat.is_modules_to_save(inner) for inner in module.modules())
-
-
-def is_adapter_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is one of peft's adapter layers (a tensor-parallel plan entry must be rewritten for it)."""
-    return peft_compat.is_tuner_layer(module) or peft_compat.is_modules_to_save(module)
+    return peft_compat.peft_loaded() and any(is_adapter_layer(inner) for inner in module.modules())
 
 
 def tp_plan_for_lora_layer(name: str, layer: nn.Module, style: str, pattern: str) -> dict[str, str]:

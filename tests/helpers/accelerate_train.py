@@ -13,7 +13,6 @@ Accelerate script calls (see ``_conformance``) and writes each outcome for the t
 from __future__ import annotations
 
 import atexit
-import gc
 import json
 import os
 from pathlib import Path
@@ -23,8 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import meshplan
-from meshplan._compat.accelerate import deepspeed_engine, reset_process_state
-from meshplan._compat.deepspeed import forget_zero3_module, remove_engine_forward_hooks
+from meshplan._compat.accelerate import deepspeed_engine, release_accelerator
 
 from . import parity
 
@@ -230,19 +228,8 @@ def first_batch_gradient_norm(weights: dict[str, torch.Tensor], loss_scale: floa
 
 def tear_down(accelerator: Any) -> None:
     """Frees what one Accelerator built, so that the next in the same processes starts from nothing
-    (the process group stays).
-
-    A DeepSpeed engine keeps hooks on its model, and ZeRO-3 keeps the model in a process-wide list,
-    which would keep the engine and its buffers alive: destroy, remove, forget them.
-    """
-    engine = deepspeed_engine(accelerator)
-    if engine is not None:
-        engine.destroy()
-        remove_engine_forward_hooks(engine)
-        forget_zero3_module(engine.module)
-    accelerator.free_memory()
-    reset_process_state()
-    gc.collect()
+    (the process group stays): meshplan._compat.accelerate.release_accelerator."""
+    release_accelerator(accelerator)
 
 
 def forward_precision(layouts: list[Any]) -> list[dict[str, Any]]:

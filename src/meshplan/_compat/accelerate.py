@@ -112,6 +112,28 @@ def reset_process_state() -> None:
     GradientState._reset_state()
 
 
+def release_accelerator(accelerator: Accelerator) -> None:
+    """Frees what one Accelerator built, so that the next in the same process starts from nothing
+    (the process group stays): for tests and benchmarks that run several layouts in one process.
+
+    A DeepSpeed engine keeps hooks on its model, and ZeRO-3 keeps the model in a process-wide list,
+    which would keep the engine and its buffers alive: destroy, remove, forget them; then
+    Accelerate's own ``free_memory`` and its shared state (``reset_process_state``).
+    """
+    import gc
+
+    from meshplan._compat.deepspeed import forget_zero3_module, remove_engine_forward_hooks
+
+    engine = deepspeed_engine(accelerator)
+    if engine is not None:
+        engine.destroy()
+        remove_engine_forward_hooks(engine)
+        forget_zero3_module(engine.module)
+    accelerator.free_memory()
+    reset_process_state()
+    gc.collect()
+
+
 def shared_state() -> dict[str, Any]:
     """A copy of the state every Accelerator of this process shares (``AcceleratorState._shared_state``;
     accelerate 1.15.0): empty until one is built."""

@@ -30,7 +30,7 @@ from meshplan._compat.accelerate import (
 from meshplan.checkpoint.engines import deepspeed_counters, deepspeed_counters_problem, restore_deepspeed_counters
 from meshplan.checkpoint.manifest import is_complete, latest_checkpoint
 from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
-from meshplan.tp.sync import share_random_state
+from meshplan.tp.sync import share_random_state_over
 from meshplan.checkpoint.sharded import STATE_FILE, CheckpointReader, load_training_state, save_training_state
 from meshplan.checkpoint.state_checks import (
     count_problem,
@@ -104,9 +104,8 @@ class CheckpointingAccelerator(Accelerator):
             restore_deepspeed_counters(engine, state["deepspeed_counters"], self.step)
         if generators is not None:  # a checkpoint from fewer processes has none for this one
             set_random_states(generators)
-        mesh = getattr(self, "torch_device_mesh", None)
-        if mesh is not None and TENSOR_PARALLEL_DIMENSION in (mesh.mesh_dim_names or ()):
-            share_random_state(mesh[TENSOR_PARALLEL_DIMENSION])  # one random stream per TP group again
+        # One random stream per TP group again.
+        share_random_state_over(getattr(self, "torch_device_mesh", None), TENSOR_PARALLEL_DIMENSION)
 
     def _check_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
         """Refuses the saved state unless every entry ``load_state`` reads fits what this script prepared.

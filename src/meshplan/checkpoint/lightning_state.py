@@ -21,7 +21,7 @@ from meshplan._compat.lightning import (CHECKPOINT_LOOPS, CHECKPOINT_TENSOR_PART
                                         checkpoint_key_of)
 from meshplan.checkpoint.engines import deepspeed_counters, deepspeed_counters_problem, restore_deepspeed_counters
 from meshplan.checkpoint.random_state import random_states, saved_random_states, set_random_states
-from meshplan.tp.sync import share_random_state
+from meshplan.tp.sync import share_random_state_over
 from meshplan.checkpoint.sharded import STATE_FILE, CheckpointReader, load_training_state, save_training_state
 from meshplan.checkpoint.state_checks import (
     count_problem,
@@ -65,7 +65,7 @@ def load_lightning_checkpoint(strategy: Any, filepath: Any) -> dict[str, Any]:
         load_training_state(reader, {"module": strategy.lightning_module}, _named_optimizers(strategy) if fitting else {})
     if generators is not None:  # a checkpoint from fewer processes has none for this one
         set_random_states(generators)
-    _share_random_state_in_tp_groups(strategy)
+    share_random_state_over(getattr(strategy, "device_mesh", None), "tensor_parallel")  # one stream per TP group again
     engine = _deepspeed_engine(strategy)
     if engine is not None:
         restore_deepspeed_counters(engine, state.get("meshplan_deepspeed_counters"), state.get("global_step", 0))
@@ -154,13 +154,6 @@ def _live_scalers(strategy: Any) -> dict[str, dict[str, Any]]:
         return {}
     current = plugin.scaler.state_dict()
     return {checkpoint_key_of(plugin): current, LEGACY_SCALER_KEY: current}
-
-
-def _share_random_state_in_tp_groups(strategy: Any) -> None:
-    """Under tensor parallelism, one random stream per TP group again (meshplan.tp.sync.share_random_state)."""
-    mesh = getattr(strategy, "device_mesh", None)
-    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()):
-        share_random_state(mesh["tensor_parallel"])
 
 
 def _deepspeed_engine(strategy: Any) -> Any:

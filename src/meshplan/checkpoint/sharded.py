@@ -338,8 +338,9 @@ def _load_training_state(reader: CheckpointReader, models: dict[str, nn.Module],
     targets = []
     keys: dict[int, str] = {}
     for name, module in models.items():
-        _check_adapters(reader, name, module)
-        for tensor_name, tensor in checkpointed(module).items():
+        tensors = checkpointed(module)
+        _check_adapters(reader, name, module, tensors)
+        for tensor_name, tensor in tensors.items():
             if id(tensor) in keys:
                 continue
             key = f"{name}/{tensor_name}"
@@ -367,9 +368,10 @@ def _load_training_state(reader: CheckpointReader, models: dict[str, nn.Module],
     _barrier()
 
 
-def _check_adapters(reader: CheckpointReader, name: str, module: nn.Module) -> None:
+def _check_adapters(reader: CheckpointReader, name: str, module: nn.Module, tensors: dict[str, Any]) -> None:
     """A CheckpointError unless the checkpoint and ``module`` agree on peft adapters: both have them or neither,
-    on the same frozen base (names, shapes and ties: meshplan.peft.frozen_fingerprint), training the same tensors."""
+    on the same frozen base (names, shapes and ties: meshplan.peft.frozen_fingerprint), training the same tensors
+    (``tensors``: what ``checkpointed(module)`` gives)."""
     saved = reader.manifest["adapters"].get(name)
     where = f"checkpoint {shown_path(reader.path)}: model {shown(name)}"
     if not is_peft_model(module):
@@ -384,7 +386,7 @@ def _check_adapters(reader: CheckpointReader, name: str, module: nn.Module) -> N
         raise CheckpointError(f"{where}: the frozen base model's parameters (names, shapes, tied weights) differ from "
                               f"those the checkpoint's adapters were trained on; build the same base model (and adapter "
                               f"config) before loading.")
-    trained = {f"{name}/{tensor_name}" for tensor_name in checkpointed(module)}
+    trained = {f"{name}/{tensor_name}" for tensor_name in tensors}
     stored = {key for key in reader.keys() if key.startswith(f"{name}/")}
     extra = sorted(stored - trained)
     if extra:

@@ -39,6 +39,13 @@ def share_random_state(tp_mesh: DeviceMesh) -> None:
         torch.cuda.set_rng_state(states[1])
 
 
+def share_random_state_over(mesh: DeviceMesh | None, dimension: str) -> None:
+    """``share_random_state`` over the ``dimension`` of ``mesh``, when there is a mesh with that dimension (a
+    layout with tensor parallelism); nothing otherwise. Collective where it acts."""
+    if mesh is not None and dimension in (mesh.mesh_dim_names or ()):
+        share_random_state(mesh[dimension])
+
+
 @torch.no_grad()
 def broadcast_parameters(module: nn.Module, dp_mesh: DeviceMesh) -> None:
     """Copies the parameters and buffers of data-parallel rank 0 to the other replicas."""
