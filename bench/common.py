@@ -61,7 +61,8 @@ def launch(script: Path, processes: int, folder: Path, layouts: list[str], *opti
         build_cpu_communication_op()  # once, before the workers would race to build it
     output = folder / f"{script.stem}-{processes}"
     command = [sys.executable, str(script), "--worker", ",".join(layouts), "--output", str(output), *options]
-    code = run_workers(command, processes, threads=1)
+    # CPU runs hide the GPUs: meshplan, Accelerate and the Trainer would otherwise choose them, the hand loops not.
+    code = run_workers(command, processes, threads=1, env={"CUDA_VISIBLE_DEVICES": ""} if cpu else None)
     if code != 0:
         raise SystemExit(f"{script.stem}: the workers of {processes} processes failed (exit code {code})")
     return [record for rank in range(processes) for record in json.loads(Path(f"{output}.rank{rank}").read_text())]

@@ -6,10 +6,11 @@ For each process count, one launch of gloo CPU workers (meshplan.launch.run_work
 each) trains the same Llama of about 20M parameters (Psi; fp32, AdamW) under each layout in turn
 through meshplan's Accelerate front end, ``meshplan.accelerator(layout)``, as a user's script would:
 one step (forward, backward, optimizer step) and the bytes this rank holds in parameters,
-gradients (after the backward, their peak: ZeRO-1 and -2 free theirs in the step) and optimizer
-states (after the step; ZeRO's fp32 partitions included), each storage counted once
-(meshplan.planner.measure.model_state_bytes). fp32 AdamW holds 16 bytes per parameter (4 of
-weights, 4 of gradients, 8 of moments); sharding all of them over N ranks gives the ZeRO paper's
+gradients (after the backward: ZeRO-1 and -2 free theirs in the step) and optimizer states (after
+the step; ZeRO's fp32 partitions included), each storage counted once
+(meshplan.planner.measure.model_state_bytes). Communication buffers (DDP's buckets, ZeRO's reduce
+buckets) and the transient gradients of a bucketed backward are not model states and not counted.
+fp32 AdamW holds 16 bytes per parameter (4 of weights, 4 of gradients, 8 of moments); sharding all of them over N ranks gives the ZeRO paper's
 16 Psi / N line, which ZeRO-3, FSDP2, TP (over every process) and TP x FSDP2 should follow and the
 others sit above. With ``--bf16`` (mixed precision, as on GPUs) DeepSpeed keeps bf16 weights and
 gradients beside a fp32 master copy (2 + 2 + 12 bytes: the paper's own accounting); the other
@@ -65,7 +66,7 @@ def worker(layouts: list[str], output: Path, bf16: bool) -> None:
         engine = deepspeed_engine(accelerator)
         if engine is not None:
             engine.backward(loss)  # what accelerator.backward does before it steps the engine
-            gradients = model_state_bytes(model, optimizer)["gradients"]  # their peak: ZeRO-1/2 free them in the step
+            gradients = model_state_bytes(model, optimizer)["gradients"]  # ZeRO-1/2 free them in the step
             engine.step()
         else:
             accelerator.backward(loss)
@@ -75,8 +76,9 @@ def worker(layouts: list[str], output: Path, bf16: bool) -> None:
         records.append({"layout": layout, "rank": rank, "world_size": world_size, "numel": numel,
                         "parameters": held["parameters"], "gradients": gradients,
                         "optimizer_states": held["optimizer_states"]})
+        del model, optimizer, loader
         release_accelerator(accelerator)  # the next layout starts from nothing
-        del model, optimizer, accelerator, loader
+        del accelerator
     write_rank_records(output, rank, records)
     torch.distributed.destroy_process_group()
 

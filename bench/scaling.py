@@ -81,8 +81,9 @@ def worker(layouts: list[str], sizes: list[str], steps: int, warm_up: int, outpu
                     seconds.append(time.perf_counter() - started)
             records.append({"layout": layout, "size": size, "numel": numel, "rank": rank, "world_size": world_size,
                             "data_parallel": world_size // tp_size, "step_seconds": seconds})
+            del model, optimizer, loader
             release_accelerator(accelerator)  # the next run starts from nothing
-            del model, optimizer, accelerator, loader
+            del accelerator
     write_rank_records(output, rank, records)
     dist.destroy_process_group()
 
@@ -136,6 +137,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         numel = next(row["numel"] for row in rows if row["size"] == size)
         axes.set_title(f"{size}: {numel / 1e6:.0f}M parameters")
         axes.set_xlabel("processes")
+        axes.set_xticks(sorted({row["processes"] for row in rows}))
         axes.set_ylabel("tokens/s")
     panels[0][0].legend()
     path.parent.mkdir(parents=True, exist_ok=True)
