@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every layout meshplan runs, in the order the tables list them, named as the catalogue's recipes:
@@ -86,3 +86,25 @@ def slowest_per_step(ranks: list[dict[str, Any]]) -> list[float]:
 def spread(values: list[float]) -> dict[str, float]:
     """Median, minimum and maximum."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (raises ImportError without matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plots
+
+    return plots
+
+
+def write_results(json_path: Path, results: dict[str, Any], plot_path: Path, draw: Callable[[Path], None]) -> None:
+    """Writes ``results`` as JSON and, with matplotlib installed, the plot ``draw`` makes; says where each went."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1))
+    print(f"written to {json_path}")
+    try:
+        draw(plot_path)
+        print(f"plot written to {plot_path}")
+    except ImportError:
+        print('matplotlib is not installed: no plot (pip install -e ".[bench]")')

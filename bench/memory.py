@@ -23,7 +23,6 @@ installed (``pip install -e ".[bench]"``), a plot.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LAYOUTS, LLAMA_20M, ROOT, launch_layouts, strategy, write_rank_records  # noqa: E402
+from common import LAYOUTS, LLAMA_20M, ROOT, launch_layouts, strategy, write_rank_records, write_results  # noqa: E402
+from common import pyplot as plots  # noqa: E402
 
 MODEL = LLAMA_20M
 SEQ_LEN = 64
@@ -108,11 +108,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path, precision: str) -> None:
     """Total MB per rank against the process count, a line per layout, and the 16 Psi / N line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = plots()
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     for layout in LAYOUTS:
         points = [(row["processes"], row["total"] / 1e6) for row in rows if row["layout"] == layout]
@@ -150,15 +146,8 @@ def main() -> int:
     print(f"Model states per rank after one step, {precision} AdamW, Llama of {rows[0]['numel'] / 1e6:.1f}M parameters "
           f"(the largest rank; 16 Psi / N is the ZeRO paper's fully sharded line)")
     print(table(rows))
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps({"settings": {"model": MODEL, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH, "precision": precision},
-                                          "rows": rows}, indent=1))
-    print(f"written to {arguments.json}")
-    try:
-        plot(rows, arguments.plot, precision)
-        print(f"plot written to {arguments.plot}")
-    except ImportError:
-        print('matplotlib is not installed: no plot (pip install -e ".[bench]")')
+    settings = {"model": MODEL, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH, "precision": precision}
+    write_results(arguments.json, {"settings": settings, "rows": rows}, arguments.plot, lambda path: plot(rows, path, precision))
     return 0
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -53,6 +52,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LAYOUTS, LLAMA_20M, ROOT, launch, runs_on, slowest_per_step, spread, strategy, tp_size, write_rank_records  # noqa: E402
+from common import pyplot as plots, write_results  # noqa: E402
 
 FRONT_ENDS = ("lightning", "accelerate", "trainer")
 RUNNERS = ("native", *FRONT_ENDS)
@@ -487,11 +487,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """The ratio of each front end to the native engine, a group of bars per layout, the spread as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = plots()
     layouts = list(dict.fromkeys(row["layout"] for row in rows))
     figure, axes = pyplot.subplots(figsize=(1.4 * len(layouts) + 2, 4))
     width = 0.8 / len(FRONT_ENDS)
@@ -587,14 +583,8 @@ def main() -> int:
           f"ratio: a front end with meshplan over the engine by hand (native), its median over the repeats, min and max; "
           f"best: the ratio of the fastest steps")
     print(table(rows))
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps({"settings": settings, "rows": rows, "records": records}, indent=1))
-    print(f"written to {arguments.json}")
-    try:
-        plot(rows, arguments.plot)
-        print(f"plot written to {arguments.plot}")
-    except ImportError:
-        print('matplotlib is not installed: no plot (pip install -e ".[bench]")')
+    write_results(arguments.json, {"settings": settings, "rows": rows, "records": records}, arguments.plot,
+                  lambda path: plot(rows, path))
     return 0
 
 

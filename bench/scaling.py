@@ -20,7 +20,6 @@ FSDP2 needs 4).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LAYOUTS, ROOT, launch, runs_on, slowest_per_step, strategy, write_rank_records  # noqa: E402
+from common import LAYOUTS, ROOT, launch, runs_on, slowest_per_step, strategy, write_rank_records, write_results  # noqa: E402
+from common import pyplot as plots  # noqa: E402
 
 # Three Llamas (about 5M, 20M and 45M parameters), each with a vocabulary of 8192.
 SIZES = {
@@ -122,11 +122,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """tokens/s against the process count, a panel per size, a line per layout."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = plots()
     sizes = [size for size in SIZES if any(row["size"] == size for row in rows)]
     figure, panels = pyplot.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 4), squeeze=False)
     for axes, size in zip(panels[0], sizes):
@@ -166,16 +162,8 @@ def main() -> int:
     print(f"Step time and tokens/s, fp32 AdamW, {MICRO_BATCH} x {SEQ_LEN} tokens per process and step, median of "
           f"{arguments.steps} steps after {arguments.warm_up}, gloo CPU processes of one thread")
     print(table(rows))
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps({"settings": {"sizes": SIZES, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH,
-                                                       "steps": arguments.steps, "warm_up": arguments.warm_up}, "rows": rows},
-                                         indent=1))
-    print(f"written to {arguments.json}")
-    try:
-        plot(rows, arguments.plot)
-        print(f"plot written to {arguments.plot}")
-    except ImportError:
-        print('matplotlib is not installed: no plot (pip install -e ".[bench]")')
+    settings = {"sizes": SIZES, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH, "steps": arguments.steps, "warm_up": arguments.warm_up}
+    write_results(arguments.json, {"settings": settings, "rows": rows}, arguments.plot, lambda path: plot(rows, path))
     return 0
 
 
