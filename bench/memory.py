@@ -2,6 +2,8 @@
 
     python bench/memory.py [--processes 1 2 4] [--bf16] [--json bench/results/memory.json] [--plot bench/results/memory.png]
 
+(memory-bf16.json and memory-bf16.png with ``--bf16``)
+
 For each process count, one launch of gloo CPU workers (meshplan.launch.run_workers, one thread
 each) trains the same Llama of about 20M parameters (Psi; fp32, AdamW) under each layout in turn
 through meshplan's Accelerate front end, ``meshplan.accelerator(layout)``, as a user's script would:
@@ -129,11 +131,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision: DeepSpeed's bf16 weights, autocast elsewhere")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "memory.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "memory.png")
+    parser.add_argument("--json", type=Path, help="default: bench/results/memory.json (memory-bf16.json with --bf16)")
+    parser.add_argument("--plot", type=Path, help="default: bench/results/memory.png (memory-bf16.png with --bf16)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
+    name = "memory-bf16" if arguments.bf16 else "memory"
+    arguments.json = arguments.json or ROOT / "bench" / "results" / f"{name}.json"
+    arguments.plot = arguments.plot or ROOT / "bench" / "results" / f"{name}.png"
     if arguments.worker:
         worker(arguments.worker.split(","), arguments.output, arguments.bf16)
         return 0

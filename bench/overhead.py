@@ -86,6 +86,7 @@ class Setting:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", self.local_rank) if self.gpu else torch.device("cpu")
         self.folder = arguments.output.parent
+        self.reshard_root = arguments.reshard_native_root
 
     def data_parallel(self, layout: str) -> tuple[int, int]:
         """This rank's data-parallel index and the data-parallel size; rank = dp_rank * tp_size + tp_rank."""
@@ -192,7 +193,8 @@ def native_step(layout: str, model: Any, setting: Setting) -> tuple[Callable[[An
         if layout in ("fsdp2", "tp-fsdp"):
             for block in model.model.layers:
                 fully_shard(block, mesh=mesh["dp"])
-            fully_shard(model, mesh=mesh["dp"])
+            # None: torch's default, which keeps the root unit gathered from the forward to the backward pass.
+            fully_shard(model, mesh=mesh["dp"], reshard_after_forward=True if setting.reshard_root else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     # TP x DP (replicated): each TP shard's gradient averaged over its data-parallel replicas, one all-reduce each.
     replicas = mesh["dp"].get_group() if layout == "tp-dp" else None
@@ -539,6 +541,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (64; with --gpu 2048)")
     parser.add_argument("--micro-batch", type=int, help="sequences per data-parallel rank and step (2; with --gpu 4)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (always with --gpu)")
+    parser.add_argument("--reshard-native-root", action="store_true",
+                        help="the native FSDP2 run reshards the root unit after the forward pass, as meshplan does")
     parser.add_argument("--gpu", action="store_true", help="every GPU, nccl, bf16, a Llama of 1.1B parameters")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: by its name)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
@@ -554,7 +558,7 @@ def main() -> int:
     options = ["--front-ends", *arguments.front_ends, "--repeats", str(arguments.repeats), "--steps", str(arguments.steps),
                "--warm-up", str(arguments.warm_up), "--seq-len", str(arguments.seq_len),
                "--micro-batch", str(arguments.micro_batch), *(["--bf16"] if arguments.bf16 else []),
-               *(["--gpu"] if arguments.gpu else [])]
+               *(["--gpu"] if arguments.gpu else []), *(["--reshard-native-root"] if arguments.reshard_native_root else [])]
     records = []
     launches: dict[int, list[str]] = {}  # one launch per process count, its layouts in turn
     model = LLAMA_1B if arguments.gpu else LLAMA_20M
@@ -572,7 +576,8 @@ def main() -> int:
             records += launch(Path(__file__).resolve(), processes, Path(folder), layouts, *options, cpu=not arguments.gpu)
     settings = {"model": model, "seq_len": arguments.seq_len,
                 "micro_batch": arguments.micro_batch, "steps": arguments.steps, "warm_up": arguments.warm_up,
-                "repeats": arguments.repeats, "bf16": arguments.bf16 or arguments.gpu, "gpu": arguments.gpu}
+                "repeats": arguments.repeats, "bf16": arguments.bf16 or arguments.gpu, "gpu": arguments.gpu,
+                "reshard_native_root": arguments.reshard_native_root}
     if arguments.gpu:
         settings["peak_flops"] = peak_flops(arguments)
         settings["numel"] = _numel(settings["model"])
