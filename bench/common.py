@@ -65,7 +65,7 @@ def launch(script: Path, processes: int, folder: Path, layouts: list[str], *opti
     code = run_workers(command, processes, threads=1, env={"CUDA_VISIBLE_DEVICES": ""} if cpu else None)
     if code != 0:
         raise SystemExit(f"{script.stem}: the workers of {processes} processes failed (exit code {code})")
-    return [record for rank in range(processes) for record in json.loads(Path(f"{output}.rank{rank}").read_text())]
+    return [record for rank in range(processes) for record in json.loads(_rank_file(output, rank).read_text())]
 
 
 def launch_layouts(script: Path, processes: int, folder: Path, *options: str) -> list[dict[str, Any]]:
@@ -75,7 +75,12 @@ def launch_layouts(script: Path, processes: int, folder: Path, *options: str) ->
 
 def write_rank_records(output: Path, rank: int, records: list[dict[str, Any]]) -> None:
     """One rank's records, where ``launch`` reads them."""
-    Path(f"{output}.rank{rank}").write_text(json.dumps(records))
+    _rank_file(output, rank).write_text(json.dumps(records))
+
+
+def _rank_file(output: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a launch writing to ``output`` leaves its records."""
+    return Path(f"{output}.rank{rank}")
 
 
 def slowest_per_step(ranks: list[dict[str, Any]]) -> list[float]:

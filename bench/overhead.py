@@ -432,10 +432,12 @@ def summary(records: list[dict[str, Any]], settings: dict[str, Any]) -> list[dic
         mine = [record for record in records if record["layout"] == layout]
         world_size = mine[0]["world_size"]
         tokens_per_step = settings["micro_batch"] * settings["seq_len"] * world_size // tp_size(layout, world_size)
-        medians = {}  # (runner, repeat) -> median step time
+        steps = {}  # (runner, repeat) -> the time of each timed step (its slowest rank's)
         for runner, repeat in sorted({(record["runner"], record["repeat"]) for record in mine}):
-            ranks = [record for record in mine if (record["runner"], record["repeat"]) == (runner, repeat)]
-            medians[runner, repeat] = statistics.median(slowest_per_step(ranks))
+            steps[runner, repeat] = slowest_per_step([r for r in mine if (r["runner"], r["repeat"]) == (runner, repeat)])
+        medians = {key: statistics.median(times) for key, times in steps.items()}
+        # The fastest step of each runner over every repeat: the machine's interruptions only ever add time.
+        fastest = {runner: min(min(times) for (name, _), times in steps.items() if name == runner) for runner, _ in steps}
         for runner in [runner for runner in RUNNERS if (runner, 0) in medians]:
             repeats = sorted(repeat for (name, repeat) in medians if name == runner)
             step = statistics.median(medians[runner, repeat] for repeat in repeats)
@@ -446,17 +448,10 @@ def summary(records: list[dict[str, Any]], settings: dict[str, Any]) -> list[dic
                 row["mfu"] = row["tokens_per_second"] * settings["flops_per_token"] / (settings["peak_flops"] * world_size)
             if runner != "native":
                 row["ratio"] = spread([medians[runner, repeat] / medians["native", repeat] for repeat in repeats])
-                # The fastest step of each: the machine's interruptions only ever add time.
-                row["best_ratio"] = _fastest(mine, runner) / _fastest(mine, "native")
+                row["best_ratio"] = fastest[runner] / fastest["native"]
                 row["loss_difference"] = _loss_difference(mine, runner)
             rows.append(row)
     return rows
-
-
-def _fastest(records: list[dict[str, Any]], runner: str) -> float:
-    """The runner's fastest step over every repeat (each step's time the slowest rank's)."""
-    repeats = {record["repeat"] for record in records if record["runner"] == runner}
-    return min(min(slowest_per_step([r for r in records if (r["runner"], r["repeat"]) == (runner, repeat)])) for repeat in repeats)
 
 
 def _loss_difference(records: list[dict[str, Any]], runner: str) -> float | None:
